@@ -1,0 +1,55 @@
+"""Per-call stream tokens: proof that a media stream came from a webhook Twilio signed.
+
+The token is an HMAC over the callSid and an expiry, keyed from the Twilio auth token, so any
+machine holding the same auth token can check it (webhook and stream may land on different
+machines). Single use is enforced per process.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+
+class StreamTokens:
+    def __init__(
+        self, auth_token: str, ttl: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._key = hmac.new(auth_token.encode(), b"phone-bridge stream token v1", "sha256").digest()
+        self._ttl = ttl
+        self._clock = clock
+        self._used: dict[str, float] = {}
+
+    def mint(self, call_sid: str) -> str:
+        expires = int(self._clock() + self._ttl)
+        return f"{expires}.{self._mac(call_sid, expires)}"
+
+    def check(self, token: str | None, call_sid: str) -> str | None:
+        """None when the token is good (and now spent); otherwise why it is not."""
+        if not token:
+            return "no stream token"
+        expires_text, _, mac = token.partition(".")
+        if not expires_text.isdigit() or not mac:
+            return "malformed stream token"
+        expires = int(expires_text)
+        if not hmac.compare_digest(mac, self._mac(call_sid, expires)):
+            return "stream token does not match this call"
+        now = self._clock()
+        if expires < now:
+            return "stream token expired"
+        self._forget_expired(now)
+        if token in self._used:
+            return "stream token already used"
+        self._used[token] = expires
+        return None
+
+    def _mac(self, call_sid: str, expires: int) -> str:
+        digest = hmac.new(self._key, f"{call_sid}|{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def _forget_expired(self, now: float) -> None:
+        if len(self._used) > 1024:
+            self._used = {t: e for t, e in self._used.items() if e >= now}
