@@ -81,6 +81,7 @@ class Call:
         self.usage: dict[str, int] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
         self.end_reason: str | None = None
         self._runner: asyncio.Task[Any] | None = None
+        self.finished = asyncio.Event()
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             "input_audio_buffer.speech_started": self._on_speech_started,
             "response.created": self._on_response_created,
@@ -111,6 +112,14 @@ class Call:
         """Server is stopping: end this call now; its sockets close with GOING_AWAY."""
         if self._runner is not None:
             self._runner.cancel()
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        return tuple(self._tasks)
+
+    @property
+    def sockets_closed(self) -> bool:
+        return self._twilio.closed and (self._openai is None or self._openai.closed)
 
     async def _run(self) -> None:
         start = await self._receive_start()
@@ -159,6 +168,7 @@ class Call:
         except TimeoutError:
             self.log.warning("sockets did not close within %.0f s; dropped", _CLOSE_WITHIN)
         self.end_reason = end.reason
+        self.finished.set()
         self.log.log(
             end.level,
             "call ended: %s (%.1f s, %d frames in, %d frames out, %d interruptions, "

@@ -1,0 +1,220 @@
+"""A whole call over real loopback sockets: relay, session set-up, barge-in, endings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiohttp import WSCloseCode
+
+from server.standin import StandinOptions, next_session
+from tests.conftest import API_KEY, SILENCE, MakeRig, Rig, heard, loud, speak
+
+
+async def test_session_update_is_ga_and_first(rig: Rig) -> None:
+    stream, session = await rig.place()
+    assert session.received[0]["type"] == "session.update"
+    assert "OpenAI-Beta" not in session.headers
+    assert session.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert session.model == "gpt-realtime"
+    update = session.received[0]["session"]
+    assert update["type"] == "realtime"
+    assert update["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert update["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "alloy"}
+    detection = update["audio"]["input"]["turn_detection"]
+    assert detection["type"] == "server_vad" and detection["interrupt_response"] is True
+    assert "temperature" not in update and "voice" not in update
+    assert "+15550001111" in update["instructions"]  # {{caller}} filled from the call
+    await stream.send_media(SILENCE)
+    await session.wait_for("input_audio_buffer.append")
+    assert session.received[1]["type"] == "input_audio_buffer.append"
+    # The service accepted the update whole (an unknown key would have rejected all of it).
+    assert session.session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+    assert session.session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+
+
+async def test_audio_relayed_both_ways_with_marks(rig: Rig) -> None:
+    stream, session = await rig.place()
+    spoken = await speak(stream, frames=10)
+    await session.wait_for("input_audio_buffer.append", count=18)
+    assert session.audio_bytes_received == 18 * 160  # every frame, untouched
+    # The echo assistant answers with the caller's own audio: 200 ms = 1600 bytes.
+    done = await stream.wait_for("mark", count=2)
+    assert done["mark"]["name"]
+    media = [m for m in stream.received if m["event"] == "media"]
+    assert spoken * 10 in heard(stream) or heard(stream).startswith(spoken)
+    assert len(media) >= 2
+    # After every media frame comes a mark naming how far playback has got.
+    kinds = [m["event"] for m in stream.received]
+    assert kinds[:4] == ["media", "mark", "media", "mark"]
+    assert stream.violations == []
+
+
+async def test_barge_in_clears_and_truncates_at_heard_audio(rig: Rig) -> None:
+    stream, session = await rig.place()
+    await speak(stream, frames=50)  # 1 s of speech -> 1 s echo in 100 ms deltas
+    await session.wait_for("input_audio_buffer.append", count=58)
+    tenth = await stream.wait_for("mark", count=10)
+    marks = [m["mark"]["name"] for m in stream.received if m["event"] == "mark"]
+    # Twilio has played the first three deltas (300 ms) ...
+    for name in marks[:3]:
+        await stream.send_mark(name)
+    await stream.send_media(SILENCE)  # ordered after the marks: proves they were read
+    await session.wait_for("input_audio_buffer.append", count=59)
+    # ... when the caller starts talking.
+    await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1500,
+                        "item_id": "item_caller2"})
+    clear = await stream.wait_for("clear")
+    assert clear == {"event": "clear", "streamSid": stream.stream_sid}
+    truncate = await session.wait_for("conversation.item.truncate")
+    assert truncate["audio_end_ms"] == 300
+    assert truncate["content_index"] == 0
+    assert truncate["item_id"].startswith("item_")
+    assert tenth
+    # Twilio echoes every cleared mark at once; they must not count as heard audio.
+    for name in marks[3:]:
+        await stream.send_mark(name)
+    await stream.send_media(SILENCE)
+    await session.wait_for("input_audio_buffer.append", count=60)
+    await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1600,
+                        "item_id": "item_caller3"})
+    await stream.send_media(SILENCE)
+    await session.wait_for("input_audio_buffer.append", count=61)
+    await session.send({"type": "rate_limits.updated", "rate_limits": []})
+    # Nothing is playing now: no second clear, no second truncate.
+    assert sum(1 for m in stream.received if m["event"] == "clear") == 1
+    assert sum(1 for e in session.received if e["type"] == "conversation.item.truncate") == 1
+    assert not any(e.get("type") == "error" for e in session.received)
+
+
+async def test_barge_in_end_to_end_with_server_vad(make_rig: MakeRig) -> None:
+    # The stand-in streams in real time, so the reply is still being generated when the
+    # caller talks over it: the service cancels it and the bridge cuts playback.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, pace=1.0, chunk_ms=20))
+    stream, session = await rig.place()
+    await speak(stream, frames=40)
+    await stream.wait_for("mark", count=3)
+    await stream.send_mark(
+        [m["mark"]["name"] for m in stream.received if m["event"] == "mark"][1])
+    await speak(stream, frames=5, variant=3, silence=0)  # caller talks over the reply
+    await stream.wait_for("clear")
+    truncate = await session.wait_for("conversation.item.truncate")
+    assert truncate["audio_end_ms"] == 40  # two 20 ms deltas were heard
+    # No error from the service: the truncation was within the generated audio.
+    assert not [e for e in session.received if e["type"] == "error"]
+
+
+async def test_concurrent_calls_do_not_mix_audio(rig: Rig) -> None:
+    calls = [await rig.place() for _ in range(4)]
+    for i, (stream, _) in enumerate(calls):
+        await speak(stream, frames=6, variant=i + 1)
+    for stream, _ in calls:
+        await stream.wait_for("mark", count=1)
+    for i, (stream, _) in enumerate(calls):
+        audio = heard(stream)
+        assert loud(i + 1) in audio
+        for j in range(4):
+            if j != i:
+                assert loud(j + 1) not in audio
+
+
+async def test_stop_closes_openai_within_a_second(rig: Rig) -> None:
+    stream, session = await rig.place()
+    await stream.send_stop()
+    await asyncio.wait_for(session.closed.wait(), 1.0)
+    await asyncio.wait_for(stream.closed.wait(), 1.0)
+
+
+async def test_twilio_socket_drop_closes_openai(rig: Rig) -> None:
+    stream, session = await rig.place()
+    await stream.close()
+    await asyncio.wait_for(session.closed.wait(), 1.0)
+
+
+async def test_nothing_left_running_after_a_call(rig: Rig) -> None:
+    stream, session = await rig.place()
+    (call,) = rig.live_calls()
+    await speak(stream, frames=3)
+    await stream.wait_for("mark")
+    await stream.send_stop()
+    await asyncio.wait_for(call.finished.wait(), 2.0)
+    assert len(call.tasks) == 2 and all(t.done() for t in call.tasks)
+    assert call.sockets_closed
+    assert call.end_reason == "Twilio stopped the stream (call over)"
+    await asyncio.wait_for(session.closed.wait(), 1.0)
+    leftovers = [t for t in asyncio.all_tasks() if "Call._" in repr(t.get_coro())]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (StandinOptions(api_key="another-key"), "HTTP 401 (check OPENAI_API_KEY)"),
+        (StandinOptions(handshake_status=503), "HTTP 503 (OpenAI unavailable)"),
+        (StandinOptions(handshake_delay=5.0), "did not accept the session within 0.3 s"),
+    ],
+)
+async def test_openai_refusal_ends_the_stream(
+    make_rig: MakeRig, options: StandinOptions, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await make_rig(options, openai_connect_timeout=0.3)
+    url, params = await rig.webhook("CA" + "3" * 32)
+    stream = await rig.open_stream(url)
+    await stream.send_connected()
+    await stream.send_start(call_sid="CA" + "3" * 32, stream_sid="MZ" + "3" * 32,
+                            custom_parameters=params)
+    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    ended = [r for r in caplog.records if r.getMessage().startswith("call ended")]
+    assert len(ended) == 1 and expected in ended[0].getMessage()
+    assert ended[0].levelno == logging.ERROR
+    assert getattr(ended[0], "call_sid") == "CA" + "3" * 32
+    assert API_KEY not in caplog.text and "another-key" not in caplog.text
+
+
+async def test_openai_drop_ends_the_stream(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    stream, session = await rig.place()
+    await session.close(code=1011)
+    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    assert stream.close_code == WSCloseCode.INTERNAL_ERROR
+    assert "OpenAI closed the session (code 1011)" in caplog.text
+
+
+async def test_fatal_openai_error_ends_the_stream(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream, session = await rig.place()
+    await session.send({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "session_expired",
+        "message": "Your session hit the maximum duration of 60 minutes."}})
+    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    await asyncio.wait_for(session.closed.wait(), 1.0)
+    assert "OpenAI error session_expired" in caplog.text
+
+
+async def test_recoverable_openai_error_keeps_the_call(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream, session = await rig.place()
+    await session.send({"type": "error", "error": {"type": "invalid_request_error",
+                                                    "code": "invalid_value", "message": "meh"}})
+    await speak(stream, frames=4)
+    await stream.wait_for("mark")
+    assert not stream.closed.is_set()
+    assert "OpenAI error invalid_value: meh" in caplog.text
+
+
+async def test_configured_events_logged_with_call_ids(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    stream, session = await rig.place()
+    await speak(stream, frames=4)
+    await stream.wait_for("mark")
+    await session.wait_for("input_audio_buffer.append", count=12)
+    lines = [r for r in caplog.records if r.getMessage().startswith("openai ")]
+    kinds = {r.getMessage().split()[1] for r in lines}
+    assert {"session.created", "session.updated"} <= kinds
+    assert "response.output_audio.delta" not in kinds
+    assert all(getattr(r, "call_sid", "").startswith("CA") for r in lines)
+    assert all(getattr(r, "stream_sid", "").startswith("MZ") for r in lines)
