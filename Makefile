@@ -16,10 +16,10 @@ run: $(STAMP)
 	$(BIN)/python -m server
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check --line-length 100 server tests
+	$(BIN)/ruff check --line-length 100 --select E,F,W,I,B,UP,SIM,RUF --target-version py311 server tests
 	$(BIN)/mypy
 
 demo: $(STAMP)

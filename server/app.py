@@ -22,6 +22,7 @@ log = logging.getLogger("server.app")
 SETTINGS = web.AppKey("settings", Settings)
 PROMPT = web.AppKey("prompt", Prompt)
 CALLS: web.AppKey[weakref.WeakSet[Call]] = web.AppKey("calls")
+IDLE: web.AppKey[asyncio.Event] = web.AppKey("idle")  # set while no call is live
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
 
@@ -35,6 +36,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[PROMPT] = load_prompt(settings)
     app[CALLS] = weakref.WeakSet()
+    app[IDLE] = asyncio.Event()
+    app[IDLE].set()
     app[TOKENS] = (
         StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl)
         if settings.twilio_auth_token
@@ -58,26 +61,34 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def drain(app: web.Application, seconds: float, interrupt: asyncio.Event) -> None:
+    """Let live calls finish on their own, for up to `seconds` or until `interrupt` is set.
+
+    Must run before the runner's cleanup: aiohttp stops reading every connection, live
+    WebSockets included, before it calls on_shutdown, so a call cannot finish after that."""
+    calls, idle = app[CALLS], app[IDLE]
+    if not calls or seconds <= 0:
+        return
+    log.info("shutting down: waiting up to %g s for %d call(s) to end", seconds, len(calls))
+    waiters = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(interrupt.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def _end_calls(app: web.Application) -> None:
-    """On shutdown: let calls finish within SHUTDOWN_DRAIN_SECONDS, then end the rest with
-    GOING_AWAY, and wait for them to close their sockets."""
+    """On shutdown: end every live call with GOING_AWAY and wait for their sockets to close."""
     calls = app[CALLS]
-    drain = app[SETTINGS].shutdown_drain_seconds
-    if calls and drain:
-        log.info("shutting down: waiting up to %g s for %d call(s) to end", drain, len(calls))
-        await _wait_until_idle(calls, drain)
     if calls:
         log.info("shutting down: ending %d call(s)", len(calls))
         for call in list(calls):
             call.shutdown()
-        await _wait_until_idle(calls, _SHUTDOWN_GRACE)
-
-
-async def _wait_until_idle(calls: weakref.WeakSet[Call], limit: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while calls and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(app[IDLE].wait(), _SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning("%d call(s) did not end within %g s", len(calls), _SHUTDOWN_GRACE)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -164,10 +175,13 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     call = Call(request.app[DEPS], ws, peer=request.remote or "?")
-    calls = request.app[CALLS]
+    calls, idle = request.app[CALLS], request.app[IDLE]
     calls.add(call)
+    idle.clear()
     try:
         await call.run()
     finally:
         calls.discard(call)
+        if not calls:
+            idle.set()
     return ws

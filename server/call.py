@@ -106,7 +106,9 @@ class Call:
             self.log.exception("call failed: internal error")
             end = _End("internal error", WSCloseCode.INTERNAL_ERROR, logging.ERROR)
         finally:
-            await self._close(end)
+            # The clean-up must finish even if this task is cancelled again meanwhile (a second
+            # shutdown signal, or a test server cancelling handlers when the client drops).
+            await asyncio.shield(self._close(end))
 
     def shutdown(self) -> None:
         """Server is stopping: end this call now; its sockets close with GOING_AWAY."""
@@ -153,6 +155,19 @@ class Call:
             raise _End(f"socket lost: {type(e).__name__}: {e}", WSCloseCode.INTERNAL_ERROR) from e
 
     async def _close(self, end: _End) -> None:
+        self.end_reason = end.reason
+        self.log.log(
+            end.level,
+            "call ended: %s (%.1f s, %d frames in, %d frames out, %d interruptions, "
+            "tokens in=%d out=%d)",
+            end.reason,
+            time.monotonic() - self.started,
+            self.frames_in,
+            self.frames_out,
+            self.barge_in.interruptions,
+            self.usage["input_tokens"],
+            self.usage["output_tokens"],
+        )
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -167,20 +182,7 @@ class Call:
                 await asyncio.gather(*closing, return_exceptions=True)
         except TimeoutError:
             self.log.warning("sockets did not close within %.0f s; dropped", _CLOSE_WITHIN)
-        self.end_reason = end.reason
         self.finished.set()
-        self.log.log(
-            end.level,
-            "call ended: %s (%.1f s, %d frames in, %d frames out, %d interruptions, "
-            "tokens in=%d out=%d)",
-            end.reason,
-            time.monotonic() - self.started,
-            self.frames_in,
-            self.frames_out,
-            self.barge_in.interruptions,
-            self.usage["input_tokens"],
-            self.usage["output_tokens"],
-        )
 
     # --- before the relay ---
 
@@ -261,7 +263,7 @@ class Call:
                     payload = frame["media"]["payload"]
                 except (KeyError, TypeError):
                     raise self._protocol_error("media event without media.payload") from None
-                if type(payload) is not str or is_base64(payload) is None:
+                if type(payload) is not str or not is_base64(payload):
                     raise self._protocol_error("media payload is not base64")
                 await send(append(payload), TEXT)
                 self.frames_in += 1

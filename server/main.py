@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
 
 from aiohttp import web
 from dotenv import load_dotenv
 
 from server import __version__
-from server.app import PROMPT, create_app
+from server.app import PROMPT, create_app, drain
 from server.logs import setup_logging
 from server.settings import ConfigError, Settings
 
@@ -27,15 +29,40 @@ def main() -> None:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     _announce(settings, app[PROMPT].describe(), app[PROMPT].hosted)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_drain_seconds + 5.0,
-        print=None,
-        access_log=None,
-    )
+    try:
+        asyncio.run(serve(app, settings))
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e.strerror or e)
+        sys.exit(1)
     log.info("stopped")
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; then stop listening, drain live calls, shut down.
+
+    A second signal during the drain ends the remaining calls at once."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    signals = 0
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        (stop if signals == 1 else hurry).set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await site.start()
+        await stop.wait()
+        log.info("signal received: no longer accepting calls")
+        await site.stop()
+        await drain(app, settings.shutdown_drain_seconds, hurry)
+    finally:
+        await runner.cleanup()
 
 
 def _announce(settings: Settings, prompt: str, hosted: bool) -> None:

@@ -185,7 +185,7 @@ class _Reader:
         except ValueError:
             word = "an integer" if kind is int else "a number"
             raise ConfigError(name, f"{raw!r} is not {word}") from None
-        if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
             raise ConfigError(name, f"{raw} is outside {low}..{high}")
         return value
 

@@ -18,7 +18,8 @@ class StreamTokens:
     def __init__(
         self, auth_token: str, ttl: float, clock: Callable[[], float] = time.time
     ) -> None:
-        self._key = hmac.new(auth_token.encode(), b"phone-bridge stream token v1", "sha256").digest()
+        label = b"phone-bridge stream token v1"
+        self._key = hmac.new(auth_token.encode(), label, "sha256").digest()
         self._ttl = ttl
         self._clock = clock
         self._used: dict[str, float] = {}

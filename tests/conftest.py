@@ -3,13 +3,13 @@ stream client, all over real sockets."""
 
 from __future__ import annotations
 
+import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import uuid4
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -81,7 +81,8 @@ class Rig:
         return stream, session
 
     def live_calls(self) -> list[Call]:
-        return list(self.app[CALLS])
+        calls: weakref.WeakSet[Call] = self.app[CALLS]
+        return list(calls)
 
 
 MakeRig = Callable[..., Awaitable[Rig]]
@@ -141,5 +142,3 @@ def heard(stream: TwilioStream) -> bytes:
     return b"".join(base64.b64decode(m["media"]["payload"])
                     for m in stream.received if m.get("event") == "media")
 
-
-__all__ = ["aiohttp", "LOUD", "SILENCE"]
