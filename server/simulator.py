@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,6 +58,7 @@ class TwilioStream:
         self.close_code: int | None = None
         self.stream_sid = ""
         self.marks_echoed = 0
+        self.counts: Counter[str] = Counter()  # messages received, by event
         self.heard = bytearray()  # playback mode: the audio the caller heard, in order
         self.played_at: float | None = None  # playback mode: when audio last finished playing
         self._changed = asyncio.Condition()
@@ -157,6 +158,7 @@ class TwilioStream:
                 message = orjson.loads(msg.data)
                 self._check(message)
                 async with self._changed:
+                    self.counts[str(message.get("event"))] += 1
                     self.received.append(message)
                     self.arrivals.append(time.monotonic())
                     self._changed.notify_all()
@@ -296,7 +298,7 @@ async def place_call(
             note(f"call failed: {result.error}")
         finally:
             await stream.close()
-            result.clears = sum(1 for m in stream.received if m["event"] == "clear")
+            result.clears = stream.counts["clear"]
             result.marks_echoed = stream.marks_echoed
             result.heard_ms = len(stream.heard) // 8
             if out is not None:
@@ -340,15 +342,18 @@ async def _converse(stream: TwilioStream, speech: bytes, turns: int, barge_in_ms
     """The caller talks in real time: every 20 ms a frame, speech or silence, like a phone."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    sent = 0
+    sent = clears = 0
 
     async def send(frame: bytes) -> None:
-        nonlocal sent
+        nonlocal sent, clears
         if stream.closed.is_set():
             raise ConnectionError(f"the bridge closed the stream (code {stream.close_code})")
         await asyncio.sleep(max(t0 + sent * 0.02 - loop.time(), 0))
         await stream.send_media(frame)
         sent += 1
+        if stream.counts["clear"] > clears:
+            clears = stream.counts["clear"]
+            note("bridge cleared the caller's playback (barge-in handled)")
 
     async def say(label: str) -> float:
         note(f"caller speaks ({label}, {len(speech) // 8} ms)")
@@ -376,16 +381,13 @@ async def _converse(stream: TwilioStream, speech: bytes, turns: int, barge_in_ms
             if (barge_in_ms is not None and turn == 1 and not interrupted
                     and len(stream.heard) >= barge_in_ms * 8):
                 interrupted = True
-                clears = _count(stream, "clear")
                 note(f"caller talks over the reply after {barge_in_ms} ms of it")
                 ended = await say("interruption")
-                if _count(stream, "clear") > clears:
-                    note("bridge cleared the caller's playback (barge-in handled)")
                 seen, first_reply = len(stream.received), None
                 deadline = loop.time() + reply_wait
                 continue
             quiet = stream.played_at is not None and time.monotonic() - stream.played_at > 0.6
-            if not stream.playing and quiet and _count(stream, "media") and \
+            if not stream.playing and quiet and stream.counts["media"] and \
                     time.monotonic() - stream.arrivals[-1] > 0.6:
                 note(f"reply finished playing ({stream.marks_echoed} marks echoed so far)")
                 break
@@ -398,10 +400,6 @@ def _first_media_after(stream: TwilioStream, index: int) -> float | None:
         if message.get("event") == "media":
             return at
     return None
-
-
-def _count(stream: TwilioStream, event: str) -> int:
-    return sum(1 for m in stream.received if m.get("event") == event)
 
 
 def main(argv: list[str] | None = None) -> None:
