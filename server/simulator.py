@@ -46,11 +46,14 @@ def sample_wav() -> Path:
 class TwilioStream:
     """Twilio's side of one bidirectional media stream."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, marks: str = "manual") -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, marks: str = "manual",
+                 listener: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`listener`, if given, sees each message instead of it being kept (long runs)."""
         if marks not in ("manual", "immediate", "playback"):
             raise ValueError(f"marks must be manual, immediate or playback, not {marks!r}")
         self._ws = ws
         self._marks = marks
+        self._listener = listener
         self.received: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # monotonic time each message in `received` arrived
         self.violations: list[str] = []
@@ -73,10 +76,11 @@ class TwilioStream:
 
     @classmethod
     async def connect(cls, session: aiohttp.ClientSession, url: str,
-                      headers: dict[str, str] | None = None,
-                      marks: str = "manual") -> TwilioStream:
+                      headers: dict[str, str] | None = None, marks: str = "manual",
+                      listener: Callable[[dict[str, Any]], None] | None = None,
+                      ) -> TwilioStream:
         ws = await session.ws_connect(url, headers=headers, autoping=True)
-        return cls(ws, marks)
+        return cls(ws, marks, listener)
 
     # --- Twilio -> server ---
 
@@ -156,6 +160,10 @@ class TwilioStream:
                     self.violations.append(f"{msg.type.name} frame")
                     continue
                 message = orjson.loads(msg.data)
+                if self._listener is not None:
+                    self._listener(message)
+                    await self._on_message(message)
+                    continue
                 self._check(message)
                 async with self._changed:
                     self.counts[str(message.get("event"))] += 1

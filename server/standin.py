@@ -38,7 +38,11 @@ class StandinOptions:
     chunk_ms: int = 100  # audio per response.output_audio.delta
     pace: float = 0.0  # 0: as fast as possible; x > 0: x times real time
     vad_level: int = 500  # mean |linear sample| of a 20 ms window above which it is speech
-    reply: str = "echo"  # "echo" the caller's turn, or "tone"
+    reply: str = "echo"  # "echo" the caller's turn, "tone", or "stream" (see below)
+    # "stream" (for load tests): from session.updated on, send `stream_frame()` every 20 ms of
+    # real time as one delta, forever, with no VAD; `on_audio` sees every appended chunk.
+    stream_frame: Callable[[], bytes] | None = None
+    on_audio: Callable[[bytes], None] | None = None
     greeting_ms: int = 600  # tone length for a response.create with nothing to echo
 
 
@@ -123,6 +127,8 @@ class StandinSession:
         self._audio_ms: dict[str, int] = {}  # assistant item -> ms of audio generated
         self._response: asyncio.Task[None] | None = None
         self._response_id: str | None = None
+        self._streamer: asyncio.Task[None] | None = None
+        self.updated_at: float | None = None  # loop time of the first session.updated
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"
@@ -168,6 +174,7 @@ class StandinSession:
                     await self._error(r.code, r.message, r.param, event.get("event_id"))
         finally:
             await self._stop_response(None)
+            await self.stop_streaming()
             self.closed.set()
 
     async def _record(self, event: dict[str, Any]) -> None:
@@ -191,6 +198,10 @@ class StandinSession:
             except (binascii.Error, ValueError):
                 raise _Reject("invalid_value", "audio is not valid base64", "audio") from None
             self.audio_bytes_received += len(audio)
+            if self._options.on_audio is not None:
+                self._options.on_audio(audio)
+            if self._streamer is not None:
+                return
             if self._detection() and self.session["audio"]["input"]["format"] == FORMATS[0]:
                 await self._vad(audio)
         elif kind == "response.create":
@@ -230,6 +241,32 @@ class StandinSession:
                               f"session.audio.{side}.format")
         _merge(self.session, update)
         await self.send({"type": "session.updated", "session": self.session})
+        loop = asyncio.get_running_loop()
+        if self.updated_at is None:
+            self.updated_at = loop.time()
+            if self._options.reply == "stream":
+                self._streamer = loop.create_task(self._stream_forever())
+
+    async def _stream_forever(self) -> None:
+        """Load-test voice: one 20 ms delta every 20 ms of real time, drift-free."""
+        make = self._options.stream_frame or (lambda: bytes([0xFF]) * WINDOW)
+        response_id, item = self._id("resp"), self._id("item")
+        self._audio_ms[item] = 0
+        base = {"type": "response.output_audio.delta", "response_id": response_id,
+                "item_id": item, "output_index": 0, "content_index": 0}
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            await self.send({**base, "delta": base64.b64encode(make()).decode()})
+            self._audio_ms[item] += 20
+            due += 0.02
+            await asyncio.sleep(max(due - loop.time(), 0))
+
+    async def stop_streaming(self) -> None:
+        task, self._streamer = self._streamer, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _detection(self) -> dict[str, Any] | None:
         detection = self.session["audio"]["input"].get("turn_detection")
