@@ -276,6 +276,7 @@ async def place_call(
     caller: str = "+15550100001",
     called: str = "+15550100002",
     reply_wait: float = 10.0,
+    settle: float = 0.6,
     echo: Callable[[str], None] = print,
 ) -> CallResult:
     """Place one simulated call; never raises for a failed call, the result says why."""
@@ -290,7 +291,7 @@ async def place_call(
             note(f"call failed: {e}")
             return result
         try:
-            await _converse(stream, speech, turns, barge_in_ms, reply_wait, note, result)
+            await _converse(stream, speech, turns, barge_in_ms, reply_wait, settle, note, result)
             if stream.closed.is_set():
                 raise ConnectionError(f"the bridge closed the stream (code {stream.close_code})")
             await stream.send_stop()
@@ -346,7 +347,8 @@ async def _dial(http: aiohttp.ClientSession, base: str, auth_token: str | None, 
 
 
 async def _converse(stream: TwilioStream, speech: bytes, turns: int, barge_in_ms: int | None,
-                    reply_wait: float, note: _Timeline, result: CallResult) -> None:
+                    reply_wait: float, settle: float, note: _Timeline,
+                    result: CallResult) -> None:
     """The caller talks in real time: every 20 ms a frame, speech or silence, like a phone."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -394,9 +396,9 @@ async def _converse(stream: TwilioStream, speech: bytes, turns: int, barge_in_ms
                 seen, first_reply = len(stream.received), None
                 deadline = loop.time() + reply_wait
                 continue
-            quiet = stream.played_at is not None and time.monotonic() - stream.played_at > 0.6
-            if not stream.playing and quiet and stream.counts["media"] and \
-                    time.monotonic() - stream.arrivals[-1] > 0.6:
+            now = time.monotonic()
+            quiet = stream.played_at is not None and now - stream.played_at > settle
+            if not stream.playing and quiet and now - stream.arrivals[-1] > settle:
                 note(f"reply finished playing ({stream.marks_echoed} marks echoed so far)")
                 break
         else:

@@ -173,9 +173,11 @@ class StandinSession:
                 except _Reject as r:
                     await self._error(r.code, r.message, r.param, event.get("event_id"))
         finally:
-            await self._stop_response(None)
-            await self.stop_streaming()
-            self.closed.set()
+            try:  # a test server cancels this handler when the client drops
+                await self._stop_response(None)
+                await self.stop_streaming()
+            finally:
+                self.closed.set()
 
     async def _record(self, event: dict[str, Any]) -> None:
         async with self._changed:
