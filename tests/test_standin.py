@@ -17,7 +17,7 @@ from server.standin import StandinOptions, StandinSession, create_standin_app, n
 MakeServer = Callable[..., Awaitable[TestServer]]
 LOUD = bytes([0x80, 0x00] * 80)
 QUIET = b"\xff" * 160
-PCMU_UPDATE = {"type": "session.update", "session": {
+PCMU_UPDATE: dict[str, Any] = {"type": "session.update", "session": {
     "type": "realtime", "audio": {
         "input": {"format": {"type": "audio/pcmu"},
                   "turn_detection": {"type": "server_vad", "silence_duration_ms": 100}},
@@ -44,7 +44,7 @@ class Client:
             while True:
                 msg = await self.ws.receive()
                 assert msg.type is aiohttp.WSMsgType.TEXT, msg
-                event = orjson.loads(msg.data)
+                event: dict[str, Any] = orjson.loads(msg.data)
                 self.events.append(event)
                 if event["type"] == kind:
                     return event
