@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
+import time
 import wave
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
 from server import audio
-from server.simulator import place_call, sample_wav
+from server.simulator import TwilioStream, place_call, sample_wav
 from tests.conftest import AUTH_TOKEN, Rig
 
 
@@ -63,3 +70,59 @@ def test_sample_is_a_short_phone_wav() -> None:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (8000, 1, 2)
         assert 1.0 < w.getnframes() / 8000 < 5.0
     assert sample_wav().stat().st_size < 64 * 1024
+
+
+async def test_playback_marks_and_clear_as_twilio_does(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+) -> None:
+    """Marks come back once their audio has played; `clear` echoes every pending mark at once
+    and drops the unplayed audio."""
+    echoes: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+    server_ws: list[web.WebSocketResponse] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        server_ws.append(ws)
+        async for msg in ws:
+            event = orjson.loads(msg.data)
+            if event["event"] == "mark":
+                echoes.put_nowait((event["mark"]["name"], time.monotonic()))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    client = await aiohttp_client(app)
+    stream = await TwilioStream.connect(client.session, str(client.make_url("/ws")),
+                                        marks="playback")
+    await stream.send_connected()
+    while not server_ws:
+        await asyncio.sleep(0)
+    ws = server_ws[0]
+
+    async def send(message: dict[str, object]) -> None:
+        await ws.send_str(orjson.dumps(message).decode())
+
+    def media(ms: int) -> dict[str, object]:
+        return {"event": "media", "streamSid": "MZ1",
+                "media": {"payload": base64.b64encode(b"\x01" * (ms * 8)).decode()}}
+
+    sent = time.monotonic()
+    await send(media(60))
+    await send({"event": "mark", "streamSid": "MZ1", "mark": {"name": "a"}})
+    name, at = await asyncio.wait_for(echoes.get(), 2)
+    assert name == "a" and at - sent >= 0.06  # not before its 60 ms of audio played
+    await send(media(5000))
+    await send({"event": "mark", "streamSid": "MZ1", "mark": {"name": "b"}})
+    await send(media(5000))
+    await send({"event": "mark", "streamSid": "MZ1", "mark": {"name": "c"}})
+    await send({"event": "clear", "streamSid": "MZ1"})
+    assert [(await asyncio.wait_for(echoes.get(), 2))[0] for _ in range(2)] == ["b", "c"]
+    assert len(stream.heard) < 60 * 8 + 5000 * 8  # the cleared audio was never played
+    assert not stream.playing
+    await ws.send_bytes(b"\x00")
+    await send({"event": "media", "streamSid": "MZ1", "media": {"payload": "", "x": 1}})
+    await stream.wait_for("media", count=4)
+    assert stream.violations == ["BINARY frame", stream.violations[1]]
+    assert "31951" in stream.violations[1]
+    await stream.close()
