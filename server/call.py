@@ -126,7 +126,8 @@ class Call:
     async def _run(self) -> None:
         start = await self._receive_start()
         self.stream_sid, self.call_sid = start.stream_sid, start.call_sid
-        self.log = CallLog(log, {"call_sid": start.call_sid, "stream_sid": start.stream_sid})
+        self.log = CallLog(log, {**(self.log.extra or {}), "call_sid": start.call_sid,
+                                 "stream_sid": start.stream_sid})
         self._authorize(start)
         values = {
             "caller": start.parameters.get("caller", "unknown"),
@@ -168,10 +169,8 @@ class Call:
             self.usage["input_tokens"],
             self.usage["output_tokens"],
         )
-        current = asyncio.current_task()
         for task in self._tasks:
-            if task is not current:
-                task.cancel()
+            task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         closing = [self._twilio.close(code=end.code)]
@@ -358,12 +357,12 @@ class Call:
                       cut.item_id, cut.audio_end_ms)
 
     async def _on_response_created(self, event: dict[str, Any]) -> None:
-        self.barge_in.on_response_created(str(event.get("response", {}).get("id")))
+        self.barge_in.on_response_created(str(_obj(event, "response").get("id")))
 
     async def _on_response_done(self, event: dict[str, Any]) -> None:
-        response = event.get("response") or {}
+        response = _obj(event, "response")
         self.barge_in.on_response_done(str(response.get("id")))
-        usage = response.get("usage") or {}
+        usage = _obj(response, "usage")
         for key in self.usage:
             value = usage.get(key)
             if isinstance(value, int):
@@ -373,9 +372,8 @@ class Call:
         if self.session_ready_ms is not None:
             return
         self.session_ready_ms = (time.monotonic() - self.started) * 1000
-        audio = (event.get("session") or {}).get("audio") or {}
-        formats = [((audio.get(side) or {}).get("format") or {}).get("type")
-                   for side in ("input", "output")]
+        audio = _obj(_obj(event, "session"), "audio")
+        formats = [_obj(_obj(audio, side), "format").get("type") for side in ("input", "output")]
         if any(f not in (None, "audio/pcmu") for f in formats):
             raise _End(f"OpenAI session is not in audio/pcmu (got {formats})",
                        WSCloseCode.INTERNAL_ERROR, logging.ERROR)
@@ -389,18 +387,23 @@ class Call:
         self.log.warning("OpenAI error %s: %s", code, message)
 
 
+def _obj(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    """parent[key] if it is an object, else {}: events from the network may be any shape."""
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _summary(event: dict[str, Any]) -> str:
     """A short, readable line for a logged event (never whole audio or output arrays)."""
     if event.get("type") == "response.done":
-        response = event.get("response") or {}
-        usage = response.get("usage") or {}
-        details = response.get("status_details") or {}
-        reason = details.get("reason") if isinstance(details, dict) else None
+        response = _obj(event, "response")
+        usage = _obj(response, "usage")
+        reason = _obj(response, "status_details").get("reason")
         return (f"status={response.get('status')}" + (f" reason={reason}" if reason else "")
                 + f" tokens in={usage.get('input_tokens')} out={usage.get('output_tokens')}")
     if event.get("type") == "rate_limits.updated":
-        limits = event.get("rate_limits") or []
-        return " ".join(f"{r.get('name')}={r.get('remaining')}/{r.get('limit')}"
-                        for r in limits if isinstance(r, dict))
+        limits = event.get("rate_limits")
+        rows = [r for r in limits if isinstance(r, dict)] if isinstance(limits, list) else []
+        return " ".join(f"{r.get('name')}={r.get('remaining')}/{r.get('limit')}" for r in rows)
     return " ".join(f"{k}={v}" for k, v in event.items()
                     if k not in ("type", "event_id") and isinstance(v, (str, int, float)))[:300]

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-CALL_FIELDS = ("call_sid", "stream_sid")
+CALL_FIELDS = ("call_sid", "stream_sid", "peer")
 
 
 class _Scrubber(logging.Formatter):

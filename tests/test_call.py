@@ -218,3 +218,29 @@ async def test_configured_events_logged_with_call_ids(
     assert "response.output_audio.delta" not in kinds
     assert all(getattr(r, "call_sid", "").startswith("CA") for r in lines)
     assert all(getattr(r, "stream_sid", "").startswith("MZ") for r in lines)
+
+
+async def test_odd_shaped_openai_events_do_not_break_the_call(rig: Rig) -> None:
+    stream, session = await rig.place()
+    for event in ({"type": "response.created", "response": "x"},
+                  {"type": "response.done", "response": {"usage": 5}},
+                  {"type": "rate_limits.updated", "rate_limits": 3},
+                  {"type": "session.updated", "session": []},
+                  {"type": "error", "error": "x"},
+                  {"type": "something.new"}):
+        await session.send(event)
+    await speak(stream, frames=4, variant=6)
+    await stream.wait_for("mark")
+    assert loud(6) in heard(stream)
+    assert not stream.closed.is_set()
+
+
+async def test_malformed_openai_frame_ends_the_call(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream, session = await rig.place()
+    await session.send({"type": "response.output_audio.delta", "delta": "AAAA"})  # no item_id
+    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    assert stream.close_code == WSCloseCode.INTERNAL_ERROR
+    assert "malformed event from OpenAI: KeyError" in caplog.text
+    await asyncio.wait_for(session.closed.wait(), 1.0)
