@@ -90,7 +90,9 @@ class Settings:
         r = _Reader(env)
         api_key = r.text("OPENAI_API_KEY")
         if not api_key:
-            raise ConfigError("OPENAI_API_KEY", "is required (your OpenAI API key)")
+            raise ConfigError(
+                "OPENAI_API_KEY", "is required: put it in .env (see .env.example) or the environment"
+            )
         public_url = r.text("PUBLIC_URL")
         if public_url:
             public_url = _check_base_url("PUBLIC_URL", public_url, {"http", "https"})

@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server.app import create_app
+from server.app import CALLS, PROMPT, SETTINGS, create_app
+from server.call import Call, CallDeps
 from server.settings import Settings
 from server.twilio_protocol import compute_signature
 
@@ -84,13 +85,9 @@ async def test_signature_required_when_token_set(aiohttp_client: MakeClient) -> 
 async def test_max_calls_answers_busy(aiohttp_client: MakeClient) -> None:
     app = create_app(settings(max_calls=1))
     client = await aiohttp_client(app)
-    from server.app import CALLS
-
-    class Placeholder:
-        pass
-
-    holder = Placeholder()
-    app[CALLS].add(holder)  # type: ignore[arg-type]
+    live = Call(CallDeps(app[SETTINGS], client.session, app[PROMPT], None),
+                web.WebSocketResponse(), peer="test")
+    app[CALLS].add(live)  # one call in progress
     root = ET.fromstring(await (await client.post("/incoming-call", data=FORM)).text())
     assert root.find("./Connect") is None
     assert root.find("./Hangup") is not None
