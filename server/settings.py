@@ -91,7 +91,8 @@ class Settings:
         api_key = r.text("OPENAI_API_KEY")
         if not api_key:
             raise ConfigError(
-                "OPENAI_API_KEY", "is required: put it in .env (see .env.example) or the environment"
+                "OPENAI_API_KEY",
+                "is required: put it in .env (see .env.example) or the environment",
             )
         public_url = r.text("PUBLIC_URL")
         if public_url:
