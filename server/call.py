@@ -157,17 +157,22 @@ class Call:
 
     async def _close(self, end: _End) -> None:
         self.end_reason = end.reason
+        record = {
+            "reason": end.reason,
+            "seconds": round(time.monotonic() - self.started, 1),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "interruptions": self.barge_in.interruptions,
+            "session_ready_ms": round(self.session_ready_ms or 0),
+            **self.usage,
+        }
         self.log.log(
             end.level,
-            "call ended: %s (%.1f s, %d frames in, %d frames out, %d interruptions, "
-            "tokens in=%d out=%d)",
-            end.reason,
-            time.monotonic() - self.started,
-            self.frames_in,
-            self.frames_out,
-            self.barge_in.interruptions,
-            self.usage["input_tokens"],
-            self.usage["output_tokens"],
+            "call ended: %(reason)s (%(seconds).1f s, %(frames_in)d frames in, "
+            "%(frames_out)d frames out, %(interruptions)d interruptions, "
+            "tokens in=%(input_tokens)d out=%(output_tokens)d)",
+            record,
+            extra={"call": record},
         )
         for task in self._tasks:
             task.cancel()

@@ -46,7 +46,7 @@ class JsonFormatter(_Scrubber):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in (*CALL_FIELDS, "event"):
+        for key in (*CALL_FIELDS, "call"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value

@@ -113,3 +113,9 @@ def test_log_formats_carry_call_ids_and_scrub_secrets() -> None:
     entry = orjson.loads(line)
     assert entry["msg"] == "oops [redacted]" and entry["call_sid"] == "CA1"
     assert entry["level"] == "INFO" and "\n" not in line
+
+
+def test_json_log_carries_the_call_record() -> None:
+    r = record("call ended", call_sid="CA1", call={"reason": "x", "frames_in": 3})
+    entry = orjson.loads(JsonFormatter([]).format(r))
+    assert entry["call"] == {"reason": "x", "frames_in": 3}
