@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 BYTES_PER_MS = 8
+MARK_EVERY_MS = 120  # longest audio sent without a mark: the precision of a truncation
+MARK_CHARS = MARK_EVERY_MS * BYTES_PER_MS // 3 * 4  # as base64; a multiple of 4 chars
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,12 @@ class Interruption:
 
     item_id: str
     audio_end_ms: int
+
+
+def split(b64: str) -> list[str]:
+    """Cut base64 into MARK_CHARS pieces; each is valid base64 (4 chars = 3 bytes), so a long
+    delta can be sent in marked pieces without decoding it."""
+    return [b64[i:i + MARK_CHARS] for i in range(0, len(b64), MARK_CHARS)]
 
 
 def decoded_length(b64: str) -> int:

@@ -21,7 +21,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from server import openai_protocol as oai
 from server import twilio_protocol as tw
-from server.barge_in import BargeIn, decoded_length
+from server.barge_in import MARK_CHARS, BargeIn, decoded_length, split
 from server.logs import CallLog
 from server.prompts import Prompt
 from server.settings import Settings
@@ -332,14 +332,18 @@ class Call:
                 event = orjson.loads(msg.data)
                 kind = event["type"]
                 if kind == "response.output_audio.delta":
-                    delta = event["delta"]
-                    mark = barge_in.on_audio(
-                        event.get("response_id"), event["item_id"], decoded_length(delta)
-                    )
-                    if mark is None:
-                        continue
-                    await send(media(stream_sid, delta), TEXT)
-                    await send(mark_frame(stream_sid, mark), TEXT)
+                    delta, item_id = event["delta"], event["item_id"]
+                    if type(delta) is not str:
+                        raise TypeError
+                    response_id = event.get("response_id")
+                    # Long deltas go out in pieces, each with its mark, so what the caller
+                    # heard is known to within MARK_CHARS of audio whatever the delta size.
+                    for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
+                        mark = barge_in.on_audio(response_id, item_id, decoded_length(piece))
+                        if mark is None:
+                            break
+                        await send(media(stream_sid, piece), TEXT)
+                        await send(mark_frame(stream_sid, mark), TEXT)
                     self.frames_out += 1
                     continue
             except (ValueError, KeyError, TypeError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from server.barge_in import BargeIn, Interruption, decoded_length
+from server.barge_in import MARK_CHARS, BargeIn, Interruption, decoded_length, split
 
 
 def test_decoded_length_matches_base64() -> None:
@@ -80,3 +80,11 @@ def test_foreign_mark_names_are_ignored() -> None:
     b.on_audio(None, "item1", 80)
     b.on_mark("greeting-done")
     assert b.playing
+
+
+def test_split_keeps_base64_valid_and_whole() -> None:
+    audio = bytes(range(256)) * 20  # 5120 bytes: 640 ms
+    pieces = split(base64.b64encode(audio).decode())
+    assert all(len(p) <= MARK_CHARS for p in pieces)
+    assert b"".join(base64.b64decode(p, validate=True) for p in pieces) == audio
+    assert [decoded_length(p) for p in pieces] == [960] * 5 + [320]

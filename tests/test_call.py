@@ -247,3 +247,20 @@ async def test_malformed_openai_frame_ends_the_call(
     assert stream.close_code == WSCloseCode.INTERNAL_ERROR
     assert "malformed event from OpenAI: KeyError" in caplog.text
     await asyncio.wait_for(session.closed.wait(), 1.0)
+
+
+async def test_long_deltas_are_marked_every_120_ms(make_rig: MakeRig) -> None:
+    # A service that sends 500 ms deltas: truncation must still be precise to 120 ms.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, chunk_ms=500))
+    stream, session = await rig.place()
+    await speak(stream, frames=25)  # 500 ms of speech -> one 500 ms delta back
+    await stream.wait_for("mark", count=5)
+    sizes = [len(base64.b64decode(m["media"]["payload"])) for m in stream.received
+             if m["event"] == "media"]
+    assert sizes == [960, 960, 960, 960, 160]
+    marks = [m["mark"]["name"] for m in stream.received if m["event"] == "mark"]
+    await stream.send_mark(marks[1])  # 240 ms played
+    await stream.send_media(SILENCE)
+    await session.wait_for("input_audio_buffer.append", count=34)
+    await session.send({"type": "input_audio_buffer.speech_started", "item_id": "item_u"})
+    assert (await session.wait_for("conversation.item.truncate"))["audio_end_ms"] == 240
