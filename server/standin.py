@@ -155,6 +155,12 @@ class StandinSession:
     # --- protocol ---
 
     async def serve(self) -> None:
+        if "OpenAI-Beta" in self.headers:  # the GA service refuses the beta shape outright
+            await self._error("beta_api_shape_disabled",
+                              "The beta Realtime API shape is disabled; use the GA interface.")
+            await self._ws.close(code=4000)
+            self.closed.set()
+            return
         await self.send({"type": "session.created", "session": self.session})
         try:
             async for msg in self._ws:
@@ -410,12 +416,6 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
     session = StandinSession(ws, request, options)
     request.app[STANDIN_SESSIONS].append(session)
     request.app[_OPENED].put_nowait(session)
-    if "OpenAI-Beta" in request.headers:
-        await session._error("beta_api_shape_disabled",
-                             "The beta Realtime API shape is disabled; use the GA interface.")
-        await ws.close(code=4000)
-        session.closed.set()
-        return ws
     await session.serve()
     return ws
 
