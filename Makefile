@@ -23,10 +23,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 demo: $(STAMP)
-	$(BIN)/python -m server.demo
+	$(BIN)/python -m server.testing.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m server.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS))
+	$(BIN)/python -m server.testing.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS))
 
 clean:
 	rm -rf $(VENV) *.egg-info out

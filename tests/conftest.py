@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from server.app import CALLS, create_app
 from server.call import Call
 from server.settings import Settings
-from server.simulator import TwilioStream
-from server.standin import StandinOptions, StandinSession, create_standin_app, next_session
+from server.testing.simulator import TwilioStream
+from server.testing.standin import StandinOptions, StandinSession, create_standin_app, next_session
 from server.twilio_protocol import compute_signature
 
 API_KEY = "sk-test-0123456789abcdef"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server import audio
+from server.testing import audio
 
 
 def pcm(samples: list[int]) -> bytes:

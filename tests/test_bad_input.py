@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiohttp import WSCloseCode
 
-from server.standin import STANDIN_SESSIONS
+from server.testing.standin import STANDIN_SESSIONS
 from tests.conftest import MakeRig, Rig, heard, loud, speak
 
 MEDIA = {"event": "media", "streamSid": "MZx", "media": {"track": "inbound", "chunk": "1",

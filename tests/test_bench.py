@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.bench import run, table
+from server.testing.bench import run, table
 
 
 async def test_bench_smoke() -> None:

@@ -9,7 +9,7 @@ import logging
 import pytest
 from aiohttp import WSCloseCode
 
-from server.standin import StandinOptions
+from server.testing.standin import StandinOptions
 from tests.conftest import API_KEY, SILENCE, MakeRig, Rig, heard, loud, speak
 
 

@@ -16,8 +16,8 @@ from aiohttp import WSCloseCode
 from aiohttp.test_utils import TestServer
 
 from server.app import drain
-from server.simulator import TwilioStream
-from server.standin import StandinOptions, create_standin_app, next_session
+from server.testing.simulator import TwilioStream
+from server.testing.standin import StandinOptions, create_standin_app, next_session
 from tests.conftest import MakeRig, heard, loud, speak
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server import audio
-from server.simulator import TwilioStream, place_call, sample_wav
+from server.testing import audio
+from server.testing.simulator import TwilioStream, place_call, sample_wav
 from tests.conftest import AUTH_TOKEN, Rig
 
 
@@ -58,7 +58,7 @@ async def test_wrong_token_fails_clearly(rig: Rig, tmp_path: Path) -> None:
 
 async def test_cli_exits_non_zero_when_the_call_fails(unused_tcp_port: int) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.simulator", "--url", f"http://127.0.0.1:{unused_tcp_port}",
+        sys.executable, "-m", "server.testing.simulator", "--url", f"http://127.0.0.1:{unused_tcp_port}",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1

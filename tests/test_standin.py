@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.standin import StandinOptions, StandinSession, create_standin_app, next_session
+from server.testing.standin import StandinOptions, StandinSession, create_standin_app, next_session
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 LOUD = bytes([0x80, 0x00] * 80)

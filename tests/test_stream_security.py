@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import WSCloseCode
 
-from server.standin import STANDIN_SESSIONS
+from server.testing.standin import STANDIN_SESSIONS
 from server.twilio_protocol import compute_signature
 from tests.conftest import AUTH_TOKEN, Rig, heard, loud, speak
 

@@ -26,14 +26,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from server.simulator import TwilioStream
-from server.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
+from server.testing.simulator import TwilioStream
+from server.testing.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
 from server.twilio_protocol import compute_signature
 
 STAMP = struct.Struct("<d")
 FILL = bytes([0xFF]) * (160 - STAMP.size)
 AUTH_TOKEN = "bench-auth-token"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass
@@ -243,7 +243,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m server.testing.bench", description=__doc__)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=Path("out/bench.json"))

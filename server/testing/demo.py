@@ -18,8 +18,8 @@ from aiohttp import web
 from server.app import create_app
 from server.logs import setup_logging
 from server.settings import Settings
-from server.simulator import CallResult, place_call
-from server.standin import StandinOptions, create_standin_app
+from server.testing.simulator import CallResult, place_call
+from server.testing.standin import StandinOptions, create_standin_app
 
 AUTH_TOKEN = "demo-auth-token"  # not a secret: both ends are on this machine
 
@@ -55,7 +55,7 @@ async def run_demo(out: Path, barge_in_ms: int = 800, turns: int = 2) -> CallRes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m server.testing.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out/caller-heard.wav"))
     parser.add_argument("--barge-in-ms", type=int, default=800)
     parser.add_argument("--turns", type=int, default=2)

@@ -1,6 +1,6 @@
 """Plays Twilio against a running bridge: a phone call without a phone.
 
-    python -m server.simulator --url http://127.0.0.1:5050 [--wav my.wav] [--barge-in-ms 600]
+    python -m server.testing.simulator --url http://127.0.0.1:5050 [--wav my.wav] [--barge-in-ms 600]
 
 `TwilioStream` is the media-stream half of Twilio (tests drive it directly); `place_call` is a
 whole call: the signed webhook, the TwiML, the stream, a caller speaking in real time, a player
@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
-from server import audio
+from server.testing import audio
 from server.twilio_protocol import compute_signature
 
 TEXT = WSMsgType.TEXT
@@ -40,7 +40,7 @@ ALLOWED = {  # exactly what Twilio accepts from a server (anything else is error
 
 
 def sample_wav() -> Path:
-    return Path(str(resources.files("server") / "samples" / "hello.wav"))
+    return Path(str(resources.files("server.testing") / "samples" / "hello.wav"))
 
 
 class TwilioStream:
@@ -413,7 +413,7 @@ def _first_media_after(stream: TwilioStream, index: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.simulator",
+    parser = argparse.ArgumentParser(prog="python -m server.testing.simulator",
                                      description="Place a simulated Twilio call on a bridge.")
     parser.add_argument("--url", default="http://127.0.0.1:5050", help="the bridge's base URL")
     parser.add_argument("--wav", type=Path, default=None, help="what the caller says (PCM WAV)")

@@ -7,7 +7,7 @@ caller's own audio, so a person hears turn-taking and barge-in work.
 
 VAD runs in audio time (bytes received), not wall time, so tests are deterministic.
 
-    python -m server.standin --port 8765   # then OPENAI_REALTIME_URL=ws://127.0.0.1:8765/v1/realtime
+    python -m server.testing.standin --port 8765   # then OPENAI_REALTIME_URL=ws://127.0.0.1:8765/v1/realtime
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from server.audio import level, tone
+from server.testing.audio import level, tone
 
 BYTES_PER_MS = 8
 WINDOW = 160  # 20 ms of mu-law
@@ -442,7 +442,7 @@ def create_standin_app(options: StandinOptions | None = None) -> web.Application
 
 
 def main(argv: list[str] | None = None, announce: Callable[[str], None] = print) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.standin",
+    parser = argparse.ArgumentParser(prog="python -m server.testing.standin",
                                      description="Local OpenAI Realtime (GA) stand-in.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
