@@ -1,6 +1,7 @@
 """Plays Twilio against a running bridge: a phone call without a phone.
 
-    python -m server.testing.simulator --url http://127.0.0.1:5050 [--wav my.wav] [--barge-in-ms 600]
+    python -m server.testing.simulator --url http://127.0.0.1:5050 \
+        [--wav my.wav] [--barge-in-ms 600]
 
 `TwilioStream` is the media-stream half of Twilio (tests drive it directly); `place_call` is a
 whole call: the signed webhook, the TwiML, the stream, a caller speaking in real time, a player
