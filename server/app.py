@@ -1,10 +1,11 @@
-"""The web app: Twilio's voice webhook, the media-stream WebSocket, and a status page."""
+"""The web app: Twilio's voice webhook, the media-stream WebSocket, the `<Connect action>`
+answer, and a status page. Shared resources (the OpenAI client session, the shared state, the
+call registry) are owned here through `cleanup_ctx`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -12,44 +13,61 @@ from aiohttp import web
 
 from server import NAME, __version__
 from server import twilio_protocol as tw
-from server.call import Call, CallDeps
+from server.call import Call, CallDeps, FeatureFactory
+from server.logs import mask_number
 from server.prompts import Prompt, load_prompt
+from server.registry import CallRegistry
 from server.settings import Settings
+from server.shared_state import SharedState, open_state
 from server.stream_tokens import StreamTokens
 
 log = logging.getLogger("server.app")
 
 SETTINGS = web.AppKey("settings", Settings)
 PROMPT = web.AppKey("prompt", Prompt)
-CALLS: web.AppKey[weakref.WeakSet[Call]] = web.AppKey("calls")
-IDLE: web.AppKey[asyncio.Event] = web.AppKey("idle")  # set while no call is live
+REGISTRY = web.AppKey("registry", CallRegistry)
+STATE = web.AppKey("state", SharedState)
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
+FEATURES: web.AppKey[list[FeatureFactory]] = web.AppKey("features")
 
 TWILIO_MAX_MSG = 64 * 1024  # a 20 ms media frame is ~300 bytes; anything near this is not Twilio
+ACTION_PATH = "/connect-action"
 _SHUTDOWN_GRACE = 2.0
+DECISION_WAIT = 3.0  # the action request may arrive before the call's clean-up has finished
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the app; raises ConfigError if the configured prompt cannot be loaded."""
+    """Build the app; raises ConfigError if the configured prompt or features cannot load."""
     app = web.Application()
     app[SETTINGS] = settings
     app[PROMPT] = load_prompt(settings)
-    app[CALLS] = weakref.WeakSet()
-    app[IDLE] = asyncio.Event()
-    app[IDLE].set()
     app[TOKENS] = (
         StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl)
         if settings.twilio_auth_token
         else None
     )
+    app[FEATURES] = []
+    app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_http_session)
     app.on_shutdown.append(_end_calls)
     app.router.add_get("/", status)
     app.router.add_route("GET", "/incoming-call", incoming_call)
     app.router.add_route("POST", "/incoming-call", incoming_call)
+    app.router.add_route("POST", ACTION_PATH, connect_action)
     app.router.add_get("/media-stream", media_stream)
     return app
+
+
+async def _shared_state(app: web.Application) -> AsyncIterator[None]:
+    """Tokens, capacity and decisions: in memory, or in Redis for a fleet (REDIS_URL)."""
+    state = await open_state(app[SETTINGS])
+    app[STATE] = state
+    app[REGISTRY] = CallRegistry(app[SETTINGS], state)
+    try:
+        yield
+    finally:
+        await state.close()
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -57,38 +75,27 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     connector stops at 100 simultaneous sockets, and each call holds one)."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as http:
-        app[DEPS] = CallDeps(app[SETTINGS], http, app[PROMPT], app[TOKENS])
+        features: list[FeatureFactory] = app[FEATURES]
+        app[DEPS] = CallDeps(app[SETTINGS], http, app[PROMPT], app[TOKENS], app[REGISTRY],
+                             tuple(features))
         yield
 
 
 async def drain(app: web.Application, seconds: float, interrupt: asyncio.Event) -> None:
-    """Let live calls finish on their own, for up to `seconds` or until `interrupt` is set.
+    """Stop taking calls and let live ones finish, for up to `seconds` or until `interrupt`.
 
     Must run before the runner's cleanup: aiohttp stops reading every connection, live
     WebSockets included, before it calls on_shutdown, so a call cannot finish after that."""
-    calls, idle = app[CALLS], app[IDLE]
-    if not calls or seconds <= 0:
-        return
-    log.info("shutting down: waiting up to %g s for %d call(s) to end", seconds, len(calls))
-    waiters = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(interrupt.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+    registry = app[REGISTRY]
+    registry.draining = True
+    await registry.wait_idle(seconds, interrupt)
 
 
 async def _end_calls(app: web.Application) -> None:
-    """On shutdown: end every live call with GOING_AWAY and wait for their sockets to close."""
-    calls = app[CALLS]
-    if calls:
-        log.info("shutting down: ending %d call(s)", len(calls))
-        for call in list(calls):
-            call.shutdown()
-        try:
-            await asyncio.wait_for(app[IDLE].wait(), _SHUTDOWN_GRACE)
-        except TimeoutError:
-            log.warning("%d call(s) did not end within %g s", len(calls), _SHUTDOWN_GRACE)
+    """On shutdown: end every live call and wait for their sockets to close."""
+    registry = app[REGISTRY]
+    registry.draining = True
+    await registry.close_all(_SHUTDOWN_GRACE)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -97,7 +104,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "name": NAME,
             "version": __version__,
-            "active_calls": len(request.app[CALLS]),
+            "active_calls": len(request.app[REGISTRY]),
             "model": settings.openai_model,
             "prompt": request.app[PROMPT].describe(),
             "authenticated_webhooks": settings.twilio_auth_token is not None,
@@ -120,7 +127,8 @@ def stream_url(request: web.Request, settings: Settings) -> str:
     return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/media-stream"
 
 
-async def incoming_call(request: web.Request) -> web.Response:
+async def _signed_form(request: web.Request, what: str) -> dict[str, str]:
+    """The request's parameters, after checking Twilio's signature (403 when it is wrong)."""
     settings = request.app[SETTINGS]
     params: Mapping[str, str] = {}
     if request.method == "POST":
@@ -130,27 +138,59 @@ async def incoming_call(request: web.Request) -> web.Response:
         signature = request.headers.get("X-Twilio-Signature")
         if not tw.signature_valid(settings.twilio_auth_token, url, params, signature):
             log.warning(
-                "rejected webhook from %s: %s X-Twilio-Signature (checked against %s; "
+                "rejected %s from %s: %s X-Twilio-Signature (checked against %s; "
                 "set PUBLIC_URL to the URL configured in Twilio)",
-                request.remote, "invalid" if signature else "missing", url,
+                what, request.remote, "invalid" if signature else "missing", url,
             )
             raise web.HTTPForbidden(text="invalid Twilio signature\n")
-    fields = {**request.query, **params}
-    call_sid = str(fields.get("CallSid", ""))
-    calls = request.app[CALLS]
-    if settings.max_calls and len(calls) >= settings.max_calls:
-        log.warning("refused call %s: at MAX_CALLS=%d", call_sid or "?", settings.max_calls)
-        return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
-    parameters = {"caller": str(fields.get("From", "")), "called": str(fields.get("To", ""))}
+    return {**request.query, **params}
+
+
+def _stream_twiml(request: web.Request, call_sid: str, caller: str, called: str) -> str:
+    settings = request.app[SETTINGS]
+    parameters = {"caller": caller, "called": called}
     tokens = request.app[TOKENS]
     if tokens is not None:
-        if not call_sid:
-            raise web.HTTPBadRequest(text="CallSid is required\n")
         parameters["token"] = tokens.mint(call_sid)
-    url = stream_url(request, settings)
-    log.info("incoming call %s from %s: streaming to %s", call_sid or "?",
-             parameters["caller"] or "?", url)
-    return _twiml(tw.connect_twiml(url, parameters, settings.fallback_message))
+    action = public_base(request, settings) + ACTION_PATH
+    return tw.connect_twiml(stream_url(request, settings), parameters, action)
+
+
+async def incoming_call(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    fields = await _signed_form(request, "webhook")
+    call_sid = str(fields.get("CallSid", ""))
+    if settings.twilio_auth_token and not call_sid:
+        raise web.HTTPBadRequest(text="CallSid is required\n")
+    registry = request.app[REGISTRY]
+    if not await registry.reserve(call_sid or f"anonymous-{id(request)}"):
+        log.warning("refused call %s: %s", call_sid or "?",
+                    "draining" if registry.draining else f"at MAX_CALLS={settings.max_calls}")
+        return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
+    caller, called = str(fields.get("From", "")), str(fields.get("To", ""))
+    log.info("incoming call %s from %s", call_sid or "?", mask_number(caller, settings.log_pii))
+    return _twiml(_stream_twiml(request, call_sid, caller, called))
+
+
+async def connect_action(request: web.Request) -> web.Response:
+    """Twilio's `<Connect action>` request: the stream has closed; say what happens next."""
+    fields = await _signed_form(request, "connect action")
+    call_sid = str(fields.get("CallSid", ""))
+    if fields.get("CallStatus") in ("completed", "canceled", "failed", "busy", "no-answer"):
+        return _twiml(tw.decision_twiml(tw.HANGUP))  # nobody left to instruct
+    state = request.app[STATE]
+    data = await state.get_decision(call_sid, wait=DECISION_WAIT) if call_sid else None
+    if data is None:
+        log.warning("connect action for unknown call %s: fallback, then hang up",
+                    call_sid or "?")
+        decision = tw.say(request.app[SETTINGS].fallback_message)
+    else:
+        decision = tw.Decision.from_dict(data)
+    log.info("connect action for %s: %s", call_sid or "?", decision.action)
+    if decision.action == "reconnect":
+        return _twiml(_stream_twiml(request, call_sid, str(fields.get("From", "")),
+                                    str(fields.get("To", ""))))
+    return _twiml(tw.decision_twiml(decision))
 
 
 def _twiml(body: str) -> web.Response:
@@ -170,18 +210,14 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         compress=False,
         max_msg_size=TWILIO_MAX_MSG,
         timeout=1.0,  # wait at most this long for Twilio's reply to our close
-        receive_timeout=settings.stream_idle_timeout,
         decode_text=False,
     )
     await ws.prepare(request)
     call = Call(request.app[DEPS], ws, peer=request.remote or "?")
-    calls, idle = request.app[CALLS], request.app[IDLE]
-    calls.add(call)
-    idle.clear()
+    registry = request.app[REGISTRY]
+    registry.add(call)
     try:
         await call.run()
     finally:
-        calls.discard(call)
-        if not calls:
-            idle.set()
+        registry.discard(call)
     return ws

@@ -1,8 +1,12 @@
-"""One phone call: the Twilio media stream joined to one OpenAI Realtime session.
+"""One phone call: the Twilio media stream joined to an OpenAI Realtime session.
 
-The call owns both sockets and both relay tasks. Whatever ends first (caller hangs up, OpenAI
-fails, bad input, shutdown) ends the call: the other task is cancelled and both sockets are closed
-before `run()` returns, so nothing of the call is left running.
+The call is an orchestrator. It owns both sockets, the two relay tasks, the tasks its features
+start, the call's record and the one decision of how it ends. Audio takes the direct path
+(Twilio media -> `input_audio_buffer.append`; audio deltas -> the barge-in feature, which sends
+them on with their marks); every other event is decoded by the wire modules and dispatched to the
+features that declared its type. Whatever ends first (caller hangs up, a feature ends the call,
+OpenAI fails, bad input, idle stream, shutdown) ends the call: every task is cancelled and both
+sockets closed before `run()` returns.
 """
 
 from __future__ import annotations
@@ -10,20 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from server import openai_protocol as oai
 from server import twilio_protocol as tw
-from server.barge_in import MARK_CHARS, BargeIn, decoded_length, split
-from server.logs import CallLog
+from server.features import base
+from server.features.barge_in import BargeIn
+from server.features.base import Ending, Feature
+from server.logs import CallLog, mask_number
 from server.prompts import Prompt
+from server.record import CallRecord, utc_now
 from server.settings import Settings
 from server.stream_tokens import StreamTokens
 
@@ -31,6 +37,8 @@ log = logging.getLogger("server.call")
 
 TEXT = WSMsgType.TEXT
 OpenAISocket = aiohttp.ClientWebSocketResponse[Literal[False]]
+FeatureFactory = Callable[[base.CallControl], Feature | None]
+T = TypeVar("T")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 OPENAI_MAX_MSG = 16 * 1024 * 1024
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
@@ -43,7 +51,20 @@ _HANDSHAKE_HINTS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+class CallHooks(Protocol):
+    """What the app does around a call (the registry implements it)."""
+
+    async def admit(self, call: Call, token: str | None) -> str | None:
+        """The stream started: claim its token and capacity. A reason to refuse, or None."""
+
+    def started(self, call: Call) -> None:
+        """The model session is open and the call is relaying."""
+
+    async def ended(self, call: Call, ending: Ending) -> None:
+        """The call is over: its sockets are closed; store the decision and the record."""
+
+
+@dataclass(frozen=True)
 class CallDeps:
     """What every call shares; owned by the app."""
 
@@ -51,134 +72,231 @@ class CallDeps:
     http: aiohttp.ClientSession
     prompt: Prompt
     tokens: StreamTokens | None
+    hooks: CallHooks | None = None
+    features: Sequence[FeatureFactory] = field(default_factory=tuple)
 
 
 class _End(Exception):
-    """Ends the call from anywhere inside it; carries the one line that says why."""
+    """Ends the call from inside a relay; carries the Ending."""
 
-    def __init__(self, reason: str, code: int = WSCloseCode.OK, level: int = logging.INFO):
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.level = level
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason)
+        self.ending = ending
+
+
+def _fail(kind: str, reason: str, code: int = WSCloseCode.INTERNAL_ERROR,
+          level: int = logging.ERROR) -> _End:
+    """An abnormal ending: Twilio speaks the fallback (decision None), then hangs up."""
+    return _End(Ending(kind, reason, None, code, level))
+
+
+def _bad_input(what: str) -> _End:
+    return _fail(base.BAD_INPUT, f"bad frame from Twilio: {what}", WSCloseCode.POLICY_VIOLATION,
+                 logging.WARNING)
 
 
 class Call:
+    """One call; implements `CallControl` for its features."""
+
     def __init__(self, deps: CallDeps, twilio: web.WebSocketResponse, peer: str) -> None:
         self._deps = deps
-        self._settings = deps.settings
+        self.settings = deps.settings
+        self.http = deps.http
         self._twilio = twilio
         self._openai: OpenAISocket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._relays: list[asyncio.Task[None]] = []
+        self._owned: set[asyncio.Task[None]] = set()
         self.log = CallLog(log, {"peer": peer})
         self.stream_sid = ""
         self.call_sid = ""
-        self.barge_in = BargeIn()
-        self.frames_in = 0
-        self.frames_out = 0
+        self.caller = ""
+        self.called = ""
+        self.record = CallRecord(model=deps.settings.openai_model, prompt=deps.prompt.describe())
         self.started = time.monotonic()
-        self.session_ready_ms: float | None = None
-        self.usage: dict[str, int] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        self.end_reason: str | None = None
+        self._received = 0  # every Twilio frame: the idle watchdog's counter
+        self._ending: asyncio.Future[Ending] | None = None
         self._runner: asyncio.Task[Any] | None = None
+        self._session_ready = False
         self.finished = asyncio.Event()
-        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
-            "input_audio_buffer.speech_started": self._on_speech_started,
-            "response.created": self._on_response_created,
-            "response.done": self._on_response_done,
-            "session.updated": self._on_session_updated,
-            "error": self._on_error,
-        }
+        self.barge_in = BargeIn(self)
+        self.features: list[Feature] = [self.barge_in]
+        self._twilio_dispatch: dict[type, list[Feature]] = {}
+        self._openai_dispatch: dict[type, list[Feature]] = {}
+        self._notice_dispatch: dict[type, list[Feature]] = {}
+        self._logged = deps.settings.log_event_types
+        self.ending: Ending | None = None
+
+    # --- CallControl ---
+
+    async def send_to_caller(self, frame: bytes) -> None:
+        if not self._twilio.closed:
+            await self._twilio.send_frame(frame, TEXT)
+
+    async def send_to_model(self, frame: bytes) -> None:
+        openai = self._openai
+        if openai is not None and not openai.closed:
+            await openai.send_frame(frame, TEXT)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._owned_task(coro, name), name=name)
+        self._owned.add(task)
+        task.add_done_callback(self._owned.discard)
+        return task
+
+    def end(self, ending: Ending) -> None:
+        if self._ending is not None and not self._ending.done():
+            self._ending.set_result(ending)
+
+    def notify(self, notice: object) -> None:
+        for feature in self._notice_dispatch.get(type(notice), ()):
+            try:
+                feature.on_notice(notice)
+            except Exception:
+                self.log.exception("feature %s failed on %s", feature.name,
+                                   type(notice).__name__)
+
+    @property
+    def playback_idle(self) -> bool:
+        return self.barge_in.idle
+
+    async def wait_played(self, timeout: float) -> bool:
+        return await self.barge_in.wait_played(timeout)
 
     # --- lifecycle ---
 
     async def run(self) -> None:
         self._runner = asyncio.current_task()
-        end = _End("call ended")
+        self._ending = asyncio.get_running_loop().create_future()
+        ending = Ending(base.CALLER_HUNG_UP, "call ended", tw.HANGUP)
         try:
-            await self._run()
+            ending = await self._run()
         except _End as e:
-            end = e
+            ending = e.ending
         except asyncio.CancelledError:
-            end = _End("server shutting down", WSCloseCode.GOING_AWAY)
+            ending = Ending(base.SHUTDOWN, "server shutting down", None, WSCloseCode.GOING_AWAY)
             raise
         except Exception:
             self.log.exception("call failed: internal error")
-            end = _End("internal error", WSCloseCode.INTERNAL_ERROR, logging.ERROR)
+            ending = Ending(base.INTERNAL_ERROR, "internal error", None,
+                            WSCloseCode.INTERNAL_ERROR, logging.ERROR)
         finally:
             # The clean-up must finish even if this task is cancelled again meanwhile (a second
             # shutdown signal, or a test server cancelling handlers when the client drops).
-            await asyncio.shield(self._close(end))
+            await asyncio.shield(self._close(ending))
 
-    def shutdown(self) -> None:
-        """Server is stopping: end this call now; its sockets close with GOING_AWAY."""
-        if self._runner is not None:
-            self._runner.cancel()
+    def shutdown(self, ending: Ending | None = None) -> None:
+        """Server is stopping: end this call now (by default with GOING_AWAY and the spoken
+        fallback). Only the call's own tasks are cancelled, never aiohttp's handler."""
+        self.end(ending or Ending(base.SHUTDOWN, "server shutting down", None,
+                                  WSCloseCode.GOING_AWAY))
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
-        return tuple(self._tasks)
+        return (*self._relays, *self._owned)
 
     @property
     def sockets_closed(self) -> bool:
         return self._twilio.closed and (self._openai is None or self._openai.closed)
 
-    async def _run(self) -> None:
-        start = await self._receive_start()
+    async def _run(self) -> Ending:
+        start = await self._or_ended(self._receive_start())
         self.stream_sid, self.call_sid = start.stream_sid, start.call_sid
+        self.caller = start.parameters.get("caller", "")
+        self.called = start.parameters.get("called", "")
+        rec = self.record
+        rec.call_sid, rec.stream_sid, rec.caller, rec.called = (
+            self.call_sid, self.stream_sid, self.caller, self.called)
         self.log = CallLog(log, {**(self.log.extra or {}), "call_sid": start.call_sid,
                                  "stream_sid": start.stream_sid})
-        self._authorize(start)
-        values = {
-            "caller": start.parameters.get("caller", "unknown"),
-            "called": start.parameters.get("called", "unknown"),
-            "call_sid": start.call_sid,
-        }
-        self._openai = openai = await self._connect_openai()
-        await openai.send_frame(
-            oai.session_update(self._settings, self._deps.prompt.session_fields(values)), TEXT
-        )
-        self.log.info("call started: caller=%s called=%s", values["caller"], values["called"])
+        await self._or_ended(self._admit(start))
+        self._build_features()
+        self._openai = await self._or_ended(self._connect_openai())
+        await self._openai.send_frame(self._session_update(), TEXT)
+        self.barge_in.attach(self._twilio.send_frame)
+        show = self.settings.log_pii
+        self.log.info("call started: caller=%s called=%s", mask_number(self.caller, show),
+                      mask_number(self.called, show))
+        if self._deps.hooks is not None:
+            self._deps.hooks.started(self)
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._guard(self._relay_twilio())),
-            loop.create_task(self._guard(self._relay_openai())),
+        self._relays = [
+            loop.create_task(self._guard(self._relay_twilio()), name="relay-twilio"),
+            loop.create_task(self._guard(self._relay_openai()), name="relay-openai"),
+            loop.create_task(self._guard(self._watch_idle()), name="idle-watchdog"),
         ]
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # raises the _End that finished it
+        assert self._ending is not None
+        return await self._ending
+
+    async def _or_ended(self, step: Coroutine[Any, Any, T]) -> T:
+        """Run a set-up step unless the call is ended meanwhile (shutdown before the relay)."""
+        assert self._ending is not None
+        task = asyncio.ensure_future(step)
+        waiters: list[asyncio.Future[Any]] = [task, self._ending]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _End(self._ending.result())
 
     async def _guard(self, relay: Awaitable[None]) -> None:
-        """Turns the ways a relay can stop into one _End."""
+        """Turns the ways a relay can stop into one Ending."""
         try:
             await relay
+        except _End as e:
+            self.end(e.ending)
         except (ConnectionError, aiohttp.ClientError) as e:
-            raise _End(f"socket lost: {type(e).__name__}: {e}", WSCloseCode.INTERNAL_ERROR) from e
+            self.end(Ending(base.INTERNAL_ERROR, f"socket lost: {type(e).__name__}: {e}", None,
+                            WSCloseCode.INTERNAL_ERROR, logging.WARNING))
+        except Exception:
+            self.log.exception("relay failed: internal error")
+            self.end(Ending(base.INTERNAL_ERROR, "internal error", None,
+                            WSCloseCode.INTERNAL_ERROR, logging.ERROR))
 
-    async def _close(self, end: _End) -> None:
-        self.end_reason = end.reason
-        record = {
-            "reason": end.reason,
+    async def _owned_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("call task %s failed", name)
+
+    async def _close(self, ending: Ending) -> None:
+        self.ending = ending
+        rec = self.record
+        rec.ended_at = utc_now()
+        rec.end_kind, rec.end_reason = ending.kind, ending.reason
+        for feature in self.features:
+            try:
+                await feature.on_end(ending)
+            except Exception:
+                self.log.exception("feature %s failed at the end of the call", feature.name)
+        rec.version += 1
+        summary = {
+            "reason": ending.reason,
+            "end": ending.kind,
             "seconds": round(time.monotonic() - self.started, 1),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "interruptions": self.barge_in.interruptions,
-            "session_ready_ms": round(self.session_ready_ms or 0),
-            **self.usage,
+            "frames_in": rec.frames_in,
+            "frames_out": rec.frames_out,
+            "interruptions": self.barge_in.state.interruptions,
+            "input_tokens": int(rec.usage.get("input_tokens", 0)),
+            "output_tokens": int(rec.usage.get("output_tokens", 0)),
         }
         self.log.log(
-            end.level,
+            ending.level,
             "call ended: %(reason)s (%(seconds).1f s, %(frames_in)d frames in, "
             "%(frames_out)d frames out, %(interruptions)d interruptions, "
             "tokens in=%(input_tokens)d out=%(output_tokens)d)",
-            record,
-            extra={"call": record},
+            summary,
+            extra={"call": summary},
         )
-        for task in self._tasks:
+        tasks = self.tasks
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        closing = [self._twilio.close(code=end.code)]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._relays = []
+        closing = [self._twilio.close(code=ending.code)]
         if self._openai is not None:
             closing.append(self._openai.close())
         try:
@@ -186,53 +304,83 @@ class Call:
                 await asyncio.gather(*closing, return_exceptions=True)
         except TimeoutError:
             self.log.warning("sockets did not close within %.0f s; dropped", _CLOSE_WITHIN)
+        if self._deps.hooks is not None and self.call_sid:
+            try:
+                await self._deps.hooks.ended(self, ending)
+            except Exception:
+                self.log.exception("recording the end of the call failed")
         self.finished.set()
 
     # --- before the relay ---
 
-    async def _receive_start(self) -> tw.StreamStart:
-        deadline = time.monotonic() + self._settings.stream_start_timeout
+    async def _receive_start(self) -> tw.Start:
+        deadline = time.monotonic() + self.settings.stream_start_timeout
         while True:
             remaining = deadline - time.monotonic()
             try:
                 msg = await self._twilio.receive(timeout=max(remaining, 0.001))
             except TimeoutError:
-                raise _End("no 'start' from Twilio in time", WSCloseCode.POLICY_VIOLATION,
-                           logging.WARNING) from None
-            frame = self._parse_twilio(msg)
-            event = frame.get("event")
-            if event == "start":
-                try:
-                    return tw.parse_start(frame)
-                except tw.TwilioProtocolError as e:
-                    raise self._protocol_error(str(e)) from None
-            if event == "media":
-                raise self._protocol_error("media before 'start'")
-            if event == "stop":
-                raise _End("stream stopped before it started")
+                raise _fail(base.BAD_INPUT, "no 'start' from Twilio in time",
+                            WSCloseCode.POLICY_VIOLATION, logging.WARNING) from None
+            event = self._decode_twilio(msg)
+            if isinstance(event, tw.Start):
+                return event
+            if isinstance(event, tw.Media):
+                raise _bad_input("media before 'start'")
+            if isinstance(event, tw.Stop):
+                raise _End(Ending(base.CALLER_HUNG_UP, "stream stopped before it started",
+                                  tw.HANGUP))
 
-    def _authorize(self, start: tw.StreamStart) -> None:
+    async def _admit(self, start: tw.Start) -> None:
         tokens = self._deps.tokens
-        if tokens is None:
-            return
-        problem = tokens.check(start.parameters.get("token"), start.call_sid)
+        token = start.parameters.get("token")
+        if tokens is not None:
+            problem = tokens.verify(token, start.call_sid)
+            if problem:
+                raise _fail(base.REJECTED, f"rejected stream: {problem}",
+                            WSCloseCode.POLICY_VIOLATION, logging.WARNING)
+        hooks = self._deps.hooks
+        problem = await hooks.admit(self, token if tokens is not None else None) \
+            if hooks is not None else None
         if problem:
-            raise _End(f"rejected stream: {problem}", WSCloseCode.POLICY_VIOLATION,
-                       logging.WARNING)
+            raise _fail(base.REJECTED, f"rejected stream: {problem}",
+                        WSCloseCode.POLICY_VIOLATION, logging.WARNING)
+
+    def _build_features(self) -> None:
+        for factory in self._deps.features:
+            feature = factory(self)
+            if feature is not None:
+                self.features.append(feature)
+        for feature in self.features:
+            for kind in feature.twilio_events:
+                self._twilio_dispatch.setdefault(kind, []).append(feature)
+            for kind in feature.openai_events:
+                self._openai_dispatch.setdefault(kind, []).append(feature)
+            for kind in feature.notices:
+                self._notice_dispatch.setdefault(kind, []).append(feature)
+            if feature.wants_audio:
+                self.barge_in.audio_hooks.append(feature.on_assistant_audio)
+
+    def _session_update(self) -> bytes:
+        values = {"caller": self.caller or "unknown", "called": self.called or "unknown",
+                  "call_sid": self.call_sid}
+        tools = [spec for feature in self.features for spec in feature.tools()]
+        return oai.session_update(self.settings, self._deps.prompt.session_fields(values), tools)
 
     async def _connect_openai(self) -> OpenAISocket:
-        s = self._settings
+        s = self.settings
         host = urlsplit(s.openai_realtime_url).netloc
         why: str
         try:
             async with asyncio.timeout(s.openai_connect_timeout):
-                return await self._deps.http.ws_connect(
+                return await self.http.ws_connect(
                     oai.realtime_url(s),
                     headers=oai.auth_headers(s),
                     timeout=_WS_TIMEOUT,
                     max_msg_size=OPENAI_MAX_MSG,
                     decode_text=False,
                     autoclose=True,
+                    heartbeat=s.openai_heartbeat or None,
                 )
         except aiohttp.WSServerHandshakeError as e:
             hint = _HANDSHAKE_HINTS.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")
@@ -241,178 +389,128 @@ class Call:
             why = f"OpenAI did not accept the session within {s.openai_connect_timeout:g} s"
         except (aiohttp.ClientError, OSError) as e:
             why = f"could not reach OpenAI at {host}: {type(e).__name__}: {e}"
-        raise _End(why, WSCloseCode.INTERNAL_ERROR, logging.ERROR)
+        raise _fail(base.OPENAI_ERROR, why)
 
     # --- the relay: Twilio -> OpenAI ---
 
     async def _relay_twilio(self) -> None:
-        twilio = self._twilio
+        receive = self._twilio.receive
         assert self._openai is not None
         send = self._openai.send_frame
-        barge_in = self.barge_in
         append = oai.append_audio
-        is_base64 = tw.is_base64
+        decode = tw.decode
+        media = tw.Media
+        record = self.record
+        hooks = [f.on_caller_audio for f in self.features if f.wants_audio]
+        dispatch = self._twilio_dispatch
         while True:
+            msg = await receive()
+            self._received += 1
+            if msg.type is not TEXT:
+                self._decode_twilio(msg)  # raises the right ending
             try:
-                msg = await twilio.receive()
-            except TimeoutError:
-                raise _End(
-                    f"no frames from Twilio for {self._settings.stream_idle_timeout:g} s",
-                    WSCloseCode.GOING_AWAY, logging.WARNING,
-                ) from None
-            frame = self._parse_twilio(msg)
-            event = frame.get("event")
-            if event == "media":
-                try:
-                    payload = frame["media"]["payload"]
-                except (KeyError, TypeError):
-                    raise self._protocol_error("media event without media.payload") from None
-                if type(payload) is not str or not is_base64(payload):
-                    raise self._protocol_error("media payload is not base64")
+                event = decode(msg.data)
+            except tw.TwilioProtocolError as e:
+                raise _bad_input(str(e)) from None
+            if type(event) is media:
+                payload = event.payload
                 await send(append(payload), TEXT)
-                self.frames_in += 1
-            elif event == "mark":
-                mark = frame.get("mark")
-                if isinstance(mark, dict):
-                    barge_in.on_mark(str(mark.get("name")))
-            elif event == "stop":
-                raise _End("Twilio stopped the stream (call over)")
-            elif event == "dtmf":
-                dtmf = frame.get("dtmf")
-                self.log.info("caller pressed %s", dtmf.get("digit") if isinstance(dtmf, dict)
-                              else "?")
-            elif event in ("connected", "start"):
-                self.log.warning("ignored a repeated %r event", event)
-            else:
-                self.log.debug("ignored Twilio event %r", event)
+                record.frames_in += 1
+                for hook in hooks:
+                    hook(payload)
+                continue
+            if isinstance(event, tw.Stop):
+                raise _End(Ending(base.CALLER_HUNG_UP, "Twilio stopped the stream (call over)",
+                                  tw.HANGUP))
+            if isinstance(event, (tw.Connected, tw.Start)):
+                self.log.warning("ignored a repeated %r event", type(event).__name__.lower())
+            for feature in dispatch.get(type(event), ()):
+                await feature.on_twilio(event)
 
-    def _parse_twilio(self, msg: aiohttp.WSMessage) -> dict[str, Any]:
+    def _decode_twilio(self, msg: aiohttp.WSMessage) -> tw.TwilioEvent:
         if msg.type is not TEXT:
             if msg.type in _CLOSED:
-                raise _End(f"Twilio closed the stream (code {self._twilio.close_code})")
+                raise _End(Ending(base.CALLER_HUNG_UP,
+                                  f"Twilio closed the stream (code {self._twilio.close_code})",
+                                  tw.HANGUP))
             if msg.type is WSMsgType.ERROR:
-                raise _End(f"Twilio socket error: {msg.data}", WSCloseCode.POLICY_VIOLATION,
-                           logging.WARNING)
-            raise self._protocol_error(f"{msg.type.name.lower()} frame (Twilio sends only text)")
+                raise _fail(base.BAD_INPUT, f"Twilio socket error: {msg.data}",
+                            WSCloseCode.POLICY_VIOLATION, logging.WARNING)
+            raise _bad_input(f"{msg.type.name.lower()} frame (Twilio sends only text)")
         try:
-            frame = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            raise self._protocol_error("frame is not JSON") from None
-        if not isinstance(frame, dict):
-            raise self._protocol_error("frame is not a JSON object")
-        return frame
+            return tw.decode(msg.data)
+        except tw.TwilioProtocolError as e:
+            raise _bad_input(str(e)) from None
 
-    def _protocol_error(self, what: str) -> _End:
-        return _End(f"bad frame from Twilio: {what}", WSCloseCode.POLICY_VIOLATION,
-                    logging.WARNING)
+    async def _watch_idle(self) -> None:
+        """One watchdog per call instead of a timer on every receive: a stream that sends
+        nothing for STREAM_IDLE_TIMEOUT (Twilio sends audio every 20 ms) is ended."""
+        limit = self.settings.stream_idle_timeout
+        step = min(5.0, limit / 4)
+        seen, quiet_since = self._received, time.monotonic()
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            if self._received != seen:
+                seen, quiet_since = self._received, now
+            elif now - quiet_since >= limit:
+                raise _fail(base.IDLE, f"no frames from Twilio for {limit:g} s",
+                            WSCloseCode.GOING_AWAY, logging.WARNING)
 
     # --- the relay: OpenAI -> Twilio ---
 
     async def _relay_openai(self) -> None:
         openai = self._openai
         assert openai is not None
-        send = self._twilio.send_frame
-        barge_in = self.barge_in
-        stream_sid = self.stream_sid
-        media, mark_frame = tw.media_frame, tw.mark_frame
-        handlers = self._handlers
-        logged = self._settings.log_event_types
+        receive = openai.receive
+        decode = oai.decode
+        delta_type = oai.AudioDelta
+        play = self.barge_in.play
+        record = self.record
         while True:
-            msg = await openai.receive()
+            msg = await receive()
             if msg.type is not TEXT:
-                if msg.type in _CLOSED:
-                    raise _End(f"OpenAI closed the session (code {openai.close_code})",
-                               WSCloseCode.INTERNAL_ERROR, logging.ERROR)
-                if msg.type is WSMsgType.ERROR:
-                    raise _End(f"OpenAI socket error: {msg.data}", WSCloseCode.INTERNAL_ERROR,
-                               logging.ERROR)
-                raise _End("OpenAI sent a non-text frame", WSCloseCode.INTERNAL_ERROR,
-                           logging.ERROR)
+                raise self._openai_lost(msg, openai)
             try:
-                event = orjson.loads(msg.data)
-                kind = event["type"]
-                if kind == "response.output_audio.delta":
-                    delta, item_id = event["delta"], event["item_id"]
-                    if type(delta) is not str:
-                        raise TypeError
-                    response_id = event.get("response_id")
-                    # Long deltas go out in pieces, each with its mark, so what the caller
-                    # heard is known to within MARK_CHARS of audio whatever the delta size.
-                    for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
-                        mark = barge_in.on_audio(response_id, item_id, decoded_length(piece))
-                        if mark is None:
-                            break
-                        await send(media(stream_sid, piece), TEXT)
-                        await send(mark_frame(stream_sid, mark), TEXT)
-                    self.frames_out += 1
-                    continue
-            except (ValueError, KeyError, TypeError) as e:
-                raise _End(f"malformed event from OpenAI: {type(e).__name__}",
-                           WSCloseCode.INTERNAL_ERROR, logging.ERROR) from None
-            if kind in logged and kind != "error":
-                self.log.info("openai %s %s", kind, _summary(event))
-            handler = handlers.get(kind)
-            if handler is not None:
-                await handler(event)
+                event = decode(msg.data)
+            except oai.OpenAIProtocolError as e:
+                raise _fail(base.OPENAI_ERROR, f"malformed event from OpenAI: {e}") from None
+            if type(event) is delta_type:
+                if await play(event):
+                    record.frames_out += 1
+                continue
+            await self._on_openai(event)
 
-    async def _on_speech_started(self, event: dict[str, Any]) -> None:
-        cut = self.barge_in.on_speech_started()
-        if cut is None:
-            return
-        await self._twilio.send_frame(tw.clear_frame(self.stream_sid), TEXT)
-        assert self._openai is not None
-        await self._openai.send_frame(oai.truncate(cut.item_id, cut.audio_end_ms), TEXT)
-        self.log.info("barge-in: cleared playback, truncated %s at %d ms",
-                      cut.item_id, cut.audio_end_ms)
+    def _openai_lost(self, msg: Any, openai: OpenAISocket) -> _End:
+        if msg.type in _CLOSED:
+            return _fail(base.OPENAI_ERROR, f"OpenAI closed the session (code {openai.close_code})")
+        if msg.type is WSMsgType.ERROR:
+            return _fail(base.OPENAI_ERROR, f"OpenAI socket error: {type(msg.data).__name__}: "
+                         f"{msg.data}")
+        return _fail(base.OPENAI_ERROR, "OpenAI sent a non-text frame")
 
-    async def _on_response_created(self, event: dict[str, Any]) -> None:
-        self.barge_in.on_response_created(str(_obj(event, "response").get("id")))
+    async def _on_openai(self, event: oai.OpenAIEvent) -> None:
+        kind = oai.type_of(event)
+        if kind in self._logged and kind != "error":
+            self.log.info("openai %s %s", kind, oai.describe(event))
+        if isinstance(event, oai.Error):
+            if event.fatal:
+                raise _fail(base.OPENAI_ERROR, f"OpenAI error {event.code}: {event.message}")
+            self.log.warning("OpenAI error %s: %s", event.code, event.message)
+        elif isinstance(event, oai.SessionUpdated):
+            await self._on_session_updated(event)
+        for feature in self._openai_dispatch.get(type(event), ()):
+            await feature.on_openai(event)
 
-    async def _on_response_done(self, event: dict[str, Any]) -> None:
-        response = _obj(event, "response")
-        self.barge_in.on_response_done(str(response.get("id")))
-        usage = _obj(response, "usage")
-        for key in self.usage:
-            value = usage.get(key)
-            if isinstance(value, int):
-                self.usage[key] += value
-
-    async def _on_session_updated(self, event: dict[str, Any]) -> None:
-        if self.session_ready_ms is not None:
-            return
-        self.session_ready_ms = (time.monotonic() - self.started) * 1000
-        audio = _obj(_obj(event, "session"), "audio")
-        formats = [_obj(_obj(audio, side), "format").get("type") for side in ("input", "output")]
+    async def _on_session_updated(self, event: oai.SessionUpdated) -> None:
+        formats = [event.input_format, event.output_format]
         if any(f not in (None, "audio/pcmu") for f in formats):
-            raise _End(f"OpenAI session is not in audio/pcmu (got {formats})",
-                       WSCloseCode.INTERNAL_ERROR, logging.ERROR)
-        self.log.info("session ready %.0f ms after the stream opened", self.session_ready_ms)
-
-    async def _on_error(self, event: dict[str, Any]) -> None:
-        code, message = oai.error_summary(event)
-        if oai.is_fatal(event):
-            raise _End(f"OpenAI error {code}: {message}", WSCloseCode.INTERNAL_ERROR,
-                       logging.ERROR)
-        self.log.warning("OpenAI error %s: %s", code, message)
-
-
-def _obj(parent: dict[str, Any], key: str) -> dict[str, Any]:
-    """parent[key] if it is an object, else {}: events from the network may be any shape."""
-    value = parent.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _summary(event: dict[str, Any]) -> str:
-    """A short, readable line for a logged event (never whole audio or output arrays)."""
-    if event.get("type") == "response.done":
-        response = _obj(event, "response")
-        usage = _obj(response, "usage")
-        reason = _obj(response, "status_details").get("reason")
-        return (f"status={response.get('status')}" + (f" reason={reason}" if reason else "")
-                + f" tokens in={usage.get('input_tokens')} out={usage.get('output_tokens')}")
-    if event.get("type") == "rate_limits.updated":
-        limits = event.get("rate_limits")
-        rows = [r for r in limits if isinstance(r, dict)] if isinstance(limits, list) else []
-        return " ".join(f"{r.get('name')}={r.get('remaining')}/{r.get('limit')}" for r in rows)
-    return " ".join(f"{k}={v}" for k, v in event.items()
-                    if k not in ("type", "event_id") and isinstance(v, (str, int, float)))[:300]
+            raise _fail(base.OPENAI_ERROR, f"OpenAI session is not in audio/pcmu (got {formats})")
+        if self._session_ready:
+            return
+        self._session_ready = True
+        self.record.session_ready_ms = (time.monotonic() - self.started) * 1000
+        self.log.info("session ready %.0f ms after the stream opened",
+                      self.record.session_ready_ms)
+        for feature in self.features:
+            await feature.on_session_ready(True)

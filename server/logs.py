@@ -67,6 +67,16 @@ class CallLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+def mask_number(number: str, show: bool = False) -> str:
+    """A phone number fit for an INFO line: `+1555***4567` (all of it when `show`, for
+    LOG_PII=true). Numbers are personal data; sip: URIs and short values are masked whole."""
+    if show or not number:
+        return number or "?"
+    if len(number) < 8:
+        return "***"
+    return f"{number[:5]}***{number[-4:]}"
+
+
 def setup_logging(level: str, fmt: str, secrets: Iterable[str]) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets))

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 from dotenv import load_dotenv
@@ -30,11 +31,23 @@ def main() -> None:
         sys.exit(2)
     _announce(settings, app[PROMPT].describe(), app[PROMPT].hosted)
     try:
-        asyncio.run(serve(app, settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(app, settings))
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e.strerror or e)
         sys.exit(1)
     log.info("stopped")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (Linux/macOS CPython: a faster loop for the relay), else
+    asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def serve(app: web.Application, settings: Settings) -> None:

@@ -66,7 +66,10 @@ def load_prompt(settings: Settings) -> Prompt:
         return _template("INSTRUCTIONS", None, "environment", settings.instructions, "INSTRUCTIONS")
     if (settings.prompts_dir / DEFAULT_PROMPT_ID).is_dir():
         return _load_file(settings.prompts_dir, DEFAULT_PROMPT_ID, None)
-    return _template("built-in", None, "built-in", DEFAULT_INSTRUCTIONS, "INSTRUCTIONS")
+    where = settings.prompts_dir.resolve()
+    return _template("built-in", None,
+                     f"built-in: no {DEFAULT_PROMPT_ID}/ prompt in {where}; set PROMPTS_DIR",
+                     DEFAULT_INSTRUCTIONS, "INSTRUCTIONS")
 
 
 def versions(prompts_dir: Path, prompt_id: str) -> list[str]:
@@ -81,7 +84,9 @@ def _load_file(prompts_dir: Path, prompt_id: str, version: str | None) -> Prompt
     available = versions(prompts_dir, prompt_id)
     if not available:
         raise ConfigError(
-            "PROMPT_ID", f"no prompt {prompt_id!r} in {prompts_dir} (expected {prompt_id}/1.md)"
+            "PROMPT_ID",
+            f"no prompt {prompt_id!r} in {prompts_dir.resolve()} (expected {prompt_id}/1.md; "
+            "PROMPTS_DIR sets the folder)",
         )
     if version is None or version == "latest":
         version = available[-1]

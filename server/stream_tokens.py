@@ -28,8 +28,28 @@ class StreamTokens:
         expires = int(self._clock() + self._ttl)
         return f"{expires}.{self._mac(call_sid, expires)}"
 
+    def verify(self, token: str | None, call_sid: str) -> str | None:
+        """None when the token was minted for this call and is unexpired; otherwise why not.
+        Single use is the shared state's job (`claim_token`), so it holds across a fleet."""
+        if not token:
+            return "no stream token"
+        expires_text, _, mac = token.partition(".")
+        if not expires_text.isdigit() or not mac:
+            return "malformed stream token"
+        expires = int(expires_text)
+        if not hmac.compare_digest(mac, self._mac(call_sid, expires)):
+            return "stream token does not match this call"
+        if expires < self._clock():
+            return "stream token expired"
+        return None
+
+    @staticmethod
+    def expires_at(token: str) -> float:
+        """The expiry (epoch seconds) written in a verified token."""
+        return float(token.partition(".")[0])
+
     def check(self, token: str | None, call_sid: str) -> str | None:
-        """None when the token is good (and now spent); otherwise why it is not."""
+        """`verify` plus single use within this process (no shared state)."""
         if not token:
             return "no stream token"
         expires_text, _, mac = token.partition(".")

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import base64
 
-from server.barge_in import MARK_CHARS, BargeIn, Interruption, decoded_length, split
+from server.features.barge_in import (
+    MARK_BYTES,
+    MARK_CHARS,
+    Interruption,
+    PlayState,
+    decoded_length,
+    split,
+)
+
+
+def send(state: PlayState, item: str, nbytes: int, marks: list[str]) -> None:
+    """One piece to the caller, collecting any mark that goes before it."""
+    mark = state.add(item, nbytes)
+    if mark is not None:
+        marks.append(mark)
 
 
 def test_decoded_length_matches_base64() -> None:
@@ -12,74 +26,99 @@ def test_decoded_length_matches_base64() -> None:
         assert decoded_length(base64.b64encode(bytes(n)).decode()) == n
 
 
+def test_a_mark_every_120_ms_and_at_the_end_of_an_item() -> None:
+    state, marks = PlayState(), []
+    for _ in range(13):  # 13 x 20 ms
+        send(state, "item1", 160, marks)
+    assert marks == ["1", "2"]  # before the 7th and the 13th piece: 120 ms each
+    end = state.flush()
+    assert end == "3" and state.flush() is None
+    state.on_mark("3")
+    assert not state.playing
+
+
 def test_nothing_playing_means_nothing_to_cut() -> None:
-    b = BargeIn()
-    assert b.on_speech_started() is None
-    mark = b.on_audio("r1", "item1", 800)
-    assert mark is not None
-    b.on_mark(mark)
-    assert not b.playing
-    assert b.on_speech_started() is None
+    state, marks = PlayState(), []
+    assert state.on_speech_started() is None
+    send(state, "item1", 800, marks)
+    mark = state.flush()
+    assert mark is not None and marks == []
+    state.on_mark(mark)
+    assert not state.playing
+    assert state.on_speech_started() is None
 
 
 def test_truncates_at_last_echoed_mark() -> None:
-    b = BargeIn()
-    b.on_response_created("r1")
-    marks = [b.on_audio("r1", "item1", 800) for _ in range(5)]  # 5 x 100 ms
-    assert all(marks)
-    b.on_mark(str(marks[1]))  # 200 ms played
-    assert b.on_speech_started() == Interruption("item1", 200)
-    assert b.interruptions == 1 and not b.playing
+    state, marks = PlayState(), []
+    state.on_response_created("r1")
+    for _ in range(5):  # 5 x 100 ms: a mark before each piece after the first
+        send(state, "item1", 800, marks)
+    assert len(marks) == 4
+    state.on_mark(marks[1])  # 200 ms played
+    assert state.on_speech_started() == Interruption("item1", 200)
+    assert state.interruptions == 1 and not state.playing
 
 
-def test_no_echo_yet_means_zero_heard() -> None:
-    b = BargeIn()
-    b.on_audio("r1", "item1", 800)
-    assert b.on_speech_started() == Interruption("item1", 0)
+def test_unmarked_audio_counts_as_playing() -> None:
+    state, marks = PlayState(), []
+    send(state, "item1", 800, marks)
+    assert marks == [] and state.playing
+    assert state.on_speech_started() == Interruption("item1", 0)
 
 
 def test_late_audio_of_interrupted_response_is_dropped() -> None:
-    b = BargeIn()
-    b.on_response_created("r1")
-    b.on_audio("r1", "item1", 160)
-    b.on_speech_started()
-    assert b.on_audio("r1", "item1", 160) is None
-    b.on_response_done("r1")
-    b.on_response_created("r2")
-    assert b.on_audio("r2", "item2", 160) is not None
+    state, marks = PlayState(), []
+    state.on_response_created("r1")
+    send(state, "item1", 160, marks)
+    state.on_speech_started()
+    assert state.dropped("r1")
+    state.on_response_done("r1")
+    state.on_response_created("r2")
+    assert not state.dropped("r2") and not state.dropped(None)
 
 
 def test_echoes_of_cleared_marks_are_ignored() -> None:
-    b = BargeIn()
-    b.on_response_created("r1")
-    old = [b.on_audio("r1", "item1", 800) for _ in range(3)]
-    b.on_speech_started()
-    b.on_response_done("r1")
-    b.on_response_created("r2")
-    new = b.on_audio("r2", "item2", 800)
+    state, old = PlayState(), []
+    state.on_response_created("r1")
+    for _ in range(3):
+        send(state, "item1", 800, old)
+    state.on_speech_started()
+    state.on_response_done("r1")
+    state.on_response_created("r2")
+    new: list[str] = []
+    send(state, "item2", 800, new)
     for name in old:  # Twilio echoes every cleared mark at once
-        b.on_mark(str(name))
-    assert b.playing  # the new item's audio is still unconfirmed
-    assert b.on_speech_started() == Interruption("item2", 0)
-    assert new is not None
+        state.on_mark(name)
+    assert state.playing  # the new item's audio is still unconfirmed
+    assert state.on_speech_started() == Interruption("item2", 0)
 
 
 def test_second_item_of_one_response() -> None:
-    b = BargeIn()
-    b.on_response_created("r1")
-    first = b.on_audio("r1", "itemA", 400)
-    b.on_audio("r1", "itemB", 400)
-    second = b.on_audio("r1", "itemB", 400)
-    b.on_mark(str(first))  # itemA fully heard, itemB not yet
-    assert b.on_speech_started() == Interruption("itemB", 0)
-    assert second is not None
+    state, marks = PlayState(), []
+    state.on_response_created("r1")
+    send(state, "itemA", 400, marks)
+    send(state, "itemB", 400, marks)  # a new item: itemA's audio gets its mark first
+    send(state, "itemB", 400, marks)
+    assert len(marks) == 1
+    state.on_mark(marks[0])  # itemA fully heard, itemB not yet
+    assert state.on_speech_started() == Interruption("itemB", 0)
+
+
+def test_truncation_is_clamped_to_audio_sent() -> None:
+    state, marks = PlayState(), []
+    send(state, "item1", MARK_BYTES, marks)
+    send(state, "item1", 80, marks)
+    state.on_mark(marks[0])
+    cut = state.on_speech_started()
+    assert cut == Interruption("item1", MARK_BYTES // 8)
 
 
 def test_foreign_mark_names_are_ignored() -> None:
-    b = BargeIn()
-    b.on_audio(None, "item1", 80)
-    b.on_mark("greeting-done")
-    assert b.playing
+    state, marks = PlayState(), []
+    send(state, "item1", 80, marks)
+    state.flush()
+    state.on_mark("greeting-done")
+    assert state.playing
 
 
 def test_split_keeps_base64_valid_and_whole() -> None:

@@ -72,4 +72,4 @@ def test_instructions_then_shipped_default(tmp_path: Path) -> None:
     assert shipped.id == "default" and shipped.version == "1"
     assert "{{" not in shipped.render({"caller": "a", "called": "b", "call_sid": "c"})
     builtin = load_prompt(settings(tmp_path))
-    assert builtin.source == "built-in" and builtin.render({})
+    assert builtin.source.startswith("built-in: no default/ prompt in ") and builtin.render({})

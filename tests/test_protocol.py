@@ -8,14 +8,15 @@ from dataclasses import replace
 import orjson
 
 from server.logs import JsonFormatter, TextFormatter
-from server.openai_protocol import SESSION_UPDATE_ID, is_fatal, realtime_url, session_update
+from server import openai_protocol as oai
+from server import twilio_protocol as tw
+from server.openai_protocol import SESSION_UPDATE_ID, realtime_url, session_update
 from server.prompts import Prompt
 from server.settings import Settings
 from server.twilio_protocol import (
     busy_twiml,
     clear_frame,
     connect_twiml,
-    is_base64,
     mark_frame,
     media_frame,
 )
@@ -41,7 +42,8 @@ def test_ga_session_update_defaults() -> None:
             "input": {"format": {"type": "audio/pcmu"}, "turn_detection": {
                 "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                 "silence_duration_ms": 500, "create_response": True,
-                "interrupt_response": True}},
+                "interrupt_response": True},
+                "transcription": {"model": "gpt-4o-mini-transcribe"}},
             "output": {"format": {"type": "audio/pcmu"}, "voice": "alloy"},
         },
     }
@@ -68,12 +70,60 @@ def test_hosted_prompt_replaces_instructions() -> None:
     assert "instructions" not in session
 
 
+def is_fatal(event: dict[str, object]) -> bool:
+    decoded = oai.decode(orjson.dumps(event))
+    assert isinstance(decoded, oai.Error)
+    return decoded.fatal
+
+
 def test_url_and_fatal_errors() -> None:
     assert realtime_url(BASE) == "wss://api.openai.com/v1/realtime?model=gpt-realtime-mini"
     assert is_fatal({"type": "error", "error": {"code": "session_expired"}})
     assert is_fatal({"type": "error", "error": {"code": "x", "event_id": SESSION_UPDATE_ID}})
     assert not is_fatal({"type": "error", "error": {"code": "invalid_value"}})
     assert not is_fatal({"type": "error"})
+
+
+def test_openai_events_decode_to_types() -> None:
+    def dec(event: dict[str, object]) -> oai.OpenAIEvent:
+        return oai.decode(orjson.dumps(event))
+
+    delta = dec({"type": "response.output_audio.delta", "response_id": "r", "item_id": "i",
+                 "delta": "AAAA"})
+    assert isinstance(delta, oai.AudioDelta) and delta.delta == "AAAA"
+    assert dec({"type": "session.updated", "session": {"audio": {
+        "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcm"}}
+    }}}) == oai.SessionUpdated("audio/pcmu", "audio/pcm")
+    done = dec({"type": "response.done", "response": {"id": "r2", "status": "completed",
+                "output": [{"type": "function_call", "id": "it", "call_id": "c1", "name": "f",
+                            "arguments": "{}"}, {"type": "message"}],
+                "usage": {"input_tokens": 3}}})
+    assert isinstance(done, oai.ResponseDone)
+    assert done.function_calls == (oai.FunctionCall("c1", "f", "{}", "r2", "it"),)
+    assert done.usage == {"input_tokens": 3}
+    assert dec({"type": "brand.new", "x": 1}) == oai.Other("brand.new", "x=1")
+    for bad in (b"nope", b"[]", b'{"type": 3}',
+                b'{"type": "response.output_audio.delta", "delta": 1, "item_id": "i"}'):
+        try:
+            oai.decode(bad)
+        except oai.OpenAIProtocolError:
+            continue
+        raise AssertionError(f"{bad!r} decoded")
+
+
+def test_twilio_frames_decode_to_types() -> None:
+    def dec(frame: dict[str, object]) -> tw.TwilioEvent:
+        return tw.decode(orjson.dumps(frame))
+
+    media = dec({"event": "media", "media": {"payload": "AAAA"}})
+    assert isinstance(media, tw.Media) and media.payload == "AAAA"
+    assert dec({"event": "mark", "mark": {"name": "7"}}) == tw.Mark("7")
+    assert dec({"event": "dtmf", "dtmf": {"digit": "5"}}) == tw.Dtmf("5")
+    assert dec({"event": "stop"}) == tw.Stop()
+    assert dec({"event": "what"}) == tw.Unknown("what")
+    start = dec({"event": "start", "start": {"streamSid": "MZ", "callSid": "CA",
+                                             "customParameters": {"a": 1}}})
+    assert start == tw.Start("MZ", "CA", "", {"a": "1"})
 
 
 def test_twilio_frames_have_exactly_the_accepted_keys() -> None:
@@ -84,18 +134,24 @@ def test_twilio_frames_have_exactly_the_accepted_keys() -> None:
     assert orjson.loads(clear_frame("MZ1")) == {"event": "clear", "streamSid": "MZ1"}
 
 
-def test_base64_check() -> None:
-    for good in ("", "AAAA", "AAA=", "AA==", "/+9a" * 54):
-        assert is_base64(good), good
-    for bad in ("A", "AAA", "A===", "AA=A", "AAAA====", "AA AA", 'AA"}', "AAA\n"):
-        assert not is_base64(bad), bad
-
-
 def test_twiml_escapes_and_caps_parameters() -> None:
-    xml = connect_twiml("wss://h/media-stream", {"caller": '<"&>', "long": "x" * 900}, "Bye")
+    xml = connect_twiml("wss://h/media-stream", {"caller": '<"&>', "long": "x" * 900},
+                        "https://h/connect-action")
     assert "&lt;&quot;&amp;&gt;" in xml
     assert "x" * 500 in xml and "x" * 501 not in xml
+    assert '<Connect action="https://h/connect-action" method="POST">' in xml
+    assert "<Say" not in xml  # what follows the stream is decided per call, by the action
     assert "<Hangup" in busy_twiml("busy")
+
+
+def test_decisions_become_twiml() -> None:
+    assert tw.decision_twiml(tw.HANGUP).endswith("<Response><Hangup /></Response>")
+    dial = tw.decision_twiml(tw.dial("+15550001111"))
+    assert "<Dial timeout=\"20\"><Number>+15550001111</Number></Dial><Hangup />" in dial
+    sip = tw.decision_twiml(tw.dial("sip:desk@example.com"))
+    assert "<Sip>sip:desk@example.com</Sip>" in sip
+    assert "<Say>Sorry</Say><Hangup />" in tw.decision_twiml(tw.say("Sorry"))
+    assert tw.Decision.from_dict(tw.dial("+1", "+2").to_dict()) == tw.dial("+1", "+2")
 
 
 def record(msg: str, **extra: object) -> logging.LogRecord:

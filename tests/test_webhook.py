@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server.app import CALLS, PROMPT, SETTINGS, create_app
-from server.call import Call, CallDeps
+from server import app as app_module
+from server.app import STATE, create_app
 from server.settings import Settings
-from server.twilio_protocol import compute_signature
+from server.twilio_protocol import HANGUP, compute_signature, dial
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -26,12 +28,14 @@ def settings(**kw: Any) -> Settings:
 
 
 def stream_of(body: str) -> tuple[str, dict[str, str], str]:
+    """(stream URL, parameters, the <Connect action> URL)."""
     root = ET.fromstring(body)
+    connect = root.find("./Connect")
     stream = root.find("./Connect/Stream")
-    assert stream is not None, body
+    assert connect is not None and stream is not None, body
     params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-    say = root.find("./Say")
-    return stream.get("url", ""), params, say.text if say is not None and say.text else ""
+    assert root.find("./Say") is None  # what follows is decided per call by the action
+    return stream.get("url", ""), params, connect.get("action", "")
 
 
 async def test_twiml_connects_the_stream(aiohttp_client: MakeClient) -> None:
@@ -39,11 +43,11 @@ async def test_twiml_connects_the_stream(aiohttp_client: MakeClient) -> None:
     resp = await client.post("/incoming-call", data=FORM)
     assert resp.status == 200
     assert resp.content_type == "application/xml"
-    url, params, say = stream_of(await resp.text())
+    url, params, action = stream_of(await resp.text())
     assert url == f"ws://{client.host}:{client.port}/media-stream"
     assert "?" not in url
     assert params == {"caller": FORM["From"], "called": FORM["To"]}
-    assert say  # the fallback Twilio speaks if the stream ends abnormally
+    assert action == f"http://{client.host}:{client.port}/connect-action"
 
 
 async def test_get_works_too(aiohttp_client: MakeClient) -> None:
@@ -83,14 +87,50 @@ async def test_signature_required_when_token_set(aiohttp_client: MakeClient) -> 
 
 
 async def test_max_calls_answers_busy(aiohttp_client: MakeClient) -> None:
-    app = create_app(settings(max_calls=1))
-    client = await aiohttp_client(app)
-    live = Call(CallDeps(app[SETTINGS], client.session, app[PROMPT], None),
-                web.WebSocketResponse(), peer="test")
-    app[CALLS].add(live)  # one call in progress
-    root = ET.fromstring(await (await client.post("/incoming-call", data=FORM)).text())
-    assert root.find("./Connect") is None
+    client = await aiohttp_client(create_app(settings(max_calls=1)))
+    first = await (await client.post("/incoming-call", data=FORM)).text()
+    stream_of(first)  # the first call's reservation holds the only slot ...
+    other = {**FORM, "CallSid": "CA" + "3" * 32}
+    root = ET.fromstring(await (await client.post("/incoming-call", data=other)).text())
+    assert root.find("./Connect") is None  # ... so a second caller hears "busy"
     assert root.find("./Hangup") is not None
+    again = await (await client.post("/incoming-call", data=FORM)).text()
+    stream_of(again)  # Twilio retrying the same call is not a second call
+
+
+async def test_connect_action_follows_the_decision(
+    aiohttp_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "DECISION_WAIT", 0.3)
+    client = await aiohttp_client(create_app(settings(twilio_auth_token="tw-secret",
+                                                      public_url="https://pub.example",
+                                                      fallback_message="Sorry!")))
+    state = client.app[STATE]
+
+    async def action(call_sid: str, status: str = "in-progress", sign: bool = True) -> str:
+        form = {"CallSid": call_sid, "CallStatus": status, "From": "+1", "To": "+2"}
+        url = "https://pub.example/connect-action"
+        headers = {"X-Twilio-Signature": compute_signature("tw-secret", url, form)} if sign \
+            else {}
+        resp = await client.post("/connect-action", data=form, headers=headers)
+        assert resp.status == (200 if sign else 403)
+        return await resp.text()
+
+    await action("CA1", sign=False)  # forged: 403
+    await state.put_decision("CA1", HANGUP.to_dict(), 60)
+    assert (await action("CA1")).endswith("<Response><Hangup /></Response>")
+    await state.put_decision("CA2", dial("+15550001111").to_dict(), 60)
+    assert "<Number>+15550001111</Number>" in await action("CA2")
+    # The stream has not finished closing yet: the answer waits for the decision.
+    waiting = asyncio.create_task(action("CA3"))
+    await asyncio.sleep(0)
+    await state.put_decision("CA3", dial("sip:desk@example.com").to_dict(), 60)
+    assert "<Sip>sip:desk@example.com</Sip>" in await waiting
+    # A call the bridge never heard of: the fallback, then hang up.
+    unknown = await action("CA" + "9" * 32)
+    assert "<Say>Sorry!</Say><Hangup />" in unknown
+    # The caller has hung up already: nothing to instruct.
+    assert (await action("CA2", status="completed")).endswith("<Hangup /></Response>")
 
 
 async def test_status(aiohttp_client: MakeClient) -> None:

@@ -1,0 +1,254 @@
+"""Barge-in: the assistant's audio on its way to the caller, what the caller has heard of it, and
+what to cut when they talk over it.
+
+Twilio plays our audio from a buffer and echoes a mark once the audio sent before it has played:
+marks are the only server-side signal of what the caller heard. We send a mark once 120 ms of
+unmarked audio has gone out (before the piece that would take it past 120 ms) and at the end of
+each audio item, and remember how far into its item each mark reaches. When the caller starts
+speaking while marks are pending, audio is still playing: clear Twilio's buffer and truncate the
+playing item at the last echoed mark, so the model's memory of the conversation matches what the
+caller actually heard (mu-law at 8 kHz: 8 bytes per millisecond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from aiohttp import WSMsgType
+
+from server import openai_protocol as oai
+from server import twilio_protocol as tw
+from server.features.base import BargedIn, CallControl, Feature, ReplyAudioStarted
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+BYTES_PER_MS = 8
+MARK_EVERY_MS = 120  # most audio sent without a mark: the precision of a truncation
+MARK_BYTES = MARK_EVERY_MS * BYTES_PER_MS
+MARK_CHARS = MARK_BYTES // 3 * 4  # as base64; a multiple of 4 chars
+TEXT = WSMsgType.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    """What to do about a barge-in: the item to truncate and how much of it was heard."""
+
+    item_id: str
+    audio_end_ms: int
+
+
+def split(b64: str) -> list[str]:
+    """Cut base64 into MARK_CHARS pieces; each is valid base64 (4 chars = 3 bytes), so a long
+    delta can be sent in marked pieces without decoding it."""
+    return [b64[i:i + MARK_CHARS] for i in range(0, len(b64), MARK_CHARS)]
+
+
+def decoded_length(b64: str) -> int:
+    """Bytes a base64 string decodes to, without decoding it."""
+    n = len(b64)
+    if n and b64[-1] == "=":
+        return n // 4 * 3 - (2 if b64[-2] == "=" else 1)
+    return n // 4 * 3
+
+
+class PlayState:
+    """The arithmetic, with no I/O: every method is synchronous and cheap."""
+
+    __slots__ = (
+        "_dropping",
+        "_heard",
+        "_heard_item",
+        "_item",
+        "_next",
+        "_pending",
+        "_response",
+        "_sent",
+        "_unmarked",
+        "interruptions",
+    )
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[int, str, int]] = deque()  # (mark, item id, item bytes sent)
+        self._next = 0
+        self._item: str | None = None  # the item whose audio we are sending
+        self._sent = 0  # bytes of that item sent to Twilio
+        self._unmarked = 0  # bytes sent since the last mark
+        self._heard_item: str | None = None
+        self._heard = 0  # bytes of _heard_item the caller has heard (last echoed mark)
+        self._response: str | None = None  # the response being generated, if any
+        self._dropping: str | None = None  # a response cut by barge-in: drop its late audio
+        self.interruptions = 0
+
+    @property
+    def playing(self) -> bool:
+        """Audio sent to Twilio that it has not confirmed playing."""
+        return bool(self._pending) or self._unmarked > 0
+
+    def on_response_created(self, response_id: str) -> None:
+        self._response = response_id
+
+    def on_response_done(self, response_id: str) -> None:
+        if self._response == response_id:
+            self._response = None
+        if self._dropping == response_id:
+            self._dropping = None
+
+    def dropped(self, response_id: str | None) -> bool:
+        """Audio of a response cut by barge-in: stale, never sent."""
+        return response_id is not None and response_id == self._dropping
+
+    def add(self, item_id: str, nbytes: int) -> str | None:
+        """Account for a piece about to be sent; return a mark to send *before* it (covering
+        the audio already sent) when one is due."""
+        mark = None
+        if item_id != self._item:
+            mark = self.flush()
+            self._item = item_id
+            self._sent = 0
+        elif self._unmarked and self._unmarked + nbytes > MARK_BYTES:
+            mark = self.flush()
+        self._sent += nbytes
+        self._unmarked += nbytes
+        return mark
+
+    def flush(self) -> str | None:
+        """A mark for the audio sent since the last one (end of an item), if any."""
+        if not self._unmarked or self._item is None:
+            return None
+        self._next += 1
+        self._pending.append((self._next, self._item, self._sent))
+        self._unmarked = 0
+        return str(self._next)
+
+    def on_mark(self, name: str) -> None:
+        """Twilio echoed a mark: everything up to it has played (older marks included)."""
+        try:
+            number = int(name)
+        except ValueError:
+            return  # not ours
+        pending = self._pending
+        while pending and pending[0][0] <= number:
+            mark, item_id, offset = pending.popleft()
+            if mark == number:
+                self._heard_item, self._heard = item_id, offset
+        # Echoes of marks we cleared find nothing pending: they are ignored by construction.
+
+    def on_speech_started(self) -> Interruption | None:
+        """The caller started talking. Returns the truncation to send (after clearing Twilio),
+        or None when nothing is playing."""
+        if self._response is not None:
+            # The service cancels it (interrupt_response); audio still in flight is stale.
+            self._dropping = self._response
+        if not self.playing:
+            return None
+        item_id = self._pending[0][1] if self._pending else self._item
+        assert item_id is not None
+        offsets = [offset for _, item, offset in self._pending if item == item_id]
+        if item_id == self._item:
+            offsets.append(self._sent)
+        heard = self._heard if self._heard_item == item_id else 0
+        self._pending.clear()
+        self._item = None
+        self._unmarked = 0
+        self.interruptions += 1
+        return Interruption(item_id, min(heard, max(offsets)) // BYTES_PER_MS)
+
+
+class BargeIn(Feature):
+    """Owns the outbound audio path: the call hands it every delta (`play`, the fast path),
+    and it owns marks, clear and truncate."""
+
+    name = "barge_in"
+    twilio_events: ClassVar[tuple[type, ...]] = (tw.Mark,)
+    openai_events: ClassVar[tuple[type, ...]] = (
+        oai.SpeechStarted, oai.ResponseCreated, oai.ResponseDone, oai.AudioDone)
+
+    def __init__(self, call: CallControl) -> None:
+        super().__init__(call)
+        self.state = PlayState()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started: set[str] = set()  # responses whose first audio went out
+        self._send: Callable[[bytes, WSMsgType], Awaitable[None]] | None = None
+        self.audio_hooks: list[Callable[[str], None]] = []
+
+    def attach(self, send: Callable[[bytes, WSMsgType], Awaitable[None]]) -> None:
+        """The raw Twilio send (the call gives it once the stream has started)."""
+        self._send = send
+
+    @property
+    def idle(self) -> bool:
+        return not self.state.playing
+
+    async def wait_played(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def play(self, event: oai.AudioDelta) -> bool:
+        """Send one delta to the caller (split and marked); False if it was dropped."""
+        state = self.state
+        if state.dropped(event.response_id):
+            return False
+        send = self._send
+        assert send is not None
+        sid = self.call.stream_sid
+        item_id, delta = event.item_id, event.delta
+        key = event.response_id or item_id
+        if key not in self._started:
+            self._started.add(key)
+            self.call.notify(ReplyAudioStarted(event.response_id, item_id))
+        self._idle.clear()
+        for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
+            mark = state.add(item_id, decoded_length(piece))
+            if mark is not None:
+                await send(tw.mark_frame(sid, mark), TEXT)
+            await send(tw.media_frame(sid, piece), TEXT)
+            for hook in self.audio_hooks:
+                hook(piece)
+        return True
+
+    async def _flush(self) -> None:
+        mark = self.state.flush()
+        if mark is not None and self._send is not None:
+            await self._send(tw.mark_frame(self.call.stream_sid, mark), TEXT)
+
+    def _check_idle(self) -> None:
+        if not self.state.playing:
+            self._idle.set()
+
+    async def on_twilio(self, event: tw.TwilioEvent) -> None:
+        if isinstance(event, tw.Mark):
+            self.state.on_mark(event.name)
+            self._check_idle()
+
+    async def on_openai(self, event: oai.OpenAIEvent) -> None:
+        if isinstance(event, oai.AudioDone):
+            await self._flush()
+        elif isinstance(event, oai.ResponseCreated):
+            self.state.on_response_created(event.response_id)
+        elif isinstance(event, oai.ResponseDone):
+            await self._flush()
+            self.state.on_response_done(event.response_id)
+            self._started.discard(event.response_id)
+            self._check_idle()
+        elif isinstance(event, oai.SpeechStarted):
+            await self._on_speech_started()
+
+    async def _on_speech_started(self) -> None:
+        cut = self.state.on_speech_started()
+        self._check_idle()
+        if cut is None:
+            return
+        await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
+        await self.call.send_to_model(oai.truncate(cut.item_id, cut.audio_end_ms))
+        self.call.log.info("barge-in: cleared playback, truncated %s at %d ms",
+                           cut.item_id, cut.audio_end_ms)
+        self.call.notify(BargedIn(cut.item_id, cut.audio_end_ms))

@@ -1,0 +1,124 @@
+"""One call's record: who, when, how it ended, what was said, how fast, what it used.
+
+The call owns one `CallRecord`; features add to it (timeline entries, latencies, usage); the
+records store (server/records/) saves `to_dict()`. Counters that the relay bumps per frame are
+plain ints on the record so the hot path pays one attribute increment.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
+
+
+def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Sum OpenAI's usage object into `total`, keeping its field names and nesting."""
+    for key, value in usage.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            total[key] = int(total.get(key, 0)) + value
+        elif isinstance(value, dict):
+            inner = total.get(key)
+            if not isinstance(inner, dict):
+                inner = total[key] = {}
+            add_usage(inner, value)
+
+
+@dataclass
+class CallRecord:
+    call_sid: str = ""
+    stream_sid: str = ""
+    caller: str = ""
+    called: str = ""
+    direction: str = "inbound"
+    model: str = ""
+    prompt: str = ""
+    started_at: datetime = field(default_factory=utc_now)
+    ended_at: datetime | None = None
+    end_kind: str | None = None  # metric label: caller_hung_up, assistant_ended, ...
+    end_reason: str | None = None  # the readable line
+    frames_in: int = 0
+    frames_out: int = 0  # deltas relayed to the caller (dropped ones are not counted)
+    barge_ins: int = 0
+    session_ready_ms: float | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    cost_usd: float | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    recording: str | None = None
+    _t0: float = field(default_factory=time.monotonic, repr=False)
+    version: int = 0  # bumped on every change a store should write
+
+    def elapsed(self) -> float:
+        """Seconds since the call started (monotonic)."""
+        return time.monotonic() - self._t0
+
+    def add(self, kind: str, **data: Any) -> dict[str, Any]:
+        """Append a timeline entry (caller/assistant turn, keypad, tool, session, note)."""
+        entry = {"at": round(self.elapsed(), 3), "kind": kind, **data}
+        self.timeline.append(entry)
+        self.version += 1
+        return entry
+
+    def insert(self, at: float, kind: str, **data: Any) -> dict[str, Any]:
+        """A timeline entry for a moment already past (a caller turn is transcribed after the
+        assistant may have answered it): kept in `at` order."""
+        entry = {"at": round(at, 3), "kind": kind, **data}
+        index = len(self.timeline)
+        while index > 0 and self.timeline[index - 1]["at"] > entry["at"]:
+            index -= 1
+        self.timeline.insert(index, entry)
+        self.version += 1
+        return entry
+
+    def touch(self) -> None:
+        """Mark the record changed (after editing an entry or a counter in place)."""
+        self.version += 1
+
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        add_usage(self.usage, usage)
+        self.version += 1
+
+    @property
+    def duration(self) -> float:
+        end = self.ended_at or utc_now()
+        return round((end - self.started_at).total_seconds(), 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "call_sid": self.call_sid,
+            "stream_sid": self.stream_sid,
+            "from": self.caller,
+            "to": self.called,
+            "direction": self.direction,
+            "model": self.model,
+            "prompt": self.prompt,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "duration_seconds": self.duration,
+            "end_kind": self.end_kind,
+            "end_reason": self.end_reason,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "barge_ins": self.barge_ins,
+            "session_ready_ms": (round(self.session_ready_ms, 1)
+                                 if self.session_ready_ms is not None else None),
+            "latencies_ms": [round(x, 1) for x in self.latencies_ms],
+            "usage": self.usage,
+            "cost_usd": self.cost_usd,
+            "timeline": self.timeline,
+            "sessions": self.sessions,
+            "recording": self.recording,
+        }

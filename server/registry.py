@@ -1,0 +1,145 @@
+"""Live calls: reserved at the webhook, claimed at the stream, counted, drained and closed.
+
+The registry is the app's `CallHooks`: it admits a stream (single-use token, capacity), tells
+observers (records, metrics) when a call starts and ends, and writes the call's decision for the
+`<Connect action>` request into the shared state, which may be read by another instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode
+
+from server import twilio_protocol as tw
+from server.features import base
+from server.features.base import Ending
+from server.shared_state import SharedState
+from server.stream_tokens import StreamTokens
+
+if TYPE_CHECKING:
+    from server.call import Call
+    from server.settings import Settings
+
+log = logging.getLogger("server.registry")
+
+DECISION_TTL = 600.0  # Twilio asks for the action within seconds of the stream closing
+
+
+class CallObserver:
+    """Something that follows every call (records writer, metrics); override what you need."""
+
+    def call_started(self, call: Call) -> None:
+        """The call is relaying (its record has its call_sid)."""
+
+    def call_ended(self, call: Call, ending: Ending) -> None:
+        """The call is over; its record is final. Must not block."""
+
+
+class CallRegistry:
+    def __init__(self, settings: Settings, state: SharedState) -> None:
+        self._settings = settings
+        self.state = state
+        self.calls: set[Call] = set()
+        self.observers: list[CallObserver] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        # What a call's shutdown ending should be (drain: the fallback; handover: reconnect).
+        self.shutdown_ending: Callable[[Call], Awaitable[Ending]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def find(self, call_sid: str) -> Call | None:
+        for call in self.calls:
+            if call.call_sid == call_sid:
+                return call
+        return None
+
+    # --- the webhook ---
+
+    async def reserve(self, call_sid: str) -> bool:
+        """Hold a slot for a call about to stream; False at MAX_CALLS (fleet-wide with Redis).
+        The reservation lapses if no stream claims it within the stream token's lifetime."""
+        if self.draining:
+            return False
+        return await self.state.reserve(call_sid, self._settings.max_calls,
+                                        self._settings.stream_token_ttl)
+
+    # --- CallHooks ---
+
+    def add(self, call: Call) -> None:
+        self.calls.add(call)
+        self._idle.clear()
+
+    def discard(self, call: Call) -> None:
+        self.calls.discard(call)
+        if not self.calls:
+            self._idle.set()
+
+    async def admit(self, call: Call, token: str | None) -> str | None:
+        if token is not None and not await self.state.claim_token(
+                token, StreamTokens.expires_at(token)):
+            return "stream token already used"
+        await self.state.claim(call.call_sid)
+        return None
+
+    def started(self, call: Call) -> None:
+        for observer in self.observers:
+            try:
+                observer.call_started(call)
+            except Exception:
+                log.exception("observer failed at the start of call %s", call.call_sid)
+
+    async def ended(self, call: Call, ending: Ending) -> None:
+        decision = ending.decision
+        if decision is None:
+            decision = tw.say(self._settings.fallback_message)
+        try:
+            await self.state.put_decision(call.call_sid, decision.to_dict(), DECISION_TTL)
+        finally:
+            await self.state.release(call.call_sid)
+            for observer in self.observers:
+                try:
+                    observer.call_ended(call, ending)
+                except Exception:
+                    log.exception("observer failed at the end of call %s", call.call_sid)
+
+    # --- shutdown ---
+
+    async def wait_idle(self, seconds: float, interrupt: asyncio.Event) -> None:
+        """Let live calls finish on their own, for up to `seconds` or until `interrupt`."""
+        if not self.calls or seconds <= 0:
+            return
+        log.info("shutting down: waiting up to %g s for %d call(s) to end", seconds,
+                 len(self.calls))
+        waiters = [asyncio.ensure_future(self._idle.wait()),
+                   asyncio.ensure_future(interrupt.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def close_all(self, grace: float) -> None:
+        """End every live call (GOING_AWAY and the fallback, or a handover) and wait for them."""
+        if not self.calls:
+            return
+        log.info("shutting down: ending %d call(s)", len(self.calls))
+        for call in list(self.calls):
+            ending = None
+            if self.shutdown_ending is not None:
+                try:
+                    ending = await self.shutdown_ending(call)
+                except Exception:
+                    log.exception("preparing the handover of %s failed", call.call_sid)
+            call.shutdown(ending or Ending(base.SHUTDOWN, "server shutting down", None,
+                                           WSCloseCode.GOING_AWAY))
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("%d call(s) did not end within %g s", len(self.calls), grace)
