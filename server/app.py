@@ -14,12 +14,19 @@ from aiohttp import web
 from server import NAME, __version__
 from server import twilio_protocol as tw
 from server.call import Call, CallDeps, FeatureFactory
+from server.features import greeting, keypad
+from server.features import tools as tools_feature
+from server.features.base import Ending
+from server.metrics import Metrics
+from server.metrics import add_routes as add_metric_routes
 from server.logs import mask_number
 from server.prompts import Prompt, load_prompt
-from server.registry import CallRegistry
+from server.records.service import Records
+from server.registry import CallObserver, CallRegistry
 from server.settings import Settings
 from server.shared_state import SharedState, open_state
 from server.stream_tokens import StreamTokens
+from server.toolbox import load_toolbox
 
 log = logging.getLogger("server.app")
 
@@ -30,6 +37,9 @@ STATE = web.AppKey("state", SharedState)
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
 FEATURES: web.AppKey[list[FeatureFactory]] = web.AppKey("features")
+RECORDS = web.AppKey("records", Records)
+METRICS = web.AppKey("metrics", Metrics)
+TOOLS_DESCRIPTION = web.AppKey("tools_description", str)
 
 TWILIO_MAX_MSG = 64 * 1024  # a 20 ms media frame is ~300 bytes; anything near this is not Twilio
 ACTION_PATH = "/connect-action"
@@ -37,19 +47,39 @@ _SHUTDOWN_GRACE = 2.0
 DECISION_WAIT = 3.0  # the action request may arrive before the call's clean-up has finished
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the app; raises ConfigError if the configured prompt or features cannot load."""
+def create_app(settings: Settings, state: SharedState | None = None) -> web.Application:
+    """Build the app; raises ConfigError if the configured prompt or features cannot load.
+
+    `state`: a shared state the caller owns (tests run two apps as one fleet on it); by default
+    the app opens its own (memory, or Redis with REDIS_URL)."""
     app = web.Application()
     app[SETTINGS] = settings
+    if state is not None:
+        app[STATE] = state
     app[PROMPT] = load_prompt(settings)
     app[TOKENS] = (
         StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl)
         if settings.twilio_auth_token
         else None
     )
-    app[FEATURES] = []
+    toolbox = load_toolbox(settings)
+    records = app[RECORDS] = Records(settings)
+    metrics = app[METRICS] = Metrics()
+    app[FEATURES] = [f for f in (
+        greeting.factory(settings),
+        keypad.factory(settings),
+        tools_feature.factory(settings, toolbox),
+        *records.features(),
+        metrics.feature,
+    ) if f is not None]
+    app[TOOLS_DESCRIPTION] = toolbox.describe()
+    records.add_routes(app)
+    add_metric_routes(app, metrics, token=settings.metrics_token,
+                      draining=lambda: REGISTRY in app and app[REGISTRY].draining,
+                      ping=lambda: _ready(app))
     app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_records)
     app.on_shutdown.append(_end_calls)
     app.router.add_get("/", status)
     app.router.add_route("GET", "/incoming-call", incoming_call)
@@ -61,13 +91,50 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _shared_state(app: web.Application) -> AsyncIterator[None]:
     """Tokens, capacity and decisions: in memory, or in Redis for a fleet (REDIS_URL)."""
-    state = await open_state(app[SETTINGS])
+    owned = STATE not in app
+    state = await open_state(app[SETTINGS]) if owned else app[STATE]
     app[STATE] = state
-    app[REGISTRY] = CallRegistry(app[SETTINGS], state)
+    registry = app[REGISTRY] = CallRegistry(app[SETTINGS], state)
+    if app[SETTINGS].shutdown_mode == "handover":
+        registry.shutdown_ending = registry.hand_over
     try:
         yield
     finally:
-        await state.close()
+        if owned:
+            await state.close()
+
+
+async def _records(app: web.Application) -> AsyncIterator[None]:
+    """The records store, its writer and the call webhook; closed (every record flushed) after
+    the calls have ended and before the client session closes."""
+    records = app[RECORDS]
+    await records.open(app[DEPS].http)
+    registry = app[REGISTRY]
+    registry.observers.append(_RecordsObserver(records, app[METRICS]))
+    try:
+        yield
+    finally:
+        await records.close()
+
+
+class _RecordsObserver(CallObserver):
+    def __init__(self, records: Records, metrics: Metrics) -> None:
+        self._records, self._metrics = records, metrics
+
+    def call_started(self, call: Call) -> None:
+        self._records.writer.track(call.record)
+
+    def call_ended(self, call: Call, ending: Ending) -> None:
+        if not call.features_built:  # refused before its features existed: count it here
+            self._metrics.call_ended(call.record, ending.kind)
+        self._records.writer.finish(call.record)
+
+
+async def _ready(app: web.Application) -> bool:
+    """For /readyz: the records store and the shared state both answer."""
+    if STATE in app and not await app[STATE].ping():
+        return False
+    return await app[RECORDS].store.ping()
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -146,9 +213,12 @@ async def _signed_form(request: web.Request, what: str) -> dict[str, str]:
     return {**request.query, **params}
 
 
-def _stream_twiml(request: web.Request, call_sid: str, caller: str, called: str) -> str:
+def _stream_twiml(request: web.Request, call_sid: str, caller: str, called: str,
+                  resume: bool = False) -> str:
     settings = request.app[SETTINGS]
     parameters = {"caller": caller, "called": called}
+    if resume:
+        parameters["resume"] = "1"
     tokens = request.app[TOKENS]
     if tokens is not None:
         parameters["token"] = tokens.mint(call_sid)
@@ -189,7 +259,7 @@ async def connect_action(request: web.Request) -> web.Response:
     log.info("connect action for %s: %s", call_sid or "?", decision.action)
     if decision.action == "reconnect":
         return _twiml(_stream_twiml(request, call_sid, str(fields.get("From", "")),
-                                    str(fields.get("To", ""))))
+                                    str(fields.get("To", "")), resume=True))
     return _twiml(tw.decision_twiml(decision))
 
 

@@ -27,9 +27,10 @@ from server import twilio_protocol as tw
 from server.features import base
 from server.features.barge_in import BargeIn
 from server.features.base import Ending, Feature
+from server.features.reconnect import GapBuffer, conversation_items
 from server.logs import CallLog, mask_number
 from server.prompts import Prompt
-from server.record import CallRecord, utc_now
+from server.record import CallRecord, iso, utc_now
 from server.settings import Settings
 from server.stream_tokens import StreamTokens
 
@@ -43,6 +44,7 @@ _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 OPENAI_MAX_MSG = 16 * 1024 * 1024
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
 _CLOSE_WITHIN = 1.0
+RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 _HANDSHAKE_HINTS = {
     401: "check OPENAI_API_KEY",
     403: "the key has no access to the Realtime API",
@@ -56,6 +58,10 @@ class CallHooks(Protocol):
 
     async def admit(self, call: Call, token: str | None) -> str | None:
         """The stream started: claim its token and capacity. A reason to refuse, or None."""
+
+    async def resume(self, call: Call) -> dict[str, Any] | None:
+        """A call handed over from another instance: its saved context (restores the record),
+        or None if there is none."""
 
     def started(self, call: Call) -> None:
         """The model session is open and the call is relaying."""
@@ -74,6 +80,23 @@ class CallDeps:
     tokens: StreamTokens | None
     hooks: CallHooks | None = None
     features: Sequence[FeatureFactory] = field(default_factory=tuple)
+
+
+class _ModelLost(Exception):
+    """The model session is gone (socket closed, heartbeat missed, session_expired); a new one
+    may continue the call."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _close_quietly(ws: OpenAISocket) -> None:
+    try:
+        async with asyncio.timeout(_CLOSE_WITHIN):
+            await ws.close()
+    except (TimeoutError, ConnectionError, aiohttp.ClientError):
+        pass
 
 
 class _End(Exception):
@@ -104,6 +127,11 @@ class Call:
         self.http = deps.http
         self._twilio = twilio
         self._openai: OpenAISocket | None = None
+        # Where caller audio goes: the model socket's send_frame, or a GapBuffer while a new
+        # session is being opened. Rebound, never checked, on the media fast path.
+        self._model_send: Callable[[bytes, WSMsgType], Awaitable[None]] | None = None
+        self._gap: GapBuffer | None = None
+        self._resumed: dict[str, Any] | None = None  # context of a call handed over to us
         self._relays: list[asyncio.Task[None]] = []
         self._owned: set[asyncio.Task[None]] = set()
         self.log = CallLog(log, {"peer": peer})
@@ -125,6 +153,7 @@ class Call:
         self._notice_dispatch: dict[type, list[Feature]] = {}
         self._logged = deps.settings.log_event_types
         self.ending: Ending | None = None
+        self.features_built = False
 
     # --- CallControl ---
 
@@ -210,8 +239,13 @@ class Call:
                                  "stream_sid": start.stream_sid})
         await self._or_ended(self._admit(start))
         self._build_features()
+        hooks = self._deps.hooks
+        if start.parameters.get("resume") and hooks is not None:
+            self._resumed = await hooks.resume(self)
         self._openai = await self._or_ended(self._connect_openai())
-        await self._openai.send_frame(self._session_update(), TEXT)
+        self._model_send = self._openai.send_frame
+        await self._start_session(self._openai)
+        self._begin_session("call started" if self._resumed is None else "handed over")
         self.barge_in.attach(self._twilio.send_frame)
         show = self.settings.log_pii
         self.log.info("call started: caller=%s called=%s", mask_number(self.caller, show),
@@ -221,7 +255,7 @@ class Call:
         loop = asyncio.get_running_loop()
         self._relays = [
             loop.create_task(self._guard(self._relay_twilio()), name="relay-twilio"),
-            loop.create_task(self._guard(self._relay_openai()), name="relay-openai"),
+            loop.create_task(self._guard(self._model_loop()), name="relay-openai"),
             loop.create_task(self._guard(self._watch_idle()), name="idle-watchdog"),
         ]
         assert self._ending is not None
@@ -347,6 +381,7 @@ class Call:
                         WSCloseCode.POLICY_VIOLATION, logging.WARNING)
 
     def _build_features(self) -> None:
+        self.features_built = True
         for factory in self._deps.features:
             feature = factory(self)
             if feature is not None:
@@ -395,8 +430,6 @@ class Call:
 
     async def _relay_twilio(self) -> None:
         receive = self._twilio.receive
-        assert self._openai is not None
-        send = self._openai.send_frame
         append = oai.append_audio
         decode = tw.decode
         media = tw.Media
@@ -414,7 +447,11 @@ class Call:
                 raise _bad_input(str(e)) from None
             if type(event) is media:
                 payload = event.payload
-                await send(append(payload), TEXT)
+                frame = append(payload)
+                try:
+                    await self._model_send(frame, TEXT)  # type: ignore[misc]
+                except ConnectionError:  # the model socket just died: keep it for the next
+                    await self._begin_gap().send(frame)
                 record.frames_in += 1
                 for hook in hooks:
                     hook(payload)
@@ -459,9 +496,16 @@ class Call:
 
     # --- the relay: OpenAI -> Twilio ---
 
-    async def _relay_openai(self) -> None:
-        openai = self._openai
-        assert openai is not None
+    async def _model_loop(self) -> None:
+        """Relays the model session; when it is lost, opens a new one (or ends the call)."""
+        while True:
+            assert self._openai is not None
+            try:
+                await self._relay_openai(self._openai)
+            except _ModelLost as lost:
+                await self._reconnect(lost.reason)
+
+    async def _relay_openai(self, openai: OpenAISocket) -> None:
         receive = openai.receive
         decode = oai.decode
         delta_type = oai.AudioDelta
@@ -481,26 +525,27 @@ class Call:
                 continue
             await self._on_openai(event)
 
-    def _openai_lost(self, msg: Any, openai: OpenAISocket) -> _End:
+    def _openai_lost(self, msg: Any, openai: OpenAISocket) -> Exception:
         if msg.type in _CLOSED:
-            return _fail(base.OPENAI_ERROR, f"OpenAI closed the session (code {openai.close_code})")
+            return _ModelLost(f"OpenAI closed the session (code {openai.close_code})")
         if msg.type is WSMsgType.ERROR:
-            return _fail(base.OPENAI_ERROR, f"OpenAI socket error: {type(msg.data).__name__}: "
-                         f"{msg.data}")
+            return _ModelLost(f"OpenAI socket error: {type(msg.data).__name__}: {msg.data}")
         return _fail(base.OPENAI_ERROR, "OpenAI sent a non-text frame")
 
     async def _on_openai(self, event: oai.OpenAIEvent) -> None:
         kind = oai.type_of(event)
         if kind in self._logged and kind != "error":
             self.log.info("openai %s %s", kind, oai.describe(event))
-        if isinstance(event, oai.Error):
-            if event.fatal:
-                raise _fail(base.OPENAI_ERROR, f"OpenAI error {event.code}: {event.message}")
-            self.log.warning("OpenAI error %s: %s", event.code, event.message)
-        elif isinstance(event, oai.SessionUpdated):
+        if isinstance(event, oai.SessionUpdated):
             await self._on_session_updated(event)
         for feature in self._openai_dispatch.get(type(event), ()):
             await feature.on_openai(event)
+        if isinstance(event, oai.Error):  # after the features saw it (metrics, the record)
+            if event.code in RENEWABLE_ERRORS:
+                raise _ModelLost(f"OpenAI error {event.code}: {event.message}")
+            if event.fatal:
+                raise _fail(base.OPENAI_ERROR, f"OpenAI error {event.code}: {event.message}")
+            self.log.warning("OpenAI error %s: %s", event.code, event.message)
 
     async def _on_session_updated(self, event: oai.SessionUpdated) -> None:
         formats = [event.input_format, event.output_format]
@@ -509,8 +554,81 @@ class Call:
         if self._session_ready:
             return
         self._session_ready = True
-        self.record.session_ready_ms = (time.monotonic() - self.started) * 1000
-        self.log.info("session ready %.0f ms after the stream opened",
-                      self.record.session_ready_ms)
+        first = self.record.session_ready_ms is None and self._resumed is None
+        if self.record.session_ready_ms is None:
+            self.record.session_ready_ms = (time.monotonic() - self.started) * 1000
+            self.log.info("session ready %.0f ms after the stream opened",
+                          self.record.session_ready_ms)
         for feature in self.features:
-            await feature.on_session_ready(True)
+            await feature.on_session_ready(first)
+
+    # --- model sessions: the first, and new ones that continue the conversation ---
+
+    async def _start_session(self, openai: OpenAISocket) -> None:
+        """session.update first, then the conversation so far (a new session starts empty)."""
+        self._session_ready = False
+        await openai.send_frame(self._session_update(), TEXT)
+        if self.record.timeline:
+            for item in conversation_items(self.record.timeline):
+                await openai.send_frame(item, TEXT)
+
+    def _begin_session(self, why: str) -> None:
+        self.record.sessions.append({"started_at": iso(utc_now()), "why": why})
+        self.record.version += 1
+
+    def _end_session(self, reason: str) -> None:
+        if self.record.sessions:
+            self.record.sessions[-1].update(ended_at=iso(utc_now()), ended_because=reason)
+
+    def _begin_gap(self) -> GapBuffer:
+        if self._gap is None:
+            frames = int(self.settings.reconnect_buffer_seconds * 50)  # 20 ms frames
+            self._gap = GapBuffer(frames)
+            self._model_send = self._gap.send
+        return self._gap
+
+    async def _reconnect(self, reason: str) -> None:
+        """A new session within RECONNECT_WITHIN, in up to RECONNECT_ATTEMPTS tries; the caller
+        keeps talking into a buffer meanwhile. Ends the call if every attempt fails."""
+        s = self.settings
+        self._end_session(reason)
+        if s.reconnect_attempts <= 0:
+            raise _fail(base.OPENAI_ERROR, reason)
+        self.log.warning("model session lost (%s): opening a new one", reason)
+        gap = self._begin_gap()
+        lost_at = time.monotonic()
+        old, self._openai = self._openai, None
+        if old is not None:
+            self.spawn(_close_quietly(old), "close-old-session")
+        self.barge_in.forget()  # the old session's items are gone: nothing left to truncate
+        failures: list[str] = []
+        deadline = lost_at + s.reconnect_within
+        for _ in range(s.reconnect_attempts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    openai = await self._connect_openai()
+                    await self._start_session(openai)
+            except _End as e:
+                failures.append(e.ending.reason)
+                continue
+            except TimeoutError:
+                failures.append(f"no new session within {s.reconnect_within:g} s")
+                break
+            except (ConnectionError, aiohttp.ClientError) as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                continue
+            for frame in gap.drain():
+                await openai.send_frame(frame, TEXT)
+            self._openai, self._model_send, self._gap = openai, openai.send_frame, None
+            gap_ms = (time.monotonic() - lost_at) * 1000
+            self._begin_session(f"replaced a lost session ({reason})")
+            self.record.sessions[-1]["gap_ms"] = round(gap_ms, 1)
+            self.log.warning("new model session in %.0f ms; %d caller frames carried over"
+                             "%s", gap_ms, gap.received - gap.dropped,
+                             f", {gap.dropped} dropped" if gap.dropped else "")
+            return
+        raise _fail(base.OPENAI_ERROR,
+                    f"{reason}; no new session: {'; '.join(failures) or 'out of time'}")

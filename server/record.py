@@ -96,6 +96,27 @@ class CallRecord:
         end = self.ended_at or utc_now()
         return round((end - self.started_at).total_seconds(), 3)
 
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue a record another instance started (a call handed over to us)."""
+        started = saved.get("started_at")
+        if isinstance(started, str):
+            self.started_at = datetime.fromisoformat(started.replace("Z", "+00:00"))
+            self._t0 = time.monotonic() - (utc_now() - self.started_at).total_seconds()
+        for key in ("timeline", "sessions", "latencies_ms"):
+            value = saved.get(key)
+            if isinstance(value, list):
+                setattr(self, key, list(value))
+        usage = saved.get("usage")
+        if isinstance(usage, dict):
+            self.usage = dict(usage)
+        for key in ("frames_in", "frames_out", "barge_ins"):
+            value = saved.get(key)
+            if isinstance(value, int):
+                setattr(self, key, value)
+        if isinstance(saved.get("session_ready_ms"), (int, float)):
+            self.session_ready_ms = float(saved["session_ready_ms"])
+        self.version += 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "call_sid": self.call_sid,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("server.registry")
 
 DECISION_TTL = 600.0  # Twilio asks for the action within seconds of the stream closing
+CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it
 
 
 class CallObserver:
@@ -87,6 +88,27 @@ class CallRegistry:
             return "stream token already used"
         await self.state.claim(call.call_sid)
         return None
+
+    async def resume(self, call: Call) -> dict[str, Any] | None:
+        context = await self.state.take_context(call.call_sid)
+        if context is None:
+            call.log.warning("a handed-over stream has no saved context: starting afresh")
+            return None
+        saved = context.get("record")
+        if isinstance(saved, dict):
+            call.record.restore(saved)
+        call.log.info("resuming a handed-over call (%d timeline entries)",
+                      len(call.record.timeline))
+        return context
+
+    async def hand_over(self, call: Call) -> Ending:
+        """SHUTDOWN_MODE=handover: save the conversation where any instance can read it and end
+        the stream with a "reconnect" decision: Twilio's <Connect action> then opens a new
+        stream, which the load balancer sends to a live instance."""
+        await self.state.put_context(call.call_sid, {"record": call.record.to_dict()},
+                                     CONTEXT_TTL)
+        return Ending(base.HANDOVER, "handed over to another instance",
+                      tw.Decision("reconnect"))
 
     def started(self, call: Call) -> None:
         for observer in self.observers:

@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "config" / "prompts"
+# Relative to the working directory, never to this file: an installed package (`pip install .`)
+# has no config/ beside it. `make run` runs from the repository root.
+DEFAULT_PROMPTS_DIR = Path("config") / "prompts"
 
 DEFAULT_INSTRUCTIONS = (
     "You are a friendly, efficient voice assistant answering a phone call. "
@@ -40,6 +43,12 @@ EAGERNESS = frozenset({"low", "medium", "high", "auto"})
 NOISE_REDUCTION = frozenset({"off", "near_field", "far_field"})
 LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 LOG_FORMATS = frozenset({"text", "json"})
+ON_OFF = frozenset({"on", "off"})
+SHUTDOWN_MODES = frozenset({"drain", "handover"})
+# Shipped inside the package (package data), so it is found wherever the server is installed.
+DEFAULT_HOLD_AUDIO = Path(__file__).resolve().parent / "sounds" / "hold.wav"
+# Like the prompts, relative to the working directory; loaded only if it exists.
+DEFAULT_TOOLS_FILE = Path("config") / "tools.json"
 
 
 class ConfigError(Exception):
@@ -66,7 +75,7 @@ class Settings:
     vad_silence_ms: int = 500
     vad_eagerness: str = "auto"
     noise_reduction: str = "off"
-    transcription_model: str | None = None
+    transcription_model: str | None = "gpt-4o-mini-transcribe"  # None: caller side untranscribed
     host: str = "0.0.0.0"
     port: int = 5050
     public_url: str | None = None
@@ -83,6 +92,36 @@ class Settings:
     fallback_message: str = (
         "Sorry, our assistant is not available right now. Please try again later."
     )
+    # --- call core ---
+    log_pii: bool = False
+    openai_heartbeat: float = 10.0
+    # --- records, metrics (issue 8) ---
+    database_url: str = field(default="sqlite:///calls.db", repr=False)  # may hold a password
+    retention_days: int | None = None  # None: keep records forever
+    record_calls: bool = False
+    recordings_dir: Path = Path("recordings")
+    admin_token: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)
+    call_webhook_url: str | None = None
+    call_webhook_secret: str | None = field(default=None, repr=False)
+    # --- the assistant acts: tools, keypad, greeting, transfer (issue 7) ---
+    tools_module: str | None = None  # importable module name or .py path with @tool functions
+    tools_file: Path | None = None  # HTTP tools (from_env: config/tools.json if it exists)
+    tools_secret: str | None = field(default=None, repr=False)  # HMAC key for HTTP tools
+    tool_timeout: float = 10.0
+    hold_audio: Path | None = DEFAULT_HOLD_AUDIO  # None: no hold audio
+    transfer_targets: tuple[tuple[str, str], ...] = ()  # (name, +E.164 or sip: URI)
+    keypad: bool = True
+    keypad_timeout: float = 2.0
+    greeting: str | None = None
+    # --- fleet (issue 9) ---
+    redis_url: str | None = field(default=None, repr=False)  # None: state in this process only
+    workers: int = 1  # processes sharing HOST:PORT (SO_REUSEPORT)
+    shutdown_mode: str = "drain"  # drain | handover
+    # --- calls that survive: a new model session when one is lost (issue 9) ---
+    reconnect_attempts: int = 2
+    reconnect_within: float = 3.0  # seconds for all attempts together
+    reconnect_buffer_seconds: float = 10.0  # caller audio kept during the gap
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -120,7 +159,7 @@ class Settings:
             vad_silence_ms=r.number("VAD_SILENCE_MS", int, cls.vad_silence_ms, 0, 10_000),
             vad_eagerness=r.choice("VAD_EAGERNESS", EAGERNESS, cls.vad_eagerness),
             noise_reduction=r.choice("NOISE_REDUCTION", NOISE_REDUCTION, cls.noise_reduction),
-            transcription_model=r.text("TRANSCRIPTION_MODEL"),
+            transcription_model=r.text_or_off("TRANSCRIPTION_MODEL", cls.transcription_model),
             host=r.text("HOST") or cls.host,
             port=r.number("PORT", int, cls.port, 0, 65535),
             public_url=public_url,
@@ -147,12 +186,46 @@ class Settings:
                 "SHUTDOWN_DRAIN_SECONDS", float, cls.shutdown_drain_seconds, 0.0, 3600.0
             ),
             fallback_message=r.text("FALLBACK_MESSAGE") or cls.fallback_message,
+            log_pii=r.flag("LOG_PII", cls.log_pii),
+            openai_heartbeat=r.number(
+                "OPENAI_HEARTBEAT", float, cls.openai_heartbeat, 0.0, 600.0
+            ),
+            database_url=_check_database_url(r.text("DATABASE_URL") or cls.database_url),
+            retention_days=r.number("RETENTION_DAYS", int, 0, 0, 100_000) or None,
+            record_calls=r.flag("RECORD_CALLS", cls.record_calls),
+            recordings_dir=Path(r.text("RECORDINGS_DIR") or cls.recordings_dir),
+            admin_token=r.text("ADMIN_TOKEN"),
+            metrics_token=r.text("METRICS_TOKEN"),
+            call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
+            call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
+            tools_module=r.text("TOOLS_MODULE"),
+            tools_file=_tools_file(r.text_or_off("TOOLS_FILE", "")),
+            tools_secret=r.text("TOOLS_SECRET"),
+            tool_timeout=r.number("TOOL_TIMEOUT", float, cls.tool_timeout, 0.1, 600.0),
+            hold_audio=_off_path(r.text_or_off("HOLD_AUDIO", str(cls.hold_audio))),
+            transfer_targets=parse_transfer_targets(r.text("TRANSFER_TARGETS") or ""),
+            keypad=r.choice("KEYPAD", ON_OFF, "on") == "on",
+            keypad_timeout=r.number("KEYPAD_TIMEOUT", float, cls.keypad_timeout, 0.2, 30.0),
+            greeting=r.text("GREETING"),
+            redis_url=_check_redis_url(r.text("REDIS_URL")),
+            workers=_check_workers(r.number("WORKERS", int, cls.workers, 1, 64),
+                                   r.text("REDIS_URL")),
+            shutdown_mode=r.choice("SHUTDOWN_MODE", SHUTDOWN_MODES, cls.shutdown_mode),
+            reconnect_attempts=r.number(
+                "RECONNECT_ATTEMPTS", int, cls.reconnect_attempts, 0, 10),
+            reconnect_within=r.number(
+                "RECONNECT_WITHIN", float, cls.reconnect_within, 0.1, 60.0),
+            reconnect_buffer_seconds=r.number(
+                "RECONNECT_BUFFER_SECONDS", float, cls.reconnect_buffer_seconds, 0.0, 60.0),
         )
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line."""
-        return tuple(s for s in (self.openai_api_key, self.twilio_auth_token) if s)
+        return tuple(s for s in (self.openai_api_key, self.twilio_auth_token, self.admin_token,
+                                 self.metrics_token, self.call_webhook_secret, self.tools_secret,
+                                 urlsplit(self.database_url).password,
+                                 urlsplit(self.redis_url or "").password) if s)
 
 
 N = TypeVar("N", int, float)
@@ -168,6 +241,12 @@ class _Reader:
         value = self._env.get(name, "").strip()
         return value or None
 
+    def text_or_off(self, name: str, default: str | None) -> str | None:
+        """Unset: the default; set but blank (`NAME=`): None, the feature turned off."""
+        if name not in self._env:
+            return default
+        return self.text(name)
+
     def choice(
         self, name: str, allowed: frozenset[str], default: str, *, upper: bool = False
     ) -> str:
@@ -178,6 +257,16 @@ class _Reader:
         if value not in allowed:
             raise ConfigError(name, f"{value!r} is not one of {', '.join(sorted(allowed))}")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"{value!r} is not one of true, false (or on, off)")
 
     def number(self, name: str, kind: Callable[[str], N], default: N, low: N, high: N) -> N:
         raw = self.text(name)
@@ -201,3 +290,89 @@ def _check_base_url(name: str, url: str, schemes: set[str]) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(name, "must not have a query string or fragment")
     return url.rstrip("/")
+
+
+def _check_database_url(url: str) -> str:
+    """sqlite:///relative.db, sqlite:////absolute.db or postgresql://user:pass@host:port/db.
+
+    The message never repeats the URL: it may hold a password."""
+    scheme, sep, rest = url.partition("://")
+    if scheme == "sqlite" and sep and rest.startswith("/") and rest.strip("/"):
+        return url
+    if scheme in ("postgresql", "postgres") and sep and urlsplit(url).hostname:
+        return url
+    raise ConfigError(
+        "DATABASE_URL",
+        "is not sqlite:///relative/path.db, sqlite:////absolute/path.db "
+        "or postgresql://user:password@host:5432/database",
+    )
+
+
+def _check_redis_url(url: str | None) -> str | None:
+    """redis://[user:password@]host[:port][/db] or rediss:// (TLS); never echoed (password)."""
+    if url is not None:
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and (
+                parts.port is None or parts.port > 0)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError("REDIS_URL",
+                              "is not redis://[:password@]host[:port][/db] or rediss://…")
+    return url
+
+
+def _check_workers(workers: int, redis_url: str | None) -> int:
+    """Processes must share tokens, MAX_CALLS and call decisions: in one process only memory."""
+    if workers > 1 and not redis_url:
+        raise ConfigError("WORKERS", f"{workers} processes need REDIS_URL (they share stream "
+                                     "tokens, MAX_CALLS and call decisions through it)")
+    return workers
+
+
+def _check_webhook_url(url: str | None) -> str | None:
+    """An http(s) URL kept exactly as given (its path and query are the receiver's)."""
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError("CALL_WEBHOOK_URL", "is not an http:// or https:// URL")
+    return url
+
+
+def _tools_file(value: str | None) -> Path | None:
+    """Unset (""): config/tools.json if it exists; blank (None) or `off`: none; else that file."""
+    if value is None:
+        return None
+    if value == "":
+        return DEFAULT_TOOLS_FILE if DEFAULT_TOOLS_FILE.is_file() else None
+    return None if value.lower() == "off" else Path(value)
+
+
+def _off_path(value: str | None) -> Path | None:
+    return None if value is None or value.lower() == "off" else Path(value)
+
+
+_TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+_SIP = re.compile(r"sip:[^\s@<>\"]+@[^\s@<>\"]+")
+
+
+def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:
+    """`sales=+15550001111,support=sip:desk@example.com` -> (("sales", "+1555..."), ...)."""
+    targets: dict[str, str] = {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not _TARGET_NAME.fullmatch(name):
+            raise ConfigError("TRANSFER_TARGETS",
+                              f"{entry!r} is not name=target (name: letters, digits, _ or -)")
+        if not (_E164.fullmatch(target) or _SIP.fullmatch(target)):
+            raise ConfigError("TRANSFER_TARGETS",
+                              f"target of {name!r} is not a +E.164 number (+15550001111) or a "
+                              "sip:user@host URI")
+        if name in targets:
+            raise ConfigError("TRANSFER_TARGETS", f"{name!r} is listed twice")
+        targets[name] = target
+    return tuple(targets.items())

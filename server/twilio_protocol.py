@@ -27,9 +27,10 @@ class TwilioProtocolError(ValueError):
 class Media:
     """Caller audio: base64 mu-law, passed on untouched (never decoded here).
 
-    The payload is not checked for valid base64: a regex over every 20 ms frame cost about 4 % of
-    the bridge's CPU per relayed frame, and the damage it prevented is one recoverable `error`
-    from OpenAI for that one append (logged, the call goes on). Twilio does not send bad base64."""
+    The payload is not checked for valid base64: the regex that did it cost 0.62 us a frame
+    (as much as parsing the frame with orjson; 2-3 % of the bridge's CPU per relayed frame), and
+    the damage it prevented is one recoverable `error` from OpenAI for that one append (logged,
+    the call goes on). The JSON we send is re-encoded, so a payload cannot inject keys."""
 
     __slots__ = ("payload",)
 

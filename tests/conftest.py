@@ -3,27 +3,33 @@ stream client, all over real sockets."""
 
 from __future__ import annotations
 
-import weakref
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.app import CALLS, create_app
+from server.app import REGISTRY, create_app
 from server.call import Call
 from server.settings import Settings
+from server.testing.dial import call_form, dial, post_webhook
+from server.testing.sdk_check import EventChecker
 from server.testing.simulator import TwilioStream
-from server.testing.standin import StandinOptions, StandinSession, create_standin_app, next_session
-from server.twilio_protocol import compute_signature
+from server.testing.standin import (
+    StandinOptions,
+    StandinSession,
+    create_standin_app,
+    next_session,
+)
+from tests.redis_server import redis_prefix, redis_server  # noqa: F401  (fixtures)
 
 API_KEY = "sk-test-0123456789abcdef"
 AUTH_TOKEN = "twilio-auth-token-0123456789"
 
+CALLER, CALLED = "+15550001111", "+15550002222"
 LOUD = bytes([0x80, 0x00] * 80)  # one 20 ms mu-law frame at full scale: speech to any VAD
 SILENCE = b"\xff" * 160
 
@@ -39,6 +45,8 @@ class Rig:
     bridge: TestClient[web.Request, web.Application]
     settings: Settings
     streams: list[TwilioStream] = field(default_factory=list)
+    # every event both ways through the stand-in, checked against openai-python's GA types
+    events: EventChecker = field(default_factory=EventChecker)
 
     @property
     def app(self) -> web.Application:
@@ -46,19 +54,12 @@ class Rig:
 
     async def webhook(self, call_sid: str, sign: bool = True) -> tuple[str, dict[str, str]]:
         """Do what Twilio does on an incoming call; return the stream URL and parameters."""
-        form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": "+15550001111",
-                "To": "+15550002222", "CallStatus": "ringing", "Direction": "inbound"}
-        headers = {}
-        if sign and self.settings.twilio_auth_token:
-            url = str(self.bridge.make_url("/incoming-call"))
-            headers["X-Twilio-Signature"] = compute_signature(
-                self.settings.twilio_auth_token, url, form)
-        resp = await self.bridge.post("/incoming-call", data=form, headers=headers)
-        assert resp.status == 200, await resp.text()
-        stream = ET.fromstring(await resp.text()).find("./Connect/Stream")
-        assert stream is not None
-        params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-        return stream.get("url", ""), params
+        twiml = await post_webhook(
+            self.bridge.session, str(self.bridge.make_url("/incoming-call")),
+            call_form(call_sid, CALLER, CALLED),
+            self.settings.twilio_auth_token if sign else None)
+        assert twiml.stream_url is not None, twiml
+        return twiml.stream_url, twiml.parameters
 
     async def open_stream(self, url: str, marks: str = "manual",
                           headers: dict[str, str] | None = None) -> TwilioStream:
@@ -70,19 +71,17 @@ class Rig:
     async def place(self, marks: str = "manual", **start: Any) -> tuple[TwilioStream,
                                                                         StandinSession]:
         """A whole call set-up: webhook, stream, connected + start, the OpenAI session."""
-        call_sid = "CA" + uuid4().hex
-        url, params = await self.webhook(call_sid)
-        stream = await self.open_stream(url, marks=marks)
-        await stream.send_connected()
-        await stream.send_start(call_sid=call_sid, stream_sid="MZ" + uuid4().hex,
-                                custom_parameters=start.get("parameters", params))
+        call = await dial(self.bridge.session, str(self.bridge.make_url("")),
+                          auth_token=self.settings.twilio_auth_token, caller=CALLER,
+                          called=CALLED, marks=marks, parameters=start.get("parameters"))
+        stream = call.stream
+        self.streams.append(stream)
         session = await next_session(self.standin.app)
         await session.wait_for("session.update")
         return stream, session
 
     def live_calls(self) -> list[Call]:
-        calls: weakref.WeakSet[Call] = self.app[CALLS]
-        return list(calls)
+        return list(self.app[REGISTRY].calls)
 
 
 MakeRig = Callable[..., Awaitable[Rig]]
@@ -92,12 +91,19 @@ MakeRig = Callable[..., Awaitable[Rig]]
 async def make_rig(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    tmp_path: Path,
 ) -> Any:
     rigs: list[Rig] = []
 
-    async def make(standin: StandinOptions | None = None, **overrides: Any) -> Rig:
-        standin_server = await aiohttp_server(
-            create_standin_app(standin or StandinOptions(api_key=API_KEY)))
+    async def make(standin: StandinOptions | None = None,
+                   prepare: Callable[[web.Application], None] | None = None,
+                   **overrides: Any) -> Rig:
+        """`prepare`, if given, may change the app before it starts (e.g. its features)."""
+        events = EventChecker()
+        standin = standin or StandinOptions(api_key=API_KEY)
+        if standin.check_events is None:  # a test may pass its own hook to opt out
+            standin = replace(standin, check_events=events)
+        standin_server = await aiohttp_server(create_standin_app(standin))
         settings = Settings(
             openai_api_key=API_KEY,
             openai_realtime_url=str(standin_server.make_url("/v1/realtime")).replace(
@@ -106,10 +112,15 @@ async def make_rig(
             vad_silence_ms=100,
             openai_connect_timeout=2.0,
             stream_start_timeout=2.0,
+            database_url=f"sqlite:///{tmp_path}/calls-{len(rigs)}.db",
+            recordings_dir=tmp_path / "recordings",
         )
         settings = replace(settings, **overrides)
-        bridge = await aiohttp_client(create_app(settings))
-        rig = Rig(standin_server, bridge, settings)
+        app = create_app(settings)
+        if prepare is not None:
+            prepare(app)
+        bridge = await aiohttp_client(app)
+        rig = Rig(standin_server, bridge, settings, events=events)
         rigs.append(rig)
         return rig
 
@@ -117,6 +128,8 @@ async def make_rig(
     for rig in rigs:
         for stream in rig.streams:
             await stream.close()
+    for rig in rigs:
+        rig.events.assert_clean()  # names each event and key the SDK rejects
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from aiohttp import WSCloseCode
 from server.testing.standin import StandinOptions
 from tests.conftest import API_KEY, SILENCE, MakeRig, Rig, heard, loud, speak
 
+WAIT = 10.0  # a bound for events that come at once; never a timing claim (that is the bench's)
+
 
 async def test_session_update_is_ga_and_first(rig: Rig) -> None:
     stream, session = await rig.place()
@@ -122,17 +124,17 @@ async def test_concurrent_calls_do_not_mix_audio(rig: Rig) -> None:
                 assert loud(j + 1) not in audio
 
 
-async def test_stop_closes_openai_within_a_second(rig: Rig) -> None:
+async def test_stop_closes_openai(rig: Rig) -> None:
     stream, session = await rig.place()
     await stream.send_stop()
-    await asyncio.wait_for(session.closed.wait(), 1.0)
-    await asyncio.wait_for(stream.closed.wait(), 1.0)
+    await asyncio.wait_for(session.closed.wait(), WAIT)
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
 
 
 async def test_twilio_socket_drop_closes_openai(rig: Rig) -> None:
     stream, session = await rig.place()
     await stream.close()
-    await asyncio.wait_for(session.closed.wait(), 1.0)
+    await asyncio.wait_for(session.closed.wait(), WAIT)
 
 
 async def test_nothing_left_running_after_a_call(rig: Rig) -> None:
@@ -143,12 +145,12 @@ async def test_nothing_left_running_after_a_call(rig: Rig) -> None:
     tasks = call.tasks
     assert {t.get_name() for t in tasks} >= {"relay-twilio", "relay-openai", "idle-watchdog"}
     await stream.send_stop()
-    await asyncio.wait_for(call.finished.wait(), 2.0)
+    await asyncio.wait_for(call.finished.wait(), WAIT)
     assert all(t.done() for t in tasks) and call.tasks == ()
     assert call.sockets_closed
     assert call.ending is not None and call.ending.kind == "caller_hung_up"
     assert call.ending.reason == "Twilio stopped the stream (call over)"
-    await asyncio.wait_for(session.closed.wait(), 1.0)
+    await asyncio.wait_for(session.closed.wait(), WAIT)
     assert not set(tasks) & asyncio.all_tasks()
     assert rig.live_calls() == []
 
@@ -170,7 +172,7 @@ async def test_openai_refusal_ends_the_stream(
     await stream.send_connected()
     await stream.send_start(call_sid="CA" + "3" * 32, stream_sid="MZ" + "3" * 32,
                             custom_parameters=params)
-    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
     ended = [r for r in caplog.records if r.getMessage().startswith("call ended")]
     assert len(ended) == 1 and expected in ended[0].getMessage()
     assert ended[0].levelno == logging.ERROR
@@ -178,10 +180,13 @@ async def test_openai_refusal_ends_the_stream(
     assert API_KEY not in caplog.text and "another-key" not in caplog.text
 
 
-async def test_openai_drop_ends_the_stream(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+async def test_openai_drop_ends_the_stream(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await make_rig(reconnect_attempts=0)
     stream, session = await rig.place()
     await session.close(code=1011)
-    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
     assert stream.close_code == WSCloseCode.INTERNAL_ERROR
     assert "OpenAI closed the session (code 1011)" in caplog.text
 
@@ -191,11 +196,11 @@ async def test_fatal_openai_error_ends_the_stream(
 ) -> None:
     stream, session = await rig.place()
     await session.send({"type": "error", "error": {
-        "type": "invalid_request_error", "code": "session_expired",
-        "message": "Your session hit the maximum duration of 60 minutes."}})
-    await asyncio.wait_for(stream.closed.wait(), 2.0)
-    await asyncio.wait_for(session.closed.wait(), 1.0)
-    assert "OpenAI error session_expired" in caplog.text
+        "type": "invalid_request_error", "code": "insufficient_quota",
+        "message": "You exceeded your current quota."}})
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+    await asyncio.wait_for(session.closed.wait(), WAIT)
+    assert "OpenAI error insufficient_quota" in caplog.text
 
 
 async def test_recoverable_openai_error_keeps_the_call(
@@ -247,10 +252,10 @@ async def test_malformed_openai_frame_ends_the_call(
     stream, session = await rig.place()
     await session.send({"type": "response.output_audio.delta", "delta": "AAAA"},  # no item_id
                        check=False)
-    await asyncio.wait_for(stream.closed.wait(), 2.0)
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
     assert stream.close_code == WSCloseCode.INTERNAL_ERROR
     assert "malformed event from OpenAI: audio delta without" in caplog.text
-    await asyncio.wait_for(session.closed.wait(), 1.0)
+    await asyncio.wait_for(session.closed.wait(), WAIT)
 
 
 async def test_long_deltas_are_marked_every_120_ms(make_rig: MakeRig) -> None:
@@ -269,3 +274,89 @@ async def test_long_deltas_are_marked_every_120_ms(make_rig: MakeRig) -> None:
     await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 700,
                         "item_id": "item_u"})
     assert (await session.wait_for("conversation.item.truncate"))["audio_end_ms"] == 240
+
+
+async def test_idle_stream_is_ended_by_the_watchdog(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await make_rig(stream_idle_timeout=1.0)
+    stream, session = await rig.place()
+    (call,) = rig.live_calls()
+    await speak(stream, frames=2)  # frames keep it alive ...
+    await stream.wait_for("mark")
+    await asyncio.wait_for(stream.closed.wait(), WAIT)  # ... silence does not
+    assert stream.close_code == WSCloseCode.GOING_AWAY
+    assert call.ending is not None and call.ending.kind == "idle"
+    assert "no frames from Twilio for 1 s" in caplog.text
+    await asyncio.wait_for(session.closed.wait(), WAIT)
+
+
+async def test_half_open_openai_socket_ends_the_call(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The service stops answering pings (a dead peer behind a NAT, say): without a heartbeat
+    # the caller would sit in silence until they hang up.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, answer_pings=False),
+                         openai_heartbeat=0.2, reconnect_attempts=0)
+    stream, _ = await rig.place()
+    (call,) = rig.live_calls()
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+    assert stream.close_code == WSCloseCode.INTERNAL_ERROR
+    assert call.ending is not None and call.ending.kind == "openai_error"
+    assert call.ending.decision is None  # Twilio speaks the fallback
+    assert "call ended: OpenAI" in caplog.text
+
+
+async def test_session_not_in_pcmu_ends_the_call(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream, session = await rig.place()
+    await session.send({"type": "session.updated", "session": {
+        "type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}},
+                                      "output": {"format": {"type": "audio/pcmu"}}}}},
+                       check=False)
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+    assert stream.close_code == WSCloseCode.INTERNAL_ERROR
+    assert "OpenAI session is not in audio/pcmu" in caplog.text
+
+
+async def test_late_audio_of_an_interrupted_response_is_dropped(rig: Rig) -> None:
+    stream, session = await rig.place()
+    (call,) = rig.live_calls()
+    base = {"type": "response.output_audio.delta", "response_id": "resp_x", "item_id": "item_x",
+            "output_index": 0, "content_index": 0}
+    await session.send({"type": "response.created", "response": {
+        "id": "resp_x", "object": "realtime.response", "status": "in_progress", "output": []}})
+    first = base64.b64encode(loud(1)).decode()
+    await session.send({**base, "delta": first})
+    await stream.wait_for("media")
+    await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0,
+                        "item_id": "item_u"})
+    await stream.wait_for("clear")
+    # The service's cancellation is still in flight: its audio must not reach the caller.
+    await session.send({**base, "delta": base64.b64encode(loud(2)).decode()})
+    await session.send({"type": "response.done", "response": {
+        "id": "resp_x", "object": "realtime.response", "status": "cancelled",
+        "status_details": {"type": "cancelled", "reason": "turn_detected"}, "output": []}})
+    await speak(stream, frames=4, variant=3)  # the next reply still plays
+    await stream.wait_for("media", count=2)
+    audio = heard(stream)
+    assert loud(1) in audio and loud(2) not in audio and loud(3) in audio
+    assert call.record.frames_out == 2  # the dropped delta is not counted as relayed
+
+
+async def test_caller_numbers_are_masked_unless_log_pii(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rig = await make_rig()
+    stream, _ = await rig.place()
+    await stream.send_stop()
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+    assert "+1555***1111" in caplog.text and "+15550001111" not in caplog.text
+    caplog.clear()
+    rig = await make_rig(log_pii=True)
+    stream, _ = await rig.place()
+    await stream.send_stop()
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+    assert "caller=+15550001111" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +24,16 @@ FORM = {"CallSid": "CA" + "1" * 32, "From": "+15551230000", "To": "+15559870000"
         "AccountSid": "AC" + "2" * 32}
 
 
+DATABASE = {"url": ""}
+
+
+@pytest.fixture(autouse=True)
+def _database_in_tmp(tmp_path: Path) -> None:
+    DATABASE["url"] = f"sqlite:///{tmp_path}/calls.db"
+
+
 def settings(**kw: Any) -> Settings:
-    return Settings(openai_api_key="sk-test", **kw)
+    return Settings(openai_api_key="sk-test", database_url=DATABASE["url"], **kw)
 
 
 def stream_of(body: str) -> tuple[str, dict[str, str], str]:

@@ -124,6 +124,14 @@ class PlayState:
         self._unmarked = 0
         return str(self._next)
 
+    def forget(self) -> None:
+        """A new model session: the old one's items cannot be truncated any more. Audio already
+        sent still plays; its marks' echoes are ignored."""
+        self._pending.clear()
+        self._item = None
+        self._unmarked = 0
+        self._response = self._dropping = None
+
     def on_mark(self, name: str) -> None:
         """Twilio echoed a mark: everything up to it has played (older marks included)."""
         try:
@@ -214,6 +222,11 @@ class BargeIn(Feature):
             for hook in self.audio_hooks:
                 hook(piece)
         return True
+
+    def forget(self) -> None:
+        self.state.forget()
+        self._started.clear()
+        self._check_idle()
 
     async def _flush(self) -> None:
         mark = self.state.flush()

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RATE = 8000
+BYTES_PER_MS = RATE // 1000  # mu-law: one byte per sample
 FRAME_MS = 20
-FRAME_BYTES = 160
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
 ULAW_SILENCE = 0xFF
 _BIAS = 0x84
 _CLIP = 32635

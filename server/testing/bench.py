@@ -1,258 +1,557 @@
-"""`make bench`: N simultaneous full-duplex calls through a real bridge process.
+"""`make bench`: the full bridge against a bare relay, under the same load, in one run.
 
-The bridge runs as its own process (`python -m server`), so its CPU and memory are its own. This
-process plays both peers: Twilio (every call sends a 20 ms frame every 20 ms and echoes marks)
-and OpenAI (the stand-in streams a 20 ms frame every 20 ms back to every call). Every frame
-carries its send time (CLOCK_MONOTONIC, one clock for the whole machine), so relay latency is
-measured in each direction. Not a test: it prints numbers.
+    python -m server.testing.bench [--calls 100] [--seconds 20] [--rounds 2]
+        [--bridge-env RECORD_CALLS=on ...] [--compare RECORD_CALLS=off,on]
+
+N simultaneous full-duplex calls, each a 20 ms frame every 20 ms each way, go through a real
+server process: the bridge (`python -m server`) or the bare relay
+(`python -m server.testing.bare_relay`: parse, re-wrap, send, nothing else). Runs alternate,
+bridge then bare relay, `--rounds` times, on the same machine and load generator, and the
+bridge's CPU per relayed frame is printed as a ratio to the bare relay's: what the bridge's
+features cost, with the machine, Python and load taken out.
+
+The load generator is separate processes (`server.testing.loadgen`): `--callers` processes
+play Twilio (webhook, stream, a frame every 20 ms per call, marks echoed as they come, however
+many there are), and `--standins` processes play OpenAI (the stand-in in stream mode, sharing
+one port). Every frame carries its send time (CLOCK_MONOTONIC), so relay latency is measured in
+each direction on arrival. Their CPU and clock lateness are printed too: if they are near a
+core, or late by more than a frame, the numbers are the generator's, not the server's.
+
+Per configuration it prints: relay latency p50/p99/max each way, frames sent and lost, CPU per
+relayed frame and share of one core (from /proc/<pid>/stat), RSS idle/loaded/peak and per call,
+and call set-up time (webhook posted -> the model's first audio sent, i.e. session.updated).
+Everything, per run, goes to out/bench.json.
+
+A/B of two bridge configurations in one run: `--compare NAME=A,B` runs the bridge twice per
+round, with NAME=A and with NAME=B (an environment variable, e.g. `--compare
+RECORD_CALLS=off,on`), beside the bare relay, and prints each with its ratio. `--bridge-env
+NAME=VALUE` (repeatable) sets a variable for every bridge run. The bench sets the bridge's
+OPENAI_*, HOST, PORT, PUBLIC_URL, TWILIO_AUTH_TOKEN, LOG_LEVEL=WARNING, MAX_CALLS=0 and
+INSTRUCTIONS; anything else comes from the environment (and .env) as for `make run`.
+Not a test: it prints numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
-import resource
-import socket
-import struct
+import platform
+import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
-from server.testing.simulator import TwilioStream
-from server.testing.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
-from server.twilio_protocol import compute_signature
+from server.testing.loadgen import PERIOD, Histogram
+from server.testing.process import free_port, loop_name, server_process
 
-STAMP = struct.Struct("<d")
-FILL = bytes([0xFF]) * (160 - STAMP.size)
-AUTH_TOKEN = "bench-auth-token"
+AUTH_TOKEN = "bench-auth-token"  # not a secret: both ends are on this machine
 ROOT = Path(__file__).resolve().parent.parent.parent
+RAMP = 0.005  # seconds between two calls' webhooks, as calls really arrive
+BRIDGE, BARE = "server", "server.testing.bare_relay"
 
 
-@dataclass
-class Direction:
-    """Frames one way: how many were sent and arrived, and relay latency while measuring."""
+@dataclass(frozen=True)
+class Config:
+    """One server set-up to measure: which module, with which extra environment."""
 
-    name: str
-    sent: int = 0
-    received: int = 0
-    in_window: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    measuring: bool = False
+    label: str
+    module: str
+    env: dict[str, str] = field(default_factory=dict)
 
-    def frame(self) -> bytes:
-        self.sent += 1
-        return STAMP.pack(time.monotonic()) + FILL
-
-    def arrived(self, audio: bytes) -> None:
-        self.received += 1
-        if self.measuring:
-            self.in_window += 1
-            self.latencies_ms.append((time.monotonic() - STAMP.unpack_from(audio)[0]) * 1000)
-
-    def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
-
-        def pct(p: float) -> float:
-            return round(lat[min(int(len(lat) * p), len(lat) - 1)], 2) if lat else float("nan")
-
-        return {"frames_sent": self.sent, "frames_received": self.received,
-                "frames_lost": self.sent - self.received, "p50_ms": pct(0.50),
-                "p99_ms": pct(0.99), "max_ms": round(lat[-1], 2) if lat else float("nan"),
-                "samples": len(lat)}
+    @property
+    def is_bare(self) -> bool:
+        return self.module == BARE
 
 
-def _proc_cpu_seconds(pid: int) -> float:
+def configs(bridge_env: dict[str, str] | None = None,
+            compare: tuple[str, list[str]] | None = None) -> list[Config]:
+    """The bridge (or its two `compare` variants) and the bare relay, in run order."""
+    base = dict(bridge_env or {})
+    if compare is None:
+        bridges = [Config("bridge", BRIDGE, base)]
+    else:
+        name, values = compare
+        bridges = [Config(f"bridge {name}={v}", BRIDGE, {**base, name: v}) for v in values]
+    return [*bridges, Config("bare relay", BARE)]
+
+
+# --- /proc ---
+
+
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_generator_loop": loop_name(), "platform": platform.platform()}
 
 
-async def _start_bridge(standin_port: int, port: int) -> asyncio.subprocess.Process:
-    env = {**os.environ, "OPENAI_API_KEY": "bench-key", "HOST": "127.0.0.1", "PORT": str(port),
-           "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
-           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "LOG_LEVEL": "WARNING",
-           "INSTRUCTIONS": "bench {{call_sid}}", "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", env=env,
-                                                cwd=ROOT, stdout=asyncio.subprocess.DEVNULL)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(500):
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.02)
-    proc.kill()
-    raise RuntimeError("the bridge did not start")
+# --- the load generator's processes ---
 
 
-async def _place(http: aiohttp.ClientSession, base: str, n: int, down: Direction,
-                 started: dict[str, float]) -> TwilioStream:
-    call_sid = f"CA{n:032x}"
-    form = {"CallSid": call_sid, "From": "+15550000000", "To": "+15551111111"}
-    url = f"{base}/incoming-call"
-    started[call_sid] = asyncio.get_running_loop().time()
-    headers = {"X-Twilio-Signature": compute_signature(AUTH_TOKEN, url, form)}
-    async with http.post(url, data=form, headers=headers) as resp:
-        twiml = await resp.text()
-    stream_url = twiml.split('<Stream url="', 1)[1].split('"', 1)[0]
-    token = twiml.split('name="token" value="', 1)[1].split('"', 1)[0]
+class Worker:
+    """One load generator process, driven over its stdin/stdout (see loadgen)."""
 
-    def listener(message: dict[str, Any]) -> None:
-        if message.get("event") == "media":
-            down.arrived(base64.b64decode(message["media"]["payload"]))
+    def __init__(self, role: str, proc: asyncio.subprocess.Process) -> None:
+        self.role = role
+        self.proc = proc
 
-    stream = await TwilioStream.connect(http, stream_url, marks="immediate", listener=listener)
-    await stream.send_connected()
-    await stream.send_start(call_sid, f"MZ{n:032x}", {"token": token})
-    return stream
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def start(cls, role: str, *args: str) -> Worker:
+        proc = await asyncio.create_subprocess_exec(
+            *(os.environ["LOADGEN_CMD"].split() if os.environ.get("LOADGEN_CMD") else [sys.executable, "-m", "server.testing.loadgen"]), role, *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+        worker = cls(role, proc)
+        await worker._read(30.0)  # {"ready": true}
+        return worker
+
+    async def ask(self, cmd: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(orjson.dumps({"cmd": cmd, **fields}) + b"\n")
+        await self.proc.stdin.drain()
+        return await self._read(timeout)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"the {self.role} process exited "
+                               f"(status {await self.proc.wait()}); see its stderr above")
+        reply: dict[str, Any] = orjson.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.role} process failed: {reply['error']}")
+        return reply
+
+    async def close(self) -> None:
+        if self.proc.returncode is None and self.proc.stdin is not None:
+            with suppress(ConnectionError):
+                self.proc.stdin.write(b'{"cmd": "exit"}\n')
+                self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
 
 
-async def run(calls: int, seconds: float, warmup: float = 1.0) -> dict[str, Any]:
-    up, down = Direction("caller->model"), Direction("model->caller")
-    standin_app = create_standin_app(StandinOptions(reply="stream", stream_frame=down.frame,
-                                                    on_audio=up.arrived))
-    runner = web.AppRunner(standin_app, handle_signals=False, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    standin_port = runner.addresses[0][1]
-    port = _free_port()
-    bridge = await _start_bridge(standin_port, port)
-    loop = asyncio.get_running_loop()
-    rss_idle = _proc_kib(bridge.pid, "VmRSS")
-    started: dict[str, float] = {}
-    connector = aiohttp.TCPConnector(limit=0)
-    try:
-        async with aiohttp.ClientSession(connector=connector) as http:
-            streams = []
-            for n in range(calls):  # a 5 ms ramp between calls, as calls really arrive
-                streams.append(await _place(http, f"http://127.0.0.1:{port}", n, down, started))
-                await asyncio.sleep(0.005)
-            sessions = standin_app[STANDIN_SESSIONS]
-            while len(sessions) < calls or any(s.updated_at is None for s in sessions):
-                await asyncio.sleep(0.01)
-            setup_ms = sorted((s.updated_at - started[s.session["instructions"].split()[1]])
-                              * 1000 for s in sessions if s.updated_at is not None)
+@dataclass
+class LoadGenerator:
+    callers: list[Worker]
+    standins: list[Worker]
+    standin_port: int
 
-            lateness: list[float] = []
+    @property
+    def workers(self) -> list[Worker]:
+        return [*self.callers, *self.standins]
 
-            async def caller_clock() -> None:
-                due = loop.time()
-                while True:
-                    for stream in streams:
-                        await stream.send_media(up.frame())
-                    due += 0.02
-                    lateness.append(max(loop.time() - due, 0) * 1000)
-                    await asyncio.sleep(max(due - loop.time(), 0))
 
-            clock = loop.create_task(caller_clock())
-            await asyncio.sleep(warmup)
-            up.measuring = down.measuring = True
-            cpu0, wall0 = _proc_cpu_seconds(bridge.pid), loop.time()
-            own0 = resource.getrusage(resource.RUSAGE_SELF)
-            await asyncio.sleep(seconds)
-            cpu1, wall1 = _proc_cpu_seconds(bridge.pid), loop.time()
-            own1 = resource.getrusage(resource.RUSAGE_SELF)
-            up.measuring = down.measuring = False
-            rss_loaded = _proc_kib(bridge.pid, "VmRSS")
-            clock.cancel()
-            await asyncio.gather(clock, return_exceptions=True)
-            for session in sessions:
-                await session.stop_streaming()
-            for _ in range(100):  # let frames in flight land (bounded)
-                if up.received >= up.sent and down.received >= down.sent:
-                    break
-                await asyncio.sleep(0.02)
-            rss_peak = _proc_kib(bridge.pid, "VmHWM")
-            for stream in streams:
-                await stream.send_stop()
-            for stream in streams:
-                await stream.close()
-    finally:
-        bridge.terminate()
-        await bridge.wait()
-        await runner.cleanup()
-    relayed = up.in_window + down.in_window
-    cpu = cpu1 - cpu0
-    own_cpu = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
-    lateness.sort()
+@asynccontextmanager
+async def load_generator(callers: int, standins: int) -> AsyncIterator[LoadGenerator]:
+    port = free_port()
+    async with AsyncExitStack() as stack:
+        started = await asyncio.gather(
+            *(Worker.start("callers") for _ in range(callers)),
+            *(Worker.start("standin", str(port)) for _ in range(standins)),
+            return_exceptions=True)
+        for worker in started:
+            if isinstance(worker, Worker):
+                stack.push_async_callback(worker.close)
+        for worker in started:
+            if isinstance(worker, BaseException):
+                raise worker
+        workers = [w for w in started if isinstance(w, Worker)]
+        yield LoadGenerator(workers[:callers], workers[callers:], port)
+
+
+async def _all(workers: Iterable[Worker], cmd: str, **fields: Any) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(w.ask(cmd, **fields) for w in workers)))
+
+
+# --- one run ---
+
+
+@dataclass
+class Run:
+    """One configuration measured once: the raw numbers (the JSON has them all)."""
+
+    config: Config
+    round: int
+    calls: int
+    wall: float  # seconds measured
+    server_cpu: float  # CPU seconds the server used while measured
+    up: dict[str, int]  # caller -> model frames: sent, received
+    down: dict[str, int]
+    up_latency: Histogram
+    down_latency: Histogram
+    setup_ms: list[float]
+    rss_kib: dict[str, int]  # idle, loaded, peak
+    generator: list[dict[str, Any]]  # per process: role, cpu_percent
+    caller_lateness: Histogram
+    standin_lateness: Histogram
+    marks_echoed: int
+    errors: dict[str, int]
+    server_log: list[str]  # warnings and errors the server logged
+
+    @property
+    def relayed(self) -> int:
+        return self.up_latency.count + self.down_latency.count
+
+    def summary(self) -> dict[str, Any]:
+        return _summary([self])
+
+
+def _direction(runs: list[Run], key: str) -> dict[str, Any]:
+    counts = [getattr(r, key) for r in runs]
+    sent, received = sum(c["sent"] for c in counts), sum(c["received"] for c in counts)
+    h = Histogram.merged(getattr(r, key + "_latency") for r in runs)
+    return {"frames_sent": sent, "frames_received": received, "frames_lost": sent - received,
+            "p50_ms": h.percentile(0.50), "p99_ms": h.percentile(0.99),
+            "max_ms": round(h.max_ms, 2) if h.count else None, "samples": h.count}
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    values = sorted(values)
+    return round(values[min(int(len(values) * p), len(values) - 1)], 2) if values else None
+
+
+def _summary(runs: list[Run]) -> dict[str, Any]:
+    """One configuration over all its runs: frames and CPU summed, latencies merged."""
+    wall = sum(r.wall for r in runs)
+    cpu = sum(r.server_cpu for r in runs)
+    relayed = sum(r.relayed for r in runs)
+    calls = runs[0].calls
+    setup = [ms for r in runs for ms in r.setup_ms]
+    gen_cpu = [p["cpu_percent_of_one_core"] for r in runs for p in r.generator]
+    gen_total = [sum(p["cpu_percent_of_one_core"] for p in r.generator) for r in runs]
+    caller_late = Histogram.merged(r.caller_lateness for r in runs)
+    standin_late = Histogram.merged(r.standin_lateness for r in runs)
+    errors: dict[str, int] = {}
+    for r in runs:
+        for why, n in r.errors.items():
+            errors[why] = errors.get(why, 0) + n
     return {
-        "calls": calls, "seconds": round(wall1 - wall0, 2),
-        "caller_to_model": up.summary(), "model_to_caller": down.summary(),
-        "bridge_cpu_percent_of_one_core": round(cpu / (wall1 - wall0) * 100, 1),
-        "bridge_cpu_us_per_relayed_frame": round(cpu * 1e6 / relayed, 1) if relayed else None,
-        "relayed_frames_per_second": round(relayed / (wall1 - wall0)),
-        "bridge_rss_idle_mib": round(rss_idle / 1024, 1),
-        "bridge_rss_loaded_mib": round(rss_loaded / 1024, 1),
-        "bridge_rss_peak_mib": round(rss_peak / 1024, 1),
-        "bridge_rss_per_call_kib": round((rss_loaded - rss_idle) / calls, 1),
-        "setup_ms": {"p50": round(setup_ms[len(setup_ms) // 2], 1),
-                     "max": round(setup_ms[-1], 1)},
-        "load_generator_cpu_percent_of_one_core": round(own_cpu / (wall1 - wall0) * 100, 1),
-        "load_generator_clock_lateness_ms": {
-            "p99": round(lateness[int(len(lateness) * 0.99)], 2) if lateness else 0.0,
-            "max": round(lateness[-1], 2) if lateness else 0.0},
+        "runs": len(runs), "calls": calls, "seconds": round(wall, 2),
+        "caller_to_model": _direction(runs, "up"), "model_to_caller": _direction(runs, "down"),
+        "cpu_us_per_relayed_frame": round(cpu * 1e6 / relayed, 2) if relayed else None,
+        "cpu_us_per_relayed_frame_per_run": [
+            round(r.server_cpu * 1e6 / r.relayed, 2) if r.relayed else None for r in runs],
+        "cpu_percent_of_one_core": round(cpu / wall * 100, 1) if wall else None,
+        "relayed_frames_per_second": round(relayed / wall) if wall else 0,
+        "rss_idle_mib": round(statistics.mean(r.rss_kib["idle"] for r in runs) / 1024, 1),
+        "rss_loaded_mib": round(statistics.mean(r.rss_kib["loaded"] for r in runs) / 1024, 1),
+        "rss_peak_mib": round(max(r.rss_kib["peak"] for r in runs) / 1024, 1),
+        "rss_per_call_kib": round(statistics.mean(
+            (r.rss_kib["loaded"] - r.rss_kib["idle"]) / calls for r in runs), 1),
+        "setup_ms": {"p50": _pct(setup, 0.5), "max": _pct(setup, 1.0)},
+        "marks_echoed_per_second": round(sum(r.marks_echoed for r in runs) / wall)
+        if wall else 0,
+        "errors": errors,
+        "server_log_problems": sum(len(r.server_log) for r in runs),
+        "load_generator": {
+            "processes": len(runs[0].generator),
+            "max_process_cpu_percent_of_one_core": max(gen_cpu, default=0.0),
+            "total_cpu_percent_of_one_core": max(gen_total, default=0.0),
+            "caller_clock_lateness_ms": {"p99": caller_late.percentile(0.99),
+                                         "max": round(caller_late.max_ms, 2)},
+            "standin_clock_lateness_ms": {"p99": standin_late.percentile(0.99),
+                                          "max": round(standin_late.max_ms, 2)},
+        },
     }
 
 
-def table(r: dict[str, Any]) -> str:
-    rows = [("calls", r["calls"]), ("measured for", f"{r['seconds']} s")]
-    for key, label in (("caller_to_model", "caller->model"), ("model_to_caller",
-                                                                "model->caller")):
-        d = r[key]
-        rows.append((f"{label} latency p50/p99/max",
-                     f"{d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} ms"))
-        rows.append((f"{label} frames sent/lost", f"{d['frames_sent']} / {d['frames_lost']}"))
-    rows += [
-        ("relayed frames per second", r["relayed_frames_per_second"]),
-        ("bridge CPU per relayed frame", f"{r['bridge_cpu_us_per_relayed_frame']} us"),
-        ("bridge CPU", f"{r['bridge_cpu_percent_of_one_core']} % of one core"),
-        ("bridge RSS idle/loaded/peak", f"{r['bridge_rss_idle_mib']} / "
-         f"{r['bridge_rss_loaded_mib']} / {r['bridge_rss_peak_mib']} MiB"),
-        ("bridge RSS per call", f"{r['bridge_rss_per_call_kib']} KiB"),
-        ("call setup (webhook -> session.updated)",
-         f"p50 {r['setup_ms']['p50']} ms, max {r['setup_ms']['max']} ms"),
-        ("load generator CPU", f"{r['load_generator_cpu_percent_of_one_core']} % of one core"),
-        ("load generator clock lateness p99/max",
-         f"{r['load_generator_clock_lateness_ms']['p99']} / "
-         f"{r['load_generator_clock_lateness_ms']['max']} ms"),
+def _server_env(config: Config, port: int, standin_port: int) -> dict[str, str]:
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(
+               p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "HOST": "127.0.0.1", "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}",
+           "OPENAI_API_KEY": "bench-key",
+           "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
+           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "LOG_LEVEL": "WARNING", "MAX_CALLS": "0",
+           "INSTRUCTIONS": "bench {{call_sid}}"}
+    return {**env, **config.env}
+
+
+async def _sleep_until(t: float) -> None:
+    await asyncio.sleep(max(t - time.monotonic(), 0))
+
+
+async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float,
+                  warmup: float, round_: int = 1) -> Run:
+    """Start the server, place `calls` calls, measure for `seconds` after `warmup`, hang up."""
+    port = free_port()
+    env = _server_env(config, port, gen.standin_port)
+    async with server_process(env, module=config.module, cwd=ROOT) as server:
+        pid = server.pid
+        rss_idle = status_kib(pid, "VmRSS")
+        await _all(gen.standins, "reset")
+        k = len(gen.callers)
+        await asyncio.gather(*(
+            w.ask("dial", base=server.url, calls=list(range(i, calls, k)),
+                  auth_token=None if config.is_bare else AUTH_TOKEN, ramp=RAMP * k,
+                  delay=RAMP * i) for i, w in enumerate(gen.callers)))
+        now = time.monotonic()
+        start, t0 = now + 0.05, now + 0.05 + warmup
+        t1 = t0 + seconds
+        await _all(gen.standins, "window", t0=t0, t1=t1)
+        # the calls' 20 ms clocks, phases spread evenly over the 20 ms
+        await asyncio.gather(*(
+            w.ask("go", start=start, t0=t0, t1=t1,
+                  phases=[n * PERIOD / calls for n in range(i, calls, k)])
+            for i, w in enumerate(gen.callers)))
+        pids = [pid, *(w.pid for w in gen.workers)]
+        await _sleep_until(t0)
+        cpu0 = [cpu_seconds(p) for p in pids]
+        wall0 = time.monotonic()
+        await _sleep_until(t1)
+        cpu1 = [cpu_seconds(p) for p in pids]
+        wall1 = time.monotonic()
+        rss_loaded = status_kib(pid, "VmRSS")
+        await _all(gen.standins, "quiet")
+        await _all(gen.callers, "quiet")
+        for _ in range(100):  # let the frames in flight land (bounded: 2 s)
+            twilio, openai = _sum(await _all(gen.callers, "counts"),
+                                  await _all(gen.standins, "counts"))
+            if twilio["received"] >= openai["sent"] and openai["received"] >= twilio["sent"]:
+                break
+            await asyncio.sleep(0.02)
+        rss_peak = status_kib(pid, "VmHWM")
+        caller_reports = await _all(gen.callers, "hangup")
+        standin_reports = await _all(gen.standins, "report")
+    wall = wall1 - wall0
+    used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    callers_sum, standins_sum = _sum(caller_reports, standin_reports)
+    errors: dict[str, int] = {}
+    for report in caller_reports:
+        for why, n in report["errors"].items():
+            errors[why] = errors.get(why, 0) + n
+    return Run(
+        config=config, round=round_, calls=calls, wall=wall, server_cpu=used[0],
+        up={"sent": callers_sum["sent"], "received": standins_sum["received"]},
+        down={"sent": standins_sum["sent"], "received": callers_sum["received"]},
+        up_latency=Histogram.merged(Histogram.from_json(r["latency"]) for r in standin_reports),
+        down_latency=Histogram.merged(
+            Histogram.from_json(r["latency"]) for r in caller_reports),
+        setup_ms=[ms for r in caller_reports for ms in r["setup_ms"]],
+        rss_kib={"idle": rss_idle, "loaded": rss_loaded, "peak": rss_peak},
+        generator=[{"role": w.role, "cpu_percent_of_one_core": round(u / wall * 100, 1)}
+                   for w, u in zip(gen.workers, used[1:], strict=True)],
+        caller_lateness=Histogram.merged(
+            Histogram.from_json(r["lateness"]) for r in caller_reports),
+        standin_lateness=Histogram.merged(
+            Histogram.from_json(r["lateness"]) for r in standin_reports),
+        marks_echoed=sum(r["marks_echoed"] for r in caller_reports),
+        errors=errors,
+        server_log=[line.rstrip() for line in server.log.items
+                    if " WARNING " in line or " ERROR " in line or "Traceback" in line],
+    )
+
+
+def _sum(callers: list[dict[str, Any]], standins: list[dict[str, Any]],
+         ) -> tuple[dict[str, int], dict[str, int]]:
+    def total(reports: list[dict[str, Any]]) -> dict[str, int]:
+        return {key: sum(r[key] for r in reports) for key in ("sent", "received")}
+
+    return total(callers), total(standins)
+
+
+# --- the whole bench ---
+
+
+async def run(calls: int = 100, seconds: float = 20.0, rounds: int = 2, warmup: float = 2.0,
+              callers: int = 2, standins: int = 1, bridge_env: dict[str, str] | None = None,
+              compare: tuple[str, list[str]] | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every configuration `rounds` times, alternating; the report (as in out/bench.json)."""
+    order = configs(bridge_env, compare)
+    runs: dict[str, list[Run]] = {c.label: [] for c in order}
+    total = rounds * len(order)
+    async with load_generator(callers, standins) as gen:
+        for r in range(1, rounds + 1):
+            for config in order:
+                done = sum(len(v) for v in runs.values()) + 1
+                result = await measure(config, gen, calls, seconds, warmup, r)
+                runs[config.label].append(result)
+                s = result.summary()
+                lost = (s["caller_to_model"]["frames_lost"], s["model_to_caller"]["frames_lost"])
+                echo(f"  run {done}/{total} {config.label:<{max(len(c.label) for c in order)}}"
+                     f"  {s['cpu_us_per_relayed_frame']} us/frame, {s['cpu_percent_of_one_core']}"
+                     f" % CPU, p99 {s['caller_to_model']['p99_ms']} / "
+                     f"{s['model_to_caller']['p99_ms']} ms, lost {lost[0]} / {lost[1]}, "
+                     f"generator max {s['load_generator']['max_process_cpu_percent_of_one_core']}"
+                     f" % of a core")
+    summaries = {label: _summary(rs) for label, rs in runs.items()}
+    bare = next(c for c in order if c.is_bare)
+    ratios = {}
+    for config in order:
+        if config.is_bare:
+            continue
+        mine, base = summaries[config.label], summaries[bare.label]
+        per_round = [
+            round(a.server_cpu / a.relayed / (b.server_cpu / b.relayed), 2)
+            if a.relayed and b.relayed and b.server_cpu else None
+            for a, b in zip(runs[config.label], runs[bare.label], strict=True)]
+        ratio = (round(mine["cpu_us_per_relayed_frame"] / base["cpu_us_per_relayed_frame"], 2)
+                 if mine["cpu_us_per_relayed_frame"] and base["cpu_us_per_relayed_frame"]
+                 else None)
+        ratios[config.label] = {"vs": bare.label, "cpu_per_relayed_frame": ratio,
+                                "per_round": per_round}
+    return {
+        "machine": machine(), "calls": calls, "seconds": seconds, "rounds": rounds,
+        "warmup": warmup, "order": [c.label for c in order],
+        "load_generator": {"caller_processes": callers, "standin_processes": standins},
+        "configs": {label: {"env": next(c.env for c in order if c.label == label),
+                            "summary": summaries[label],
+                            "runs": [_run_json(r) for r in rs]} for label, rs in runs.items()},
+        "ratios": ratios,
+        "server_log_problems": {label: [line for r in rs for line in r.server_log][:10]
+                                for label, rs in runs.items()},
+    }
+
+
+def _run_json(r: Run) -> dict[str, Any]:
+    return {"round": r.round, **r.summary(), "generator_processes": r.generator}
+
+
+# --- printing ---
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    labels = list(report["configs"])
+    s = {label: report["configs"][label]["summary"] for label in labels}
+
+    def ms(d: dict[str, Any]) -> str:
+        return f"{d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} ms"
+
+    def gen(x: dict[str, Any]) -> str:
+        g = x["load_generator"]
+        return (f"{g['max_process_cpu_percent_of_one_core']} % "
+                f"(all {g['processes']}: {g['total_cpu_percent_of_one_core']} %)")
+
+    def late(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda x: (f"{x['load_generator'][key]['p99']} / "
+                          f"{x['load_generator'][key]['max']} ms")
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+        ("caller->model latency p50/p99/max", lambda x: ms(x["caller_to_model"])),
+        ("model->caller latency p50/p99/max", lambda x: ms(x["model_to_caller"])),
+        ("frames sent (caller->model / model->caller)", lambda x: (
+            f"{x['caller_to_model']['frames_sent']} / {x['model_to_caller']['frames_sent']}")),
+        ("frames lost (caller->model / model->caller)", lambda x: (
+            f"{x['caller_to_model']['frames_lost']} / {x['model_to_caller']['frames_lost']}")),
+        ("relayed frames per second", lambda x: x["relayed_frames_per_second"]),
+        ("CPU per relayed frame", lambda x: (
+            f"{x['cpu_us_per_relayed_frame']} us  (runs: "
+            + ", ".join(str(v) for v in x["cpu_us_per_relayed_frame_per_run"]) + ")")),
+        ("CPU", lambda x: f"{x['cpu_percent_of_one_core']} % of one core"),
+        ("RSS idle / loaded / peak", lambda x: (
+            f"{x['rss_idle_mib']} / {x['rss_loaded_mib']} / {x['rss_peak_mib']} MiB")),
+        ("RSS per call", lambda x: f"{x['rss_per_call_kib']} KiB"),
+        ("call set-up p50 / max", lambda x: (
+            f"{x['setup_ms']['p50']} / {x['setup_ms']['max']} ms")),
+        ("marks echoed per second", lambda x: x["marks_echoed_per_second"]),
+        ("load generator CPU, busiest process", gen),
+        ("caller clock lateness p99 / max", late("caller_clock_lateness_ms")),
+        ("stand-in clock lateness p99 / max", late("standin_clock_lateness_ms")),
+        ("errors / server log warnings", lambda x: (
+            f"{sum(x['errors'].values())} / {x['server_log_problems']}")),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    cells = [[str(fn(s[label])) for label in labels] for _, fn in rows]
+    first = max(len(name) for name, _ in rows)
+    widths = [max(len(label), *(len(row[i]) for row in cells)) for i, label in enumerate(labels)]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+        f"load generator on {m['load_generator_loop']}",
+        f"{report['calls']} calls x {report['seconds']:g} s measured per run, "
+        f"{report['rounds']} round(s): " + ", ".join(report["order"]),
+        "",
+        " " * first + "  " + "  ".join(f"{lab:<{w}}" for lab, w in zip(labels, widths,
+                                                                          strict=True)),
+    ]
+    for (name, _), row in zip(rows, cells, strict=True):
+        lines.append(f"{name:<{first}}  " + "  ".join(
+            f"{c:<{w}}" for c, w in zip(row, widths, strict=True)))
+    lines.append("")
+    for label, r in report["ratios"].items():
+        rounds = ", ".join(str(v) for v in r["per_round"])
+        lines.append(f"{label} CPU per relayed frame: {r['cpu_per_relayed_frame']} x the "
+                     f"{r['vs']}'s (per round: {rounds})")
+    for label, problems in report["server_log_problems"].items():
+        for line in problems[:3]:
+            lines.append(f"{label} logged: {line[:160]}")
+    for label in labels:
+        for why, n in s[label]["errors"].items():
+            lines.append(f"{label}: {n} x {why}")
+    return "\n".join(lines)
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def _comparison(text: str) -> tuple[str, list[str]]:
+    name, values = _assignment(text)
+    pair = values.split(",")
+    if len(pair) != 2:
+        raise argparse.ArgumentTypeError(f"expected NAME=A,B (two values), not {text!r}")
+    return name, pair
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.testing.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m server.testing.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--callers", type=int, default=2, help="caller processes")
+    parser.add_argument("--standins", type=int, default=1, help="stand-in processes")
+    parser.add_argument("--bridge-env", type=_assignment, action="append", default=[],
+                        metavar="NAME=VALUE", help="set for every bridge run (repeatable)")
+    parser.add_argument("--compare", type=_comparison, default=None, metavar="NAME=A,B",
+                        help="run the bridge with NAME=A and with NAME=B")
     parser.add_argument("--json", type=Path, default=Path("out/bench.json"))
     args = parser.parse_args(argv)
-    print(f"bench: {args.calls} simultaneous calls, full duplex, {args.seconds:g} s measured")
-    result = asyncio.run(run(args.calls, args.seconds))
-    print(table(result))
+    print(f"bench: {args.calls} simultaneous calls, full duplex, {args.seconds:g} s measured "
+          f"per run, {args.rounds} round(s), {args.callers} caller + {args.standins} stand-in "
+          f"process(es)")
+    report = asyncio.run(run(args.calls, args.seconds, args.rounds, args.warmup, args.callers,
+                             args.standins, dict(args.bridge_env), args.compare))
+    print()
+    print(table(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"wrote {args.json}")
 
 

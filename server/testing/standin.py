@@ -16,18 +16,22 @@ import argparse
 import asyncio
 import base64
 import binascii
+import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from server.testing.audio import level, tone
+from server.testing.audio import BYTES_PER_MS, FRAME_BYTES, level, tone
 
-BYTES_PER_MS = 8
-WINDOW = 160  # 20 ms of mu-law
+WINDOW = FRAME_BYTES  # 20 ms of mu-law
+
+# ("server", event) for each event the stand-in sends, ("client", event) for each JSON object it
+# receives; e.g. server.testing.sdk_check.EventChecker(). It should collect, not raise.
+EventHook = Callable[[Literal["server", "client"], Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,65 @@ class StandinOptions:
     api_key: str | None = None  # when set, the handshake must carry this Bearer key (else 401)
     handshake_status: int | None = None  # refuse every handshake with this HTTP status
     handshake_delay: float = 0.0  # seconds before answering a handshake
+    answer_pings: bool = True  # False: a half-open connection (pings never get a pong)
+    accept_sessions: int | None = None  # refuse (503) every handshake after this many sessions
+    session_lifetime: float | None = None  # then `session_expired` and close 1001, as OpenAI
     chunk_ms: int = 100  # audio per response.output_audio.delta
     pace: float = 0.0  # 0: as fast as possible; x > 0: x times real time
     vad_level: int = 500  # mean |linear sample| of a 20 ms window above which it is speech
     reply: str = "echo"  # "echo" the caller's turn, "tone", or "stream" (see below)
     # "stream" (for load tests): from session.updated on, send `stream_frame()` every 20 ms of
-    # real time as one delta, forever, with no VAD; `on_audio` sees every appended chunk.
+    # real time as one delta, forever, with no VAD, on a clock of its own random phase (many
+    # sessions do not send in lockstep); `on_audio` sees every appended chunk, `stream_late`
+    # how late (s) each delta went out behind its clock. `stream_keep_audio=False` keeps no
+    # append event and skips its base64 check: nothing per frame beyond the hook (the bench).
     stream_frame: Callable[[], bytes] | None = None
     on_audio: Callable[[bytes], None] | None = None
+    stream_late: Callable[[float], None] | None = None
+    stream_keep_audio: bool = True
     greeting_ms: int = 600  # tone length for a response.create with nothing to echo
+    check_events: EventHook | None = None  # sees every event both ways (tests: SDK validation)
+    # Function calling (see ToolCallScript): the response to caller turn N (1-based) ...
+    tool_calls: Mapping[int, ToolCallScript] = field(default_factory=dict)
+    # ... and the response.create that follows a user text item containing this text ("" = any)
+    text_tool_calls: Mapping[str, ToolCallScript] = field(default_factory=dict)
+    tool_reply_ms: int = 400  # tone length of the answer after function_call_output items
+
+
+@dataclass(frozen=True)
+class ToolCallScript:
+    """A response that calls functions: `say_ms` of audio first ("let me check", or a goodbye
+    before end_call), then each (name, arguments) as a function_call item; arguments that are
+    not a str are sent as JSON, a str as is (so a test can send invalid JSON)."""
+
+    calls: tuple[tuple[str, Any], ...]
+    say_ms: int = 0
+
+
+def tool_call(name: str, arguments: Any = None, say_ms: int = 0) -> ToolCallScript:
+    """One function call in a response: `tool_call("lookup_order", {"order_id": "1"})`."""
+    return ToolCallScript(((name, {} if arguments is None else arguments),), say_ms)
+
+
+def load_scenario(path: str) -> dict[str, Any]:
+    """StandinOptions fields from a JSON scenario file:
+    `{"turns": {"1": {"say_ms": 600, "calls": [["lookup_order", {"order_id": "1234"}]]}},
+      "text": {"1 2 3 4": {"calls": [["lookup_order", {"order_id": "1234"}]]}},
+      "tool_reply_ms": 800}`"""
+    with open(path, encoding="utf-8") as f:
+        data = orjson.loads(f.read())
+
+    def script(entry: Mapping[str, Any]) -> ToolCallScript:
+        return ToolCallScript(tuple((str(n), a) for n, a in entry.get("calls", ())),
+                              int(entry.get("say_ms", 0)))
+
+    options: dict[str, Any] = {
+        "tool_calls": {int(turn): script(e) for turn, e in data.get("turns", {}).items()},
+        "text_tool_calls": {str(text): script(e) for text, e in data.get("text", {}).items()},
+    }
+    if "tool_reply_ms" in data:
+        options["tool_reply_ms"] = int(data["tool_reply_ms"])
+    return options
 
 
 STANDIN_SESSIONS: web.AppKey[list[StandinSession]] = web.AppKey("standin_sessions")
@@ -105,8 +159,8 @@ class StandinSession:
         self.closed = asyncio.Event()
         self.audio_bytes_received = 0
         self.session: dict[str, Any] = {
-            "type": "realtime", "object": "realtime.session", "id": f"sess_{id(self):x}",
-            "model": self.model, "output_modalities": ["audio"], "instructions": "",
+            "type": "realtime", "model": self.model, "output_modalities": ["audio"],
+            "instructions": "",
             "audio": {
                 "input": {"format": {"type": "audio/pcm", "rate": 24000},
                           "turn_detection": {"type": "server_vad", "threshold": 0.5,
@@ -125,6 +179,12 @@ class StandinSession:
         self._user_item: str | None = None
         self._last_item: str | None = None
         self._audio_ms: dict[str, int] = {}  # assistant item -> ms of audio generated
+        self.call_ids: set[str] = set()  # function calls the model issued (seen in sent events)
+        self._turns = 0  # caller turns committed, numbered in their transcripts
+        self._reply: dict[str, Any] | None = None  # the response's message item, once added
+        self._reply_transcript = ""
+        self.tool_outputs: dict[str, str] = {}  # call_id -> output the client sent back
+        self._last_client_item: dict[str, Any] | None = None  # the last item the client created
         self._response: asyncio.Task[None] | None = None
         self._response_id: str | None = None
         self._streamer: asyncio.Task[None] | None = None
@@ -144,13 +204,25 @@ class StandinSession:
             await self._changed.wait_for(lambda: len(found()) >= count)
         return found()[count - 1]
 
-    async def send(self, event: dict[str, Any]) -> None:
+    async def send(self, event: dict[str, Any], *, check: bool = True) -> None:
+        """Send a server event; `check=False` exempts one a test malforms on purpose."""
         event.setdefault("event_id", self._id("event"))
+        if check and self._options.check_events is not None:
+            self._options.check_events("server", event)
+        call_id = _issued_call(event)
+        if call_id is not None:
+            self.call_ids.add(call_id)
         if not self._ws.closed:
             await self._ws.send_frame(orjson.dumps(event), WSMsgType.TEXT)
 
     async def close(self, code: int = 1000) -> None:
         await self._ws.close(code=code)
+
+    async def expire(self) -> None:
+        """What OpenAI does at the 60-minute limit: `session_expired`, then close 1001."""
+        await self._error("session_expired",
+                          "Your session hit the maximum duration of 60 minutes.")
+        await self._ws.close(code=1001)
 
     # --- protocol ---
 
@@ -162,6 +234,11 @@ class StandinSession:
             self.closed.set()
             return
         await self.send({"type": "session.created", "session": self.session})
+        expiry = None
+        if self._options.session_lifetime is not None:
+            expiry = asyncio.get_running_loop().call_later(
+                self._options.session_lifetime,
+                lambda: asyncio.ensure_future(self.expire()))
         try:
             async for msg in self._ws:
                 if msg.type is not WSMsgType.TEXT:
@@ -173,12 +250,20 @@ class StandinSession:
                 except ValueError:
                     await self._error("invalid_json", "the message is not a JSON object")
                     continue
+                if self._options.check_events is not None:
+                    self._options.check_events("client", event)
+                if self._streamer is not None and not self._options.stream_keep_audio \
+                        and event.get("type") == "input_audio_buffer.append":
+                    self._streamed_audio(event)
+                    continue
                 await self._record(event)
                 try:
                     await self._handle(event)
                 except _Reject as r:
                     await self._error(r.code, r.message, r.param, event.get("event_id"))
         finally:
+            if expiry is not None:
+                expiry.cancel()
             try:  # a test server cancels this handler when the client drops
                 await self._stop_response(None)
                 await self.stop_streaming()
@@ -213,11 +298,21 @@ class StandinSession:
             if self._detection() and self.session["audio"]["input"]["format"] == FORMATS[0]:
                 await self._vad(audio)
         elif kind == "response.create":
+            _check_response(event.get("response"))
             if self._response_id is not None:
                 raise _Reject("conversation_already_has_active_response",
                               f"Conversation already has an active response in progress: "
                               f"{self._response_id}")
-            self._start_response(bytes(self._turn) or tone(self._options.greeting_ms))
+            last, self._last_client_item = self._last_client_item, None
+            script = self._text_script(last)
+            if script is not None:
+                self._start_calls(script)
+            elif last is not None and last.get("type") == "function_call_output":
+                self._start_response(tone(self._options.tool_reply_ms), "answer")
+            elif self._turn:
+                self._start_response(bytes(self._turn), "echo")
+            else:
+                self._start_response(tone(self._options.greeting_ms), "tone")
         elif kind == "response.cancel":
             if self._response_id is None:
                 raise _Reject("response_cancel_not_active", "no active response")
@@ -225,11 +320,7 @@ class StandinSession:
         elif kind == "conversation.item.truncate":
             await self._truncate(event)
         elif kind == "conversation.item.create":
-            item = dict(event.get("item") or {})
-            item.setdefault("id", self._id("item"))
-            await self.send({"type": "conversation.item.added", "item": item,
-                             "previous_item_id": self._last_item})
-            self._last_item = item["id"]
+            await self._create_item(event)
         else:
             raise _Reject("unknown_event_type", f"unknown client event {kind!r}", "type")
 
@@ -262,13 +353,26 @@ class StandinSession:
         self._audio_ms[item] = 0
         base = {"type": "response.output_audio.delta", "response_id": response_id,
                 "item_id": item, "output_index": 0, "content_index": 0}
+        late = self._options.stream_late
         loop = asyncio.get_running_loop()
         due = loop.time()
+        await self.send({**base, "delta": base64.b64encode(make()).decode()})
+        self._audio_ms[item] += 20
+        due += 0.02 * (1 + random.random())  # the first delta at once, then a random phase
         while True:
+            await asyncio.sleep(max(due - loop.time(), 0))
+            if late is not None:
+                late(max(loop.time() - due, 0.0))
             await self.send({**base, "delta": base64.b64encode(make()).decode()})
             self._audio_ms[item] += 20
             due += 0.02
-            await asyncio.sleep(max(due - loop.time(), 0))
+
+    def _streamed_audio(self, event: dict[str, Any]) -> None:
+        """Stream mode, lean: hand the audio to the hook, keep nothing."""
+        audio = base64.b64decode(event.get("audio") or b"")
+        self.audio_bytes_received += len(audio)
+        if self._options.on_audio is not None:
+            self._options.on_audio(audio)
 
     async def stop_streaming(self) -> None:
         task, self._streamer = self._streamer, None
@@ -306,21 +410,75 @@ class StandinSession:
 
     async def _end_turn(self, end_ms: int, detection: dict[str, Any]) -> None:
         self._speaking = False
-        item = self._user_item
+        item = self._user_item or self._id("item")
+        previous, self._last_item = self._last_item, item
         await self.send({"type": "input_audio_buffer.speech_stopped",
                          "audio_end_ms": end_ms, "item_id": item})
         await self.send({"type": "input_audio_buffer.committed", "item_id": item,
-                         "previous_item_id": self._last_item})
-        self._last_item = item
+                         "previous_item_id": previous})
         speech = bytes(self._turn[: len(self._turn) - self._silent_ms * BYTES_PER_MS])
+        await self._user_turn(item, previous, speech)
+        self._last_client_item = None
         if detection.get("create_response", True) and self._response_id is None:
-            reply = speech if self._options.reply == "echo" else tone(600)
-            self._start_response(reply)
+            script = self._options.tool_calls.get(self._turns)
+            if script is not None:
+                self._start_calls(script)
+            elif self._options.reply == "echo":
+                self._start_response(speech, "echo")
+            else:
+                self._start_response(tone(600), "tone")
 
-    def _start_response(self, audio: bytes) -> None:
+    async def _user_turn(self, item_id: str, previous: str | None, speech: bytes) -> None:
+        """The committed turn as a conversation item, then its transcript if transcription is on.
+
+        The transcript is deterministic ("caller turn 2 (1200 ms)") so tests can assert on it.
+        """
+        self._turns += 1
+        item = {"id": item_id, "type": "message", "object": "realtime.item", "role": "user",
+                "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}
+        for kind in ("conversation.item.added", "conversation.item.done"):
+            await self.send({"type": kind, "item": item, "previous_item_id": previous})
+        if not isinstance(self.session["audio"]["input"].get("transcription"), dict):
+            return
+        ms = len(speech) // BYTES_PER_MS
+        audio_tokens = max(ms // 100, 1)  # about 10 tokens a second of input audio
+        await self.send({
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": item_id, "content_index": 0,
+            "transcript": f"caller turn {self._turns} ({ms} ms)",
+            "usage": {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": 6,
+                      "total_tokens": audio_tokens + 6,
+                      "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}})
+
+    async def _create_item(self, event: dict[str, Any]) -> None:
+        """Add a client item: a tool result, or a user/assistant turn carried into a new session."""
+        item = event.get("item")
+        if not isinstance(item, dict):
+            raise _Reject("missing_required_parameter", "Missing required parameter: 'item'.",
+                          "item")
+        _check_item(item)
+        if item["type"] == "function_call_output" and item["call_id"] not in self.call_ids:
+            raise _Reject("invalid_value", f"Invalid value: '{item['call_id']}'. No tool call "
+                          f"with this call_id was found in the conversation.", "item.call_id")
+        if item["type"] == "function_call" and isinstance(item.get("call_id"), str):
+            self.call_ids.add(item["call_id"])
+        added = {**item, "id": item.get("id") or self._id("item"), "object": "realtime.item",
+                 "status": "completed"}
+        self._last_client_item = added
+        if item["type"] == "function_call_output":
+            self.tool_outputs[item["call_id"]] = item["output"]
+        previous = event.get("previous_item_id")
+        if not isinstance(previous, str) or previous == self._last_item:
+            previous, self._last_item = self._last_item, added["id"]
+        for kind in ("conversation.item.added", "conversation.item.done"):
+            await self.send({"type": kind, "item": added, "previous_item_id": previous})
+
+    def _start_response(self, audio: bytes, label: str) -> None:
+        """Answer with this audio; its transcript says what it is ("echo of 1200 ms")."""
         self._response_id = self._id("resp")
+        transcript = f"{label} of {len(audio) // BYTES_PER_MS} ms"
         self._response = asyncio.get_running_loop().create_task(
-            self._stream(self._response_id, audio))
+            self._stream(self._response_id, audio, transcript))
 
     async def _stop_response(self, reason: str | None) -> None:
         """Cancel the response task; with a reason, tell the client it was cancelled."""
@@ -329,28 +487,41 @@ class StandinSession:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        reply, self._reply = self._reply, None
         if reason and response_id:
+            output: list[dict[str, Any]] = []
+            audio_ms = 0
+            if reply is not None:
+                audio_ms = self._audio_ms.get(reply["id"], 0)
+                output = [{**reply, "status": "incomplete", "content": [
+                    {"type": "output_audio", "transcript": self._reply_transcript}]}]
             await self.send({"type": "response.done", "response": {
                 "id": response_id, "object": "realtime.response", "status": "cancelled",
-                "status_details": {"type": "cancelled", "reason": reason}, "output": [],
-                "usage": _usage(0)}})
+                "status_details": {"type": "cancelled", "reason": reason}, "output": output,
+                "output_modalities": ["audio"], "usage": usage_for(audio_ms)}})
 
-    async def _stream(self, response_id: str, audio: bytes) -> None:
+    async def _stream(self, response_id: str, audio: bytes, transcript: str) -> None:
         item = self._id("item")
         self._audio_ms[item] = 0
         base = {"response_id": response_id, "item_id": item, "output_index": 0,
                 "content_index": 0}
         await self.send({"type": "response.created", "response": {
             "id": response_id, "object": "realtime.response", "status": "in_progress",
-            "output": []}})
-        message: dict[str, Any] = {"id": item, "type": "message", "role": "assistant",
-                                   "status": "in_progress",
-                   "content": []}
+            "output": [], "output_modalities": ["audio"]}})
+        message: dict[str, Any] = {"id": item, "type": "message", "object": "realtime.item",
+                                   "role": "assistant", "status": "in_progress", "content": []}
+        previous, self._last_item = self._last_item, item
+        self._reply, self._reply_transcript = message, transcript
         await self.send({"type": "response.output_item.added", "response_id": response_id,
                          "output_index": 0, "item": message})
-        transcript = f"(echo of {len(audio) // BYTES_PER_MS} ms)"
-        await self.send({"type": "response.output_audio_transcript.delta", **base,
-                         "delta": transcript})
+        await self.send({"type": "conversation.item.added", "item": message,
+                         "previous_item_id": previous})
+        await self.send({"type": "response.content_part.added", **base,
+                         "part": {"type": "audio", "transcript": ""}})
+        words = transcript.split(" ")
+        for n, word in enumerate(words):  # "echo ", "of ", "1200 ", "ms"
+            await self.send({"type": "response.output_audio_transcript.delta", **base,
+                             "delta": word if n == len(words) - 1 else word + " "})
         chunk = self._options.chunk_ms * BYTES_PER_MS
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -367,15 +538,117 @@ class StandinSession:
         await self.send({"type": "response.output_audio.done", **base})
         await self.send({"type": "response.output_audio_transcript.done", **base,
                          "transcript": transcript})
+        await self.send({"type": "response.content_part.done", **base,
+                         "part": {"type": "audio", "transcript": transcript}})
         message = {**message, "status": "completed",
                    "content": [{"type": "output_audio", "transcript": transcript}]}
         await self.send({"type": "response.output_item.done", "response_id": response_id,
                          "output_index": 0, "item": message})
-        self._response = self._response_id = None
-        self._last_item = item
+        await self.send({"type": "conversation.item.done", "item": message,
+                         "previous_item_id": previous})
+        self._response = self._response_id = self._reply = None
         await self.send({"type": "response.done", "response": {
             "id": response_id, "object": "realtime.response", "status": "completed",
-            "output": [message], "usage": _usage(self._audio_ms[item])}})
+            "output": [message], "output_modalities": ["audio"],
+            "usage": usage_for(self._audio_ms[item])}})
+
+    # --- function calling ---
+
+    def _text_script(self, item: Mapping[str, Any] | None) -> ToolCallScript | None:
+        """The scripted calls for a user text item (a keypad entry), if any match."""
+        if item is None or item.get("type") != "message" or item.get("role") != "user":
+            return None
+        text = " ".join(str(p.get("text", "")) for p in item.get("content") or ()
+                        if isinstance(p, dict))
+        for needle, script in self._options.text_tool_calls.items():
+            if needle in text:
+                return script
+        return None
+
+    def _start_calls(self, script: ToolCallScript) -> None:
+        self._response_id = self._id("resp")
+        self._response = asyncio.get_running_loop().create_task(
+            self._stream_calls(self._response_id, script))
+
+    async def _stream_calls(self, response_id: str, script: ToolCallScript) -> None:
+        """A response with optional audio, then function_call items, in the GA event shapes."""
+        await self.send({"type": "response.created", "response": {
+            "id": response_id, "object": "realtime.response", "status": "in_progress",
+            "output": [], "output_modalities": ["audio"]}})
+        output: list[dict[str, Any]] = []
+        audio_ms = 0
+        if script.say_ms:
+            output.append(await self._say(response_id, tone(script.say_ms)))
+            audio_ms = script.say_ms
+        for name, arguments in script.calls:
+            args = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+            output.append(await self._function_call(response_id, len(output), name, args))
+        self._response = self._response_id = self._reply = None
+        await self.send({"type": "response.done", "response": {
+            "id": response_id, "object": "realtime.response", "status": "completed",
+            "output": output, "output_modalities": ["audio"], "usage": usage_for(audio_ms)}})
+
+    async def _say(self, response_id: str, audio: bytes) -> dict[str, Any]:
+        """One spoken message item inside a response; returns the completed item."""
+        item = self._id("item")
+        self._audio_ms[item] = 0
+        transcript = f"let me check ({len(audio) // BYTES_PER_MS} ms)"
+        base = {"response_id": response_id, "item_id": item, "output_index": 0,
+                "content_index": 0}
+        message: dict[str, Any] = {"id": item, "type": "message", "object": "realtime.item",
+                                   "role": "assistant", "status": "in_progress", "content": []}
+        previous, self._last_item = self._last_item, item
+        self._reply, self._reply_transcript = message, transcript
+        await self.send({"type": "response.output_item.added", "response_id": response_id,
+                         "output_index": 0, "item": message})
+        await self.send({"type": "conversation.item.added", "item": message,
+                         "previous_item_id": previous})
+        chunk = self._options.chunk_ms * BYTES_PER_MS
+        for offset in range(0, len(audio), chunk):
+            piece = audio[offset:offset + chunk]
+            await self.send({"type": "response.output_audio.delta", **base,
+                             "delta": base64.b64encode(piece).decode()})
+            self._audio_ms[item] += len(piece) // BYTES_PER_MS
+            await asyncio.sleep(0)
+        await self.send({"type": "response.output_audio.done", **base})
+        await self.send({"type": "response.output_audio_transcript.done", **base,
+                         "transcript": transcript})
+        message = {**message, "status": "completed",
+                   "content": [{"type": "output_audio", "transcript": transcript}]}
+        await self.send({"type": "response.output_item.done", "response_id": response_id,
+                         "output_index": 0, "item": message})
+        await self.send({"type": "conversation.item.done", "item": message,
+                         "previous_item_id": previous})
+        self._reply = None
+        return message
+
+    async def _function_call(self, response_id: str, index: int, name: str,
+                             arguments: str) -> dict[str, Any]:
+        """One function_call item: added, argument deltas, done; returns the completed item."""
+        item_id, call_id = self._id("item"), self._id("call")
+        item: dict[str, Any] = {"id": item_id, "type": "function_call", "object": "realtime.item",
+                                "status": "in_progress", "name": name, "call_id": call_id,
+                                "arguments": ""}
+        previous, self._last_item = self._last_item, item_id
+        base = {"response_id": response_id, "item_id": item_id, "output_index": index,
+                "call_id": call_id}
+        await self.send({"type": "response.output_item.added", "response_id": response_id,
+                         "output_index": index, "item": item})
+        await self.send({"type": "conversation.item.added", "item": item,
+                         "previous_item_id": previous})
+        half = len(arguments) // 2
+        for delta in (arguments[:half], arguments[half:]):
+            if delta:
+                await self.send({"type": "response.function_call_arguments.delta", **base,
+                                 "delta": delta})
+        await self.send({"type": "response.function_call_arguments.done", **base,
+                         "name": name, "arguments": arguments})
+        item = {**item, "status": "completed", "arguments": arguments}
+        await self.send({"type": "response.output_item.done", "response_id": response_id,
+                         "output_index": index, "item": item})
+        await self.send({"type": "conversation.item.done", "item": item,
+                         "previous_item_id": previous})
+        return item
 
     async def _truncate(self, event: dict[str, Any]) -> None:
         item, end_ms = event.get("item_id"), event.get("audio_end_ms")
@@ -391,13 +664,95 @@ class StandinSession:
                          "audio_end_ms": end_ms})
 
 
-def _usage(audio_ms: int) -> dict[str, Any]:
-    """Plausible token counts: audio output is about 20 tokens a second."""
+def usage_for(audio_ms: int) -> dict[str, Any]:
+    """The `usage` of a response with this much audio, in OpenAI's field names.
+
+    Deterministic so tests can assert totals: input is always 140 tokens (100 text + 40 audio,
+    64 of them cached), output is 10 text tokens plus 20 audio tokens a second of audio.
+    """
     audio_out = audio_ms // 50
-    return {"total_tokens": 120 + audio_out + 10, "input_tokens": 120,
-            "output_tokens": audio_out + 10,
-            "input_token_details": {"text_tokens": 100, "audio_tokens": 20, "cached_tokens": 0},
+    return {"total_tokens": 140 + 10 + audio_out, "input_tokens": 140,
+            "output_tokens": 10 + audio_out,
+            "input_token_details": {"text_tokens": 100, "audio_tokens": 40, "cached_tokens": 64,
+                                    "cached_tokens_details": {"text_tokens": 48,
+                                                              "audio_tokens": 16}},
             "output_token_details": {"text_tokens": 10, "audio_tokens": audio_out}}
+
+
+def _issued_call(event: Mapping[str, Any]) -> str | None:
+    """The call_id of a function call this server event issues, if it issues one."""
+    item = event.get("item")
+    if isinstance(item, dict) and item.get("type") == "function_call":
+        call_id = item.get("call_id")
+    elif event.get("type") == "response.function_call_arguments.done":
+        call_id = event.get("call_id")
+    else:
+        return None
+    return call_id if isinstance(call_id, str) else None
+
+
+RESPONSE_KEYS = frozenset({
+    "audio", "conversation", "input", "instructions", "max_output_tokens", "metadata",
+    "output_modalities", "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools"})
+ITEM_KEYS = {  # per item type: required keys (str values unless "content"), then optional ones
+    "message": (("role", "content"), ()),
+    "function_call": (("name", "arguments"), ("call_id",)),
+    "function_call_output": (("call_id", "output"), ()),
+}
+CONTENT_TYPES = {"user": ("input_text", "input_audio", "input_image"),
+                 "assistant": ("output_text", "output_audio"), "system": ("input_text",)}
+CONTENT_KEYS = frozenset({"type", "text", "audio", "transcript", "image_url", "detail"})
+
+
+def _check_response(response: Any) -> None:
+    """`response.create` may carry response settings (instructions, ...), nothing else."""
+    if response is None:
+        return
+    if not isinstance(response, dict):
+        raise _Reject("invalid_type", "response must be an object", "response")
+    for key in response:
+        if key not in RESPONSE_KEYS:
+            raise _Reject("unknown_parameter", f"Unknown parameter: 'response.{key}'.",
+                          f"response.{key}")
+
+
+def _check_item(item: dict[str, Any]) -> None:
+    """Refuse what the service refuses in `conversation.item.create`."""
+    kind = item.get("type")
+    if not isinstance(kind, str) or kind not in ITEM_KEYS:
+        raise _Reject("invalid_value", f"Invalid value: {kind!r}. Supported values are: "
+                      f"{', '.join(ITEM_KEYS)}.", "item.type")
+    required, optional = ITEM_KEYS[kind]
+    for key in item:
+        if key not in ("id", "type", "object", "status", *required, *optional):
+            raise _Reject("unknown_parameter", f"Unknown parameter: 'item.{key}'.", f"item.{key}")
+    for key in required:
+        if key != "content" and not isinstance(item.get(key), str):
+            raise _Reject("missing_required_parameter",
+                          f"Missing required parameter: 'item.{key}'.", f"item.{key}")
+    if kind != "message":
+        return
+    allowed = CONTENT_TYPES.get(item["role"])
+    if allowed is None:
+        raise _Reject("invalid_value", f"Invalid value: '{item['role']}'.", "item.role")
+    content = item.get("content")
+    if not isinstance(content, list) or not content:
+        raise _Reject("missing_required_parameter", "Missing required parameter: "
+                      "'item.content'.", "item.content")
+    for n, part in enumerate(content):
+        where = f"item.content[{n}]"
+        if not isinstance(part, dict) or part.get("type") not in allowed:
+            got = part.get("type") if isinstance(part, dict) else part
+            raise _Reject("invalid_value", f"Invalid value: {got!r}. A {item['role']} message "
+                          f"takes {', '.join(allowed)}.", f"{where}.type")
+        unknown = sorted(set(part) - CONTENT_KEYS)
+        if unknown:
+            raise _Reject("unknown_parameter", f"Unknown parameter: '{where}.{unknown[0]}'.",
+                          f"{where}.{unknown[0]}")
+        if part["type"] in ("input_text", "output_text") and not isinstance(part.get("text"),
+                                                                             str):
+            raise _Reject("missing_required_parameter",
+                          f"Missing required parameter: '{where}.text'.", f"{where}.text")
 
 
 async def _realtime(request: web.Request) -> web.StreamResponse:
@@ -406,12 +761,16 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(options.handshake_delay)
     if options.handshake_status:
         return web.Response(status=options.handshake_status, text="refused by the stand-in\n")
+    if options.accept_sessions is not None and \
+            len(request.app[STANDIN_SESSIONS]) >= options.accept_sessions:
+        return web.Response(status=503, text="no more sessions (stand-in accept_sessions)\n")
     if options.api_key and request.headers.get("Authorization") != f"Bearer {options.api_key}":
         return web.json_response({"error": {"type": "invalid_request_error",
                                             "code": "invalid_api_key",
                                             "message": "Incorrect API key provided."}},
                                  status=401)
-    ws = web.WebSocketResponse(compress=False, decode_text=False, max_msg_size=16 << 20)
+    ws = web.WebSocketResponse(compress=False, decode_text=False, max_msg_size=16 << 20,
+                               autoping=options.answer_pings)
     await ws.prepare(request)
     session = StandinSession(ws, request, options)
     request.app[STANDIN_SESSIONS].append(session)
@@ -450,9 +809,12 @@ def main(argv: list[str] | None = None, announce: Callable[[str], None] = print)
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--reply", choices=("echo", "tone"), default="echo")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--scenario", default=None,
+                        help="JSON file: function calls to make on given turns / keypad texts")
     args = parser.parse_args(argv)
+    scripted = load_scenario(args.scenario) if args.scenario else {}
     options = StandinOptions(api_key=args.api_key, chunk_ms=args.chunk_ms, pace=args.pace,
-                             reply=args.reply)
+                             reply=args.reply, **scripted)
     announce(f"Realtime stand-in: OPENAI_REALTIME_URL=ws://{args.host}:{args.port}/v1/realtime")
     web.run_app(create_standin_app(options), host=args.host, port=args.port, print=None)
 

@@ -1,0 +1,106 @@
+"""Keypad: the caller's key presses, told to the model as one short user message.
+
+Twilio sends one `dtmf` event per key. Digits are collected until `#` or a pause of
+KEYPAD_TIMEOUT (2 s), then sent as a user text item ("The caller typed 1 2 3 4 on the keypad.")
+and answered with `response.create` — after the response in progress, if any, is done (sooner,
+the service answers `conversation_already_has_active_response`). Digits can be account numbers or
+PINs: they are never logged unless LOG_PII=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import ClassVar
+
+from server import openai_protocol as oai
+from server import twilio_protocol as tw
+from server.features.base import CallControl, Feature, KeypadEntry
+from server.settings import Settings
+
+KEYS = frozenset("0123456789*#")
+MAX_DIGITS = 32  # an entry this long is sent at once: no unbounded buffer per call
+
+FeatureFactory = Callable[[CallControl], Feature | None]
+
+
+def factory(settings: Settings) -> FeatureFactory | None:
+    """The keypad feature for every call; None when KEYPAD=off (key presses are ignored)."""
+    if not settings.keypad:
+        return None
+    return functools.partial(KeypadFeature, timeout=settings.keypad_timeout)
+
+
+def message(digits: str) -> str:
+    return f"The caller typed {' '.join(digits)} on the keypad."
+
+
+class KeypadFeature(Feature):
+    name = "keypad"
+    twilio_events: ClassVar[tuple[type, ...]] = (tw.Dtmf,)
+    openai_events: ClassVar[tuple[type, ...]] = (oai.ResponseCreated, oai.ResponseDone)
+
+    def __init__(self, call: CallControl, timeout: float = 2.0) -> None:
+        super().__init__(call)
+        self._timeout = timeout
+        self._digits: list[str] = []
+        self._timer: asyncio.Task[None] | None = None
+        self._deadline = 0.0  # loop time at which the entry ends, unless another key comes
+        self._active: str | None = None  # the response in progress ("" = requested by us)
+        self._reply_due = False
+        self._show = bool(getattr(call.settings, "log_pii", False))
+
+    async def on_twilio(self, event: tw.TwilioEvent) -> None:
+        if not isinstance(event, tw.Dtmf):
+            return
+        if event.digit not in KEYS:
+            self.call.log.warning("keypad: ignored an unknown key")
+            return
+        if event.digit == "#":
+            await self._send(self._take() or "#")
+            return
+        self._digits.append(event.digit)
+        if len(self._digits) >= MAX_DIGITS:
+            await self._send(self._take())
+            return
+        # One timer per entry, pushed back by each key (never cancelled and re-made per key).
+        self._deadline = asyncio.get_running_loop().time() + self._timeout
+        if self._timer is None:
+            self._timer = self.call.spawn(self._after_pause(), "keypad-pause")
+
+    async def on_openai(self, event: oai.OpenAIEvent) -> None:
+        if isinstance(event, oai.ResponseCreated):
+            self._active = event.response_id
+            self._reply_due = False  # it started after our message: it answers it
+        elif isinstance(event, oai.ResponseDone):
+            if self._active in (event.response_id, ""):
+                self._active = None
+            await self._maybe_reply()
+
+    def _take(self) -> str:
+        digits, self._digits = "".join(self._digits), []
+        return digits
+
+    async def _after_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (wait := self._deadline - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        self._timer = None  # a key from now on starts a new entry and a new timer
+        await self._send(self._take())  # nothing, if `#` or the length limit sent it already
+
+    async def _send(self, digits: str) -> None:
+        if not digits:
+            return
+        shown = f": {digits}" if self._show else ""
+        self.call.log.info("keypad: the caller typed %d key(s)%s", len(digits), shown)
+        self.call.notify(KeypadEntry(digits))
+        await self.call.send_to_model(oai.user_text(message(digits)))
+        self._reply_due = True
+        await self._maybe_reply()
+
+    async def _maybe_reply(self) -> None:
+        if self._reply_due and self._active is None:
+            self._reply_due = False
+            self._active = ""
+            await self.call.send_to_model(oai.response_create())

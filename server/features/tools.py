@@ -1,0 +1,340 @@
+"""Function calling: run the model's tool calls, answer them, and let the model speak again.
+
+The model's calls arrive as `response.function_call_arguments.done` while its response is still
+going (it may be saying "let me check"). Each call runs in its own call-owned task, so the caller
+can keep talking and a hang-up cancels it. Each output goes back as a `function_call_output` as
+soon as it is ready; exactly one `response.create` follows, once the response that made the calls
+is done and every one of its calls has an output (sooner, the service answers
+`conversation_already_has_active_response`). If the caller is talking or the service already
+started a response of its own, that response sees the outputs and none is requested.
+
+A slow tool (over 1.5 s) gets hold audio once the model's own words have played; it is cleared
+before the model speaks again. Built-ins: `end_call` (the goodbye plays out, then `<Hangup/>`)
+and `transfer_call` (the hand-off sentence plays out, then `<Dial>`), offered only when
+TRANSFER_TARGETS is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from server import openai_protocol as oai
+from server import twilio_protocol as tw
+from server.features.base import (
+    ASSISTANT_ENDED,
+    TRANSFERRED,
+    CallControl,
+    Ending,
+    Feature,
+    ToolFinished,
+)
+from server.settings import Settings
+from server.toolbox import (
+    CANCELLED,
+    INVALID_ARGUMENTS,
+    OK,
+    Toolbox,
+    error_output,
+    parse_arguments,
+)
+from server.tools import CallContext
+
+HOLD_AFTER = 1.5  # seconds a tool may take before the caller hears hold audio
+HOLD_CHUNK_MS = 500  # hold audio is sent in pieces this long...
+HOLD_AHEAD_MS = 1000  # ...staying at most this far ahead of real time (a clear stops it fast)
+GOODBYE_WAIT = 5.0  # longest wait for the goodbye / hand-off sentence to finish playing
+AUTO_RESPONSE_WAIT = 2.0  # after the caller's turn, how long to wait for the service's response
+
+END_CALL = oai.ToolSpec(
+    "end_call",
+    "Hang up the phone call. First say goodbye in the same turn; call this when the caller "
+    "has nothing more to ask, or asks to end the call.",
+    {"type": "object", "properties": {}, "additionalProperties": False},
+)
+
+FeatureFactory = Callable[[CallControl], Feature | None]
+
+
+def transfer_spec(names: list[str]) -> oai.ToolSpec:
+    return oai.ToolSpec(
+        "transfer_call",
+        "Transfer the caller to a person. First tell the caller, in the same turn, who you are "
+        f"transferring them to. Targets: {', '.join(names)}.",
+        {"type": "object",
+         "properties": {"target": {"type": "string", "enum": names,
+                                   "description": "who to transfer the caller to"}},
+         "required": ["target"], "additionalProperties": False},
+    )
+
+
+@dataclass(frozen=True)
+class ToolsConfig:
+    """What every call's Tools feature shares; built once at startup."""
+
+    toolbox: Toolbox
+    transfer_targets: dict[str, str] = field(default_factory=dict)
+    hold_chunks: tuple[tuple[str, int], ...] = ()  # (base64 mu-law, ms) pieces of the hold audio
+    hold_after: float = HOLD_AFTER
+    goodbye_wait: float = GOODBYE_WAIT
+
+    def specs(self) -> list[oai.ToolSpec]:
+        specs = [*self.toolbox.specs(), END_CALL]
+        if self.transfer_targets:
+            specs.append(transfer_spec(list(self.transfer_targets)))
+        return specs
+
+
+def hold_chunks(ulaw: bytes, chunk_ms: int = HOLD_CHUNK_MS) -> tuple[tuple[str, int], ...]:
+    """Cut mu-law audio into base64 pieces once, so a call only sends strings."""
+    size = chunk_ms * 8
+    return tuple((base64.b64encode(ulaw[i:i + size]).decode(), len(ulaw[i:i + size]) // 8)
+                 for i in range(0, len(ulaw), size))
+
+
+def factory(settings: Settings, toolbox: Toolbox, *, hold_after: float = HOLD_AFTER,
+            goodbye_wait: float = GOODBYE_WAIT) -> FeatureFactory:
+    """The Tools feature for every call. Loads HOLD_AUDIO now: ConfigError if it is bad."""
+    chunks: tuple[tuple[str, int], ...] = ()
+    if settings.hold_audio is not None:
+        from server.sounds import load_ulaw
+
+        chunks = hold_chunks(load_ulaw(settings.hold_audio))
+    config = ToolsConfig(toolbox, dict(settings.transfer_targets), chunks, hold_after,
+                         goodbye_wait)
+    return functools.partial(ToolsFeature, config=config)
+
+
+@dataclass
+class _Batch:
+    """The function calls of one response."""
+
+    response_id: str
+    outputs: dict[str, str | None] = field(default_factory=dict)  # call_id -> output; None: running
+    done: bool = False  # its response.done arrived
+    done_event: asyncio.Event = field(default_factory=asyncio.Event)
+    status: str = ""
+    action: Ending | None = None  # end_call / transfer_call: how the call ends after it
+    action_call: oai.FunctionCall | None = None
+    finished: bool = False  # outputs all sent and the follow-up decided
+
+    @property
+    def ready(self) -> bool:
+        return self.done and not self.finished and all(
+            o is not None for o in self.outputs.values())
+
+
+class ToolsFeature(Feature):
+    name = "tools"
+    openai_events: ClassVar[tuple[type, ...]] = (
+        oai.FunctionCall, oai.ResponseCreated, oai.ResponseDone, oai.SpeechStarted,
+        oai.SpeechStopped, oai.Error)
+
+    def __init__(self, call: CallControl, config: ToolsConfig) -> None:
+        super().__init__(call)
+        self._config = config
+        self._batches: dict[str, _Batch] = {}
+        self._started: set[str] = set()  # call_ids already run
+        self._active: str | None = None  # the response in progress ("" = requested by us)
+        self._reply_due = False  # outputs are in; the model has not been asked to answer yet
+        self._speaking = False
+        self._auto_until = 0.0  # until then, expect the service's own response to a turn
+        self._retry: asyncio.Task[None] | None = None
+        self._ending = False
+        self._hold: asyncio.Task[None] | None = None
+        self._holding = False  # hold audio was sent and not cleared yet
+        self._context = CallContext(call.caller, call.called, call.call_sid, call.log)
+
+    def tools(self) -> list[oai.ToolSpec]:
+        return self._config.specs()
+
+    # --- events ---
+
+    async def on_openai(self, event: oai.OpenAIEvent) -> None:
+        if isinstance(event, oai.FunctionCall):
+            await self._on_call(event)
+        elif isinstance(event, oai.ResponseCreated):
+            self._active = event.response_id
+            self._reply_due = False  # a response that starts now sees every output sent so far
+            self._auto_until = 0.0
+            await self._stop_hold()  # the model is about to speak
+        elif isinstance(event, oai.ResponseDone):
+            if self._active in (event.response_id, ""):
+                self._active = None
+            for call in event.function_calls:  # any whose `.done` event we did not see
+                await self._on_call(call)
+            batch = self._batches.get(event.response_id)
+            if batch is not None:
+                batch.done, batch.status = True, event.status
+                batch.done_event.set()
+                await self._progress(batch)
+            await self._maybe_reply()
+        elif isinstance(event, oai.SpeechStarted):
+            self._speaking = True
+            await self._stop_hold()
+        elif isinstance(event, oai.SpeechStopped):
+            self._speaking = False
+            # With create_response the service answers the turn itself: asking too would
+            # collide. Give it a moment before asking.
+            self._auto_until = asyncio.get_running_loop().time() + AUTO_RESPONSE_WAIT
+            await self._maybe_reply()
+        elif (isinstance(event, oai.Error) and self._active == ""
+              and event.code == "conversation_already_has_active_response"):
+            self._active = None  # ours was refused: ask again when the active one is done
+            self._reply_due = True
+
+    async def on_end(self, ending: Ending) -> None:
+        self._ending = True  # running tools and hold audio are cancelled by the call
+
+    # --- running calls ---
+
+    async def _on_call(self, fc: oai.FunctionCall) -> None:
+        if not fc.call_id or fc.call_id in self._started or self._ending:
+            return
+        self._started.add(fc.call_id)
+        batch = self._batches.get(fc.response_id)
+        if batch is None:
+            # No response id: nothing to wait for (a malformed event); answer when ready.
+            batch = self._batches[fc.response_id] = _Batch(fc.response_id,
+                                                           done=not fc.response_id)
+        if fc.name == "end_call":
+            self._builtin(batch, fc, Ending(ASSISTANT_ENDED, "assistant ended the call",
+                                            tw.HANGUP))
+        elif fc.name == "transfer_call" and self._config.transfer_targets:
+            await self._transfer(batch, fc)
+        else:
+            batch.outputs[fc.call_id] = None
+            self.call.spawn(self._run(batch, fc), f"tool-{fc.name[:40]}")
+            if self._config.hold_chunks and self._hold is None:
+                self._hold = self.call.spawn(self._hold_when_slow(batch), "tools-hold")
+
+    def _builtin(self, batch: _Batch, fc: oai.FunctionCall, ending: Ending) -> None:
+        if batch.action is None:
+            batch.action, batch.action_call = ending, fc
+            self.call.log.info("%s: %s once the response has played", fc.name, ending.reason)
+        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, OK, '{"ok":true}', 0.0))
+
+    async def _transfer(self, batch: _Batch, fc: oai.FunctionCall) -> None:
+        targets = self._config.transfer_targets
+        try:
+            target = parse_arguments(fc.arguments).get("target")
+        except Exception:
+            target = None
+        if isinstance(target, str) and target in targets:
+            self._builtin(batch, fc, Ending(TRANSFERRED, f"transferred to {target}",
+                                            tw.dial(targets[target])))
+            return
+        output = error_output(f"target must be one of {', '.join(targets)}")
+        self.call.log.warning("transfer_call: invalid target (%d chars of arguments)",
+                              len(fc.arguments))
+        batch.outputs[fc.call_id] = output
+        await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
+        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, INVALID_ARGUMENTS,
+                                      output, 0.0))
+
+    async def _run(self, batch: _Batch, fc: oai.FunctionCall) -> None:
+        started = time.monotonic()
+        try:
+            outcome, output = await self._config.toolbox.run(
+                fc.name, fc.arguments, self._context, self.call.http)
+        except asyncio.CancelledError:
+            self.call.log.info("tool %s: cancelled (the call ended)", fc.name[:64])
+            self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, CANCELLED, "",
+                                          time.monotonic() - started))
+            raise
+        batch.outputs[fc.call_id] = output
+        await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
+        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, outcome, output,
+                                      time.monotonic() - started))
+        await self._progress(batch)
+        await self._maybe_reply()
+
+    async def _progress(self, batch: _Batch) -> None:
+        """Once the response is done and every call has its output: end the call (end_call /
+        transfer) or ask the model to answer."""
+        if not batch.ready:
+            return
+        batch.finished = True
+        del self._batches[batch.response_id]
+        await self._stop_hold()
+        if batch.action is not None and batch.action_call is not None:
+            if batch.status != "cancelled":
+                self._ending = True
+                self.call.spawn(self._end_after_playback(batch.action), "tools-end")
+                return
+            # The caller talked over the goodbye: the call goes on; tell the model so.
+            fc = batch.action_call
+            output = error_output("not done: the caller spoke before you finished; the call "
+                                  "continues")
+            self.call.log.info("%s: not done, the caller interrupted", fc.name)
+            await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
+        self._reply_due = True
+
+    async def _end_after_playback(self, ending: Ending) -> None:
+        if not await self.call.wait_played(self._config.goodbye_wait):
+            self.call.log.info("the last words did not finish playing within %g s; ending anyway",
+                               self._config.goodbye_wait)
+        self.call.end(ending)
+
+    # --- asking the model to answer ---
+
+    async def _maybe_reply(self) -> None:
+        """Send the one `response.create` that is due, when nothing else is answering."""
+        if not self._reply_due or self._ending or self._active is not None or self._speaking:
+            return
+        wait = self._auto_until - asyncio.get_running_loop().time()
+        if wait > 0:
+            if self._retry is None:
+                self._retry = self.call.spawn(self._reply_later(wait), "tools-reply-later")
+            return
+        self._reply_due = False
+        self._active = ""  # requested: no second request before response.created
+        await self.call.send_to_model(oai.response_create())
+
+    async def _reply_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        self._retry = None
+        await self._maybe_reply()
+
+    # --- hold audio ---
+
+    async def _hold_when_slow(self, batch: _Batch) -> None:
+        """After HOLD_AFTER, if the batch's tools still run: once the model's words have played,
+        loop the hold audio until stopped."""
+        try:
+            await asyncio.sleep(self._config.hold_after)
+            await batch.done_event.wait()  # its response may still stream its "let me check"
+            if batch.finished or not await self.call.wait_played(30.0):
+                return
+            if batch.finished or self._active is not None or self._speaking or self._ending:
+                return
+            self.call.log.info("tool still running after %g s: hold audio",
+                               self._config.hold_after)
+            loop = asyncio.get_running_loop()
+            start, sent_ms = loop.time(), 0
+            for payload, ms in itertools.cycle(self._config.hold_chunks):
+                self._holding = True
+                await self.call.send_to_caller(tw.media_frame(self.call.stream_sid, payload))
+                sent_ms += ms
+                await asyncio.sleep(max(start + (sent_ms - HOLD_AHEAD_MS) / 1000 - loop.time(),
+                                        0))
+        finally:
+            if self._hold is asyncio.current_task():
+                self._hold = None
+
+    async def _stop_hold(self) -> None:
+        """Stop the hold audio and clear what Twilio still has of it."""
+        task, self._hold = self._hold, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._holding:
+            self._holding = False
+            await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
+

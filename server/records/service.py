@@ -1,0 +1,98 @@
+"""`Records`: the one app-wide object behind call records (store, writer, webhook, retention,
+prices, recorder), built from Settings and wired into the app by a few lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from server.features.recording import Recorder
+from server.features.transcript import Transcript
+from server.records import api, retention
+from server.records.pricing import PriceTable
+from server.records.store import RecordStore, StoreError, open_store
+from server.records.webhook import CallWebhook
+from server.records.writer import RecordWriter
+from server.settings import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+    import aiohttp
+    from aiohttp import web
+
+    from server.features.base import CallControl, Feature
+    from server.settings import Settings
+
+log = logging.getLogger("server.records")
+
+
+class Records:
+    def __init__(self, settings: Settings, *, prices: PriceTable | None = None,
+                 prices_path: Path | None = None, save_interval: float = 5.0) -> None:
+        """Sync, for create_app: a bad DATABASE_URL is a ConfigError here, before serving."""
+        self.settings = settings
+        try:
+            self.store: RecordStore = open_store(settings.database_url)
+        except StoreError as e:
+            raise ConfigError("DATABASE_URL", str(e)) from None
+        self.prices = prices if prices is not None else (
+            PriceTable.load(prices_path) if prices_path else PriceTable.load())
+        self.recorder = Recorder(settings.recordings_dir) if settings.record_calls else None
+        self.webhook: CallWebhook | None = None
+        self.writer = RecordWriter(self.store, interval=save_interval,
+                                   on_final=self._call_ended)
+        self._retention: asyncio.Task[None] | None = None
+
+    async def open(self, http: aiohttp.ClientSession) -> None:
+        """Connect and migrate the store, start the writer, retention and the webhook sender.
+        Raises StoreError (logged by the caller) when the database cannot be used."""
+        s = self.settings
+        await self.store.open()
+        log.info("call records in %s", self.store.description)
+        self.writer.start()
+        if s.call_webhook_url:
+            self.webhook = CallWebhook(s.call_webhook_url, s.call_webhook_secret, http)
+            if not s.call_webhook_secret:
+                log.warning("CALL_WEBHOOK_URL is set without CALL_WEBHOOK_SECRET: call "
+                            "webhooks are sent unsigned")
+        if s.retention_days:
+            self._retention = asyncio.get_running_loop().create_task(
+                retention.run(self.store, s.retention_days,
+                              s.recordings_dir if s.record_calls else None),
+                name="records retention")
+        if self.recorder is not None:
+            log.info("recording calls to %s", self.recorder.directory.resolve())
+
+    async def close(self) -> None:
+        """Shutdown, after the calls have ended: write every record (live ones too), let the
+        recordings finish, give webhooks a moment, close the store."""
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+            self._retention = None
+        if self.recorder is not None:
+            await self.recorder.close()
+        await self.writer.close()
+        if self.webhook is not None:
+            await self.webhook.close()
+        await self.store.close()
+
+    def _call_ended(self, snapshot: Mapping[str, Any]) -> None:
+        if self.webhook is not None:
+            self.webhook.send(snapshot)
+
+    def features(self) -> list[Callable[[CallControl], Feature]]:
+        """Factories for each call's feature list: the transcript, and the recording when on."""
+        factories = [Transcript.factory(self.prices)]
+        if self.recorder is not None:
+            factories.append(self.recorder.feature())
+        return factories
+
+    def add_routes(self, app: web.Application) -> None:
+        """GET /calls... behind ADMIN_TOKEN (off, with a log line, when it is unset)."""
+        api.add_routes(app, lambda: self.store, self.settings.admin_token)

@@ -1,0 +1,585 @@
+"""Where call records live: one `RecordStore` contract, two backends.
+
+SQLite (the default, no set-up) runs every statement on one dedicated thread, so the event loop
+never waits on the disk. PostgreSQL (for several instances) goes through asyncpg. Both keep the
+whole record as JSON plus the columns that listing and filtering need, and both migrate their
+schema forward by version when opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+log = logging.getLogger("server.records")
+
+DEFAULT_DATABASE_URL = "sqlite:///calls.db"
+MAX_PAGE = 500
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store cannot be used (bad URL, unreachable server, newer schema); safe to log."""
+
+
+# --- the contract ---
+
+
+@dataclass(frozen=True, slots=True)
+class CallQuery:
+    """A page of `GET /calls`: newest first; `cursor` is the `next` of the previous page."""
+
+    limit: int = 50
+    cursor: str | None = None
+    number: str | None = None  # matches `from` or `to` exactly
+    since: datetime | None = None  # started_at >= since
+    until: datetime | None = None  # started_at < until
+
+
+class RecordStore(Protocol):
+    """What the writer, the API, the CLI and retention need from a database."""
+
+    @property
+    def description(self) -> str:
+        """Where the records are, without any password (for log lines)."""
+
+    async def open(self, *, migrate_to: int | None = None) -> None:
+        """Connect and migrate the schema forward (to `migrate_to`, default the latest)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+
+    async def schema_version(self) -> int: ...
+
+    async def save(self, record: Mapping[str, Any]) -> None:
+        """Insert or replace one record (`CallRecord.to_dict()`), keyed by call_sid.
+
+        Serializes before it awaits: the caller may go on changing its objects."""
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None: ...
+
+    async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """Summaries, newest first, and the cursor of the next page (None on the last)."""
+
+    async def delete_older_than(self, cutoff: datetime) -> list[str]:
+        """Delete records that started before `cutoff`; return their recordings' paths."""
+
+
+# --- URLs ---
+
+
+def open_store(url: str = DEFAULT_DATABASE_URL) -> RecordStore:
+    """The store for a DATABASE_URL (not connected yet); StoreError when the URL is not one."""
+    scheme, sep, _ = url.partition("://")
+    if scheme == "sqlite" and sep:
+        return SQLiteStore(sqlite_path(url))
+    if scheme in ("postgresql", "postgres") and sep:
+        return PostgresStore(url)
+    raise StoreError("DATABASE_URL is not a sqlite:/// or postgresql:// URL")
+
+
+def sqlite_path(url: str) -> Path:
+    """sqlite:///relative/calls.db -> relative/calls.db (working directory);
+    sqlite:////abs/calls.db -> /abs/calls.db."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != "sqlite" or not sep or not rest.startswith("/") or not rest.strip("/"):
+        raise StoreError("a SQLite DATABASE_URL looks like sqlite:///calls.db")
+    path = unquote(rest[1:].split("?", 1)[0])
+    return Path(path)
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+# --- shared helpers ---
+
+
+SUMMARY_COLUMNS = ("call_sid", "caller", "called", "direction", "started_at", "ended_at",
+                   "duration_seconds", "end_kind", "end_reason", "cost_usd", "recording")
+
+
+def _row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The columns kept beside the JSON body, in SUMMARY_COLUMNS order (minus call_sid)."""
+
+    def number(key: str) -> float | None:
+        value = record.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def text(key: str) -> str | None:
+        value = record.get(key)
+        return value if isinstance(value, str) else None
+
+    return (text("from") or "", text("to") or "", text("direction") or "",
+            text("started_at"), text("ended_at"), number("duration_seconds"),
+            text("end_kind"), text("end_reason"), number("cost_usd"), text("recording"))
+
+
+def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {
+        "call_sid": row["call_sid"],
+        "from": row["caller"],
+        "to": row["called"],
+        "direction": row["direction"],
+        "started_at": _iso(row["started_at"]),
+        "ended_at": _iso(row["ended_at"]),
+        "duration_seconds": row["duration_seconds"],
+        "end_kind": row["end_kind"],
+        "end_reason": row["end_reason"],
+        "cost_usd": row["cost_usd"],
+        "recording": bool(row["recording"]),
+    }
+    return out
+
+
+def _iso(value: Any) -> str | None:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return value if isinstance(value, str) else None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _sql_time(moment: datetime) -> str:
+    """A datetime as the records' own ISO form, which orders correctly as text in SQLite."""
+    iso = _iso(moment)
+    assert iso is not None
+    return iso
+
+
+def encode_cursor(started_at: str, call_sid: str) -> str:
+    return f"{started_at}|{call_sid}"
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """StoreError (a 400 to an API caller) when it is not a cursor this server made."""
+    started_at, sep, call_sid = cursor.partition("|")
+    if not sep or not call_sid or _parse_time(started_at) is None:
+        raise StoreError("cursor is not one this server returned")
+    return started_at, call_sid
+
+
+def _limit(query: CallQuery) -> int:
+    return max(1, min(query.limit, MAX_PAGE))
+
+
+# --- SQLite ---
+
+# Each version is a list of statements; a database at version N runs N+1.. in order.
+SQLITE_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE calls (
+            call_sid TEXT PRIMARY KEY,
+            caller TEXT NOT NULL DEFAULT '',
+            called TEXT NOT NULL DEFAULT '',
+            direction TEXT NOT NULL DEFAULT '',
+            started_at TEXT,
+            ended_at TEXT,
+            duration_seconds REAL,
+            end_kind TEXT,
+            end_reason TEXT,
+            cost_usd REAL,
+            recording TEXT,
+            body TEXT NOT NULL
+        )""",
+    ],
+    2: [
+        "ALTER TABLE calls ADD COLUMN updated_at TEXT",
+        "CREATE INDEX calls_started ON calls (started_at DESC, call_sid DESC)",
+        "CREATE INDEX calls_caller ON calls (caller, started_at DESC)",
+        "CREATE INDEX calls_called ON calls (called, started_at DESC)",
+    ],
+}
+SCHEMA_VERSION = max(SQLITE_MIGRATIONS)
+
+
+class SQLiteStore:
+    """One connection, used only from one dedicated thread (WAL: readers never wait on it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    @property
+    def description(self) -> str:
+        return f"SQLite {self.path}"
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        thread = self._thread
+        if thread is None:
+            raise StoreError("the records store is not open")
+
+        def call() -> T:
+            if self._db is None:
+                raise StoreError("the records store is closed")
+            return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(thread, call)
+
+    async def open(self, *, migrate_to: int | None = None) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-sqlite")
+
+        def connect() -> None:
+            try:
+                if self.path.parent != Path():
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except (OSError, sqlite3.Error) as e:
+                raise StoreError(f"cannot open {self.path}: {e}") from None
+            try:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=5000")
+                _sqlite_migrate(db, migrate_to if migrate_to is not None else SCHEMA_VERSION)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise
+
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+
+        def disconnect() -> None:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(thread, disconnect)
+        finally:
+            thread.shutdown(wait=False)
+
+    async def ping(self) -> bool:
+        try:
+            return await self._run(lambda db: db.execute("SELECT 1").fetchone()[0] == 1)
+        except (sqlite3.Error, StoreError):
+            return False
+
+    async def schema_version(self) -> int:
+        return await self._run(_sqlite_version)
+
+    async def save(self, record: Mapping[str, Any]) -> None:
+        body = orjson.dumps(record).decode()
+        values = (str(record.get("call_sid") or ""), *_row_values(record), body,
+                  _sql_time(datetime.now(UTC)))
+        if not values[0]:
+            raise StoreError("a record without a call_sid cannot be stored")
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                """INSERT INTO calls (call_sid, caller, called, direction, started_at, ended_at,
+                       duration_seconds, end_kind, end_reason, cost_usd, recording, body,
+                       updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (call_sid) DO UPDATE SET
+                       caller = excluded.caller, called = excluded.called,
+                       direction = excluded.direction, started_at = excluded.started_at,
+                       ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds,
+                       end_kind = excluded.end_kind, end_reason = excluded.end_reason,
+                       cost_usd = excluded.cost_usd, recording = excluded.recording,
+                       body = excluded.body, updated_at = excluded.updated_at""",
+                values,
+            )
+
+        await self._run(write)
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None:
+        def read(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT body FROM calls WHERE call_sid = ?", (call_sid,)).fetchone()
+            return str(row[0]) if row else None
+
+        body = await self._run(read)
+        return _loads(body) if body is not None else None
+
+    async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.cursor:
+            started_at, call_sid = decode_cursor(query.cursor)
+            where.append("(started_at, call_sid) < (?, ?)")
+            args += [started_at, call_sid]
+        if query.number:
+            where.append("(caller = ? OR called = ?)")
+            args += [query.number, query.number]
+        if query.since:
+            where.append("started_at >= ?")
+            args.append(_sql_time(query.since))
+        if query.until:
+            where.append("started_at < ?")
+            args.append(_sql_time(query.until))
+        limit = _limit(query)
+        sql = (f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM calls"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY started_at DESC, call_sid DESC LIMIT ?")
+        args.append(limit + 1)
+
+        def read(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            return db.execute(sql, args).fetchall()
+
+        rows = await self._run(read)
+        return _page([dict(r) for r in rows], limit)
+
+    async def delete_older_than(self, cutoff: datetime) -> list[str]:
+        def delete(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute("DELETE FROM calls WHERE started_at < ? RETURNING recording",
+                              (_sql_time(cutoff),)).fetchall()
+            return [str(r[0]) for r in rows if r[0]]
+
+        return await self._run(delete)
+
+
+def _sqlite_version(db: sqlite3.Connection) -> int:
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                        "AND name = 'schema_version'").fetchone()
+    if not exists:
+        return 0
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def _sqlite_migrate(db: sqlite3.Connection, target: int) -> None:
+    db.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = _sqlite_version(db)
+        for version in range(current + 1, target + 1):
+            for statement in SQLITE_MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            log.info("records database migrated to schema version %d", version)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if current > SCHEMA_VERSION:
+        log.warning("records database schema is version %d, newer than this server's %d",
+                    current, SCHEMA_VERSION)
+
+
+def _page(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    summaries = [_summary(r) for r in rows]
+    next_cursor = None
+    if more and summaries:
+        last = summaries[-1]
+        next_cursor = encode_cursor(last["started_at"] or "", last["call_sid"])
+    return summaries, next_cursor
+
+
+def _loads(body: str | bytes) -> dict[str, Any]:
+    value = orjson.loads(body)
+    return value if isinstance(value, dict) else {}
+
+
+# --- PostgreSQL ---
+
+PG_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE calls (
+            call_sid TEXT PRIMARY KEY,
+            caller TEXT NOT NULL DEFAULT '',
+            called TEXT NOT NULL DEFAULT '',
+            direction TEXT NOT NULL DEFAULT '',
+            started_at TIMESTAMPTZ,
+            ended_at TIMESTAMPTZ,
+            duration_seconds DOUBLE PRECISION,
+            end_kind TEXT,
+            end_reason TEXT,
+            cost_usd DOUBLE PRECISION,
+            recording TEXT,
+            body JSON NOT NULL
+        )""",
+    ],
+    2: [
+        "ALTER TABLE calls ADD COLUMN updated_at TIMESTAMPTZ",
+        "CREATE INDEX calls_started ON calls (started_at DESC, call_sid DESC)",
+        "CREATE INDEX calls_caller ON calls (caller, started_at DESC)",
+        "CREATE INDEX calls_called ON calls (called, started_at DESC)",
+    ],
+}
+assert max(PG_MIGRATIONS) == SCHEMA_VERSION
+_PG_MIGRATION_LOCK = 0x6272_6467_6563_6473  # an advisory lock id: one migrating instance
+
+
+class PostgresStore:
+    """asyncpg pool; several bridge instances may share one database."""
+
+    def __init__(self, url: str, *, pool_size: int = 4, timeout: float = 10.0) -> None:
+        self.url = url.replace("postgres://", "postgresql://", 1)
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._pool: Any = None
+
+    @property
+    def description(self) -> str:
+        return f"PostgreSQL {redact(self.url)}"
+
+    def _ready(self) -> Any:
+        if self._pool is None:
+            raise StoreError("the records store is not open")
+        return self._pool
+
+    async def open(self, *, migrate_to: int | None = None) -> None:
+        import asyncpg
+
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self._pool_size, timeout=self._timeout,
+                command_timeout=self._timeout)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+            raise StoreError(f"cannot connect to {self.description}: "
+                             f"{type(e).__name__}: {_no_password(str(e), self.url)}") from None
+        try:
+            await self._migrate(migrate_to if migrate_to is not None else SCHEMA_VERSION)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self, target: int) -> None:
+        async with self._ready().acquire() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock($1)", _PG_MIGRATION_LOCK)
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                             "(version INTEGER NOT NULL)")
+            current = int(await db.fetchval("SELECT coalesce(max(version), 0) "
+                                            "FROM schema_version"))
+            for version in range(current + 1, target + 1):
+                for statement in PG_MIGRATIONS[version]:
+                    await db.execute(statement)
+                await db.execute("DELETE FROM schema_version")
+                await db.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                log.info("records database migrated to schema version %d", version)
+        if current > SCHEMA_VERSION:
+            log.warning("records database schema is version %d, newer than this server's %d",
+                        current, SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except TimeoutError:
+                pool.terminate()
+
+    async def ping(self) -> bool:
+        if self._pool is None:
+            return False
+        try:
+            return bool(await self._pool.fetchval("SELECT 1", timeout=2.0) == 1)
+        except Exception:
+            return False
+
+    async def schema_version(self) -> int:
+        return int(await self._ready().fetchval(
+            "SELECT coalesce(max(version), 0) FROM schema_version"))
+
+    async def save(self, record: Mapping[str, Any]) -> None:
+        body = orjson.dumps(record).decode()
+        call_sid = str(record.get("call_sid") or "")
+        if not call_sid:
+            raise StoreError("a record without a call_sid cannot be stored")
+        (caller, called, direction, started_at, ended_at, duration, end_kind, end_reason,
+         cost, recording) = _row_values(record)
+        await self._ready().execute(
+            """INSERT INTO calls (call_sid, caller, called, direction, started_at, ended_at,
+                   duration_seconds, end_kind, end_reason, cost_usd, recording, body, updated_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::json, now())
+               ON CONFLICT (call_sid) DO UPDATE SET
+                   caller = excluded.caller, called = excluded.called,
+                   direction = excluded.direction, started_at = excluded.started_at,
+                   ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds,
+                   end_kind = excluded.end_kind, end_reason = excluded.end_reason,
+                   cost_usd = excluded.cost_usd, recording = excluded.recording,
+                   body = excluded.body, updated_at = excluded.updated_at""",
+            call_sid, caller, called, direction, _parse_time(started_at), _parse_time(ended_at),
+            duration, end_kind, end_reason, cost, recording, body)
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None:
+        body = await self._ready().fetchval(
+            "SELECT body::text FROM calls WHERE call_sid = $1", call_sid)
+        return _loads(body) if body is not None else None
+
+    async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.cursor:
+            started_at, call_sid = decode_cursor(query.cursor)
+            where.append(f"(started_at, call_sid) < ({arg(_parse_time(started_at))}, "
+                         f"{arg(call_sid)})")
+        if query.number:
+            number = arg(query.number)
+            where.append(f"(caller = {number} OR called = {number})")
+        if query.since:
+            where.append(f"started_at >= {arg(query.since)}")
+        if query.until:
+            where.append(f"started_at < {arg(query.until)}")
+        limit = _limit(query)
+        sql = (f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM calls"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + f" ORDER BY started_at DESC, call_sid DESC LIMIT {arg(limit + 1)}")
+        rows = await self._ready().fetch(sql, *args)
+        return _page([dict(r) for r in rows], limit)
+
+    async def delete_older_than(self, cutoff: datetime) -> list[str]:
+        rows = await self._ready().fetch(
+            "DELETE FROM calls WHERE started_at < $1 RETURNING recording", cutoff)
+        return [str(r["recording"]) for r in rows if r["recording"]]
+
+
+def _no_password(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[RecordStore]:
+    """`async with opened(url) as store:` for the CLI and tests."""
+    store = open_store(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -1,0 +1,316 @@
+"""State that calls share beyond one socket: stream tokens, capacity, decisions, handover context
+and call control.
+
+One process keeps it in memory (`MemoryState`). A fleet of bridges keeps it in Redis
+(`server.fleet.RedisState`), because the webhook, the stream, Twilio's `<Connect action>` request
+and an admin's hang-up can each land on a different instance. Both implement `SharedState`; the
+app talks only to that, and `open_state(settings)` picks one.
+
+Every value that crosses this boundary (decisions, context, control actions) must be JSON:
+`MemoryState` round-trips it through JSON too, so a value that would break the fleet breaks a
+single process the same way, in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import orjson
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+log = logging.getLogger("server.shared_state")
+
+ControlHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+"""Receives `(call_sid, action)` for a call this instance holds."""
+
+
+class SharedStateError(Exception):
+    """The shared store cannot be used at startup; `str()` is one line for the operator."""
+
+
+@runtime_checkable
+class SharedState(Protocol):
+    """What calls share across the processes that serve them.
+
+    Capacity counts a call from the webhook (`reserve`) to its end (`release`): a reservation is
+    a slot held for a stream that has not arrived yet and lapses after its ttl; `claim` turns it
+    into a slot held by this instance, which lasts until `release` or until the instance dies.
+    Methods other than `start` do not raise on a store outage: they log, fall back to what this
+    instance knows, and `ping()` turns False so /readyz can say so."""
+
+    async def start(self) -> None:
+        """Connect and begin background work; raises SharedStateError if the store is unusable."""
+
+    async def close(self) -> None:
+        """Stop background work and give up every slot this instance holds."""
+
+    async def ping(self) -> bool:
+        """True while the store answers (for /readyz)."""
+
+    async def claim_token(self, token: str, expires_at: float) -> bool:
+        """True the first time `token` is claimed anywhere; False afterwards, and for a token
+        whose `expires_at` (epoch seconds) has passed. Forgotten after expiry."""
+
+    async def reserve(self, call_sid: str, max_calls: int, ttl: float) -> bool:
+        """Reserve a slot for a call (0 = unlimited); False when `max_calls` are active.
+        Reserving a call that already holds a slot succeeds without counting it twice."""
+
+    async def claim(self, call_sid: str) -> None:
+        """The call's stream arrived here: its slot now belongs to this instance (no limit check:
+        the webhook admitted it)."""
+
+    async def release(self, call_sid: str) -> None:
+        """The call ended here: free this instance's slot, or its reservation if none was held."""
+
+    async def active(self) -> int:
+        """Calls counted against MAX_CALLS: live reservations plus held slots."""
+
+    async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
+        """Record what Twilio should do after the stream (read by the `<Connect action>`)."""
+
+    async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
+        """The call's decision; waits up to `wait` seconds for one to appear."""
+
+    async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
+        """Save a call's conversation for the instance that resumes it."""
+
+    async def take_context(self, call_sid: str) -> dict[str, Any] | None:
+        """The saved context, once: a second take gets None."""
+
+    async def publish(self, call_sid: str, action: dict[str, Any]) -> bool:
+        """Send a control action to the instance holding the call; True if one received it."""
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Set the handler for actions published for calls this instance holds."""
+
+
+async def open_state(settings: Settings) -> SharedState:
+    """The store the settings ask for, started: Redis when REDIS_URL is set, else memory.
+
+    Raises SharedStateError (one line, password masked) if Redis cannot be reached."""
+    state: SharedState
+    if settings.redis_url:
+        from server.fleet import RedisState  # redis is imported only by fleets
+
+        state = RedisState(settings.redis_url)
+    else:
+        state = MemoryState()
+    await state.start()
+    return state
+
+
+def to_json(value: dict[str, Any]) -> bytes:
+    """Encode a shared value; a TypeError here means the caller passed something not JSON."""
+    return orjson.dumps(value)
+
+
+def from_json(raw: bytes | str) -> dict[str, Any] | None:
+    """Decode a shared value; None (logged) if it is not a JSON object."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        log.warning("shared state: ignoring a value that is not JSON")
+        return None
+    if not isinstance(value, dict):
+        log.warning("shared state: ignoring a value that is not a JSON object")
+        return None
+    return value
+
+
+V = TypeVar("V")
+
+
+class Expiring(Generic[V]):
+    """A dict whose entries lapse after their ttl (monotonic clock), swept as it grows."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._items: dict[str, tuple[V, float]] = {}
+        self._sweep_at = 64
+
+    def put(self, key: str, value: V, ttl: float) -> None:
+        self._items[key] = (value, self._clock() + ttl)
+        if len(self._items) >= self._sweep_at:
+            self.sweep()
+            self._sweep_at = max(64, 2 * len(self._items))
+
+    def get(self, key: str) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._items[key]
+            return None
+        return item[0]
+
+    def pop(self, key: str) -> V | None:
+        value = self.get(key)
+        self._items.pop(key, None)
+        return value
+
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def keys(self) -> Iterator[str]:
+        self.sweep()
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        self.sweep()
+        return len(self._items)
+
+    def sweep(self) -> None:
+        now = self._clock()
+        self._items = {k: item for k, item in self._items.items() if item[1] > now}
+
+
+class Dispatcher:
+    """Runs control handlers as tasks it owns, so a slow or failing handler never blocks the
+    publisher or the store's reader, and `close()` leaves nothing running."""
+
+    def __init__(self) -> None:
+        self.handler: ControlHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def deliver(self, call_sid: str, action: dict[str, Any]) -> bool:
+        if self.handler is None:
+            log.warning("control action for call %s dropped: no handler", call_sid)
+            return False
+        task = asyncio.get_running_loop().create_task(self._run(self.handler, call_sid, action))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    @staticmethod
+    async def _run(handler: ControlHandler, call_sid: str, action: dict[str, Any]) -> None:
+        try:
+            await handler(call_sid, action)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("control action for call %s failed", call_sid)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MemoryState:
+    """`SharedState` for one process: plain dicts, nothing to connect to, never unhealthy."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time
+    ) -> None:
+        self._wall = wall
+        self._tokens: dict[str, float] = {}  # token -> expires_at (epoch seconds)
+        self._reserved: Expiring[bool] = Expiring(clock)
+        self._held: set[str] = set()
+        self._decisions: Expiring[bytes] = Expiring(clock)
+        self._contexts: Expiring[bytes] = Expiring(clock)
+        self._decided: asyncio.Condition | None = None
+        self._dispatcher = Dispatcher()
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        await self._dispatcher.close()
+        self._held.clear()
+        self._reserved.sweep()
+
+    async def ping(self) -> bool:
+        return True
+
+    async def claim_token(self, token: str, expires_at: float) -> bool:
+        now = self._wall()
+        if expires_at <= now:
+            return False
+        if len(self._tokens) > 1024:
+            self._tokens = {t: e for t, e in self._tokens.items() if e > now}
+        known = self._tokens.get(token)
+        if known is not None and known > now:
+            return False
+        self._tokens[token] = expires_at
+        return True
+
+    async def reserve(self, call_sid: str, max_calls: int, ttl: float) -> bool:
+        known = call_sid in self._held or call_sid in self._reserved
+        if not known and max_calls and await self.active() >= max_calls:
+            return False
+        self._reserved.put(call_sid, True, ttl)
+        return True
+
+    async def claim(self, call_sid: str) -> None:
+        self._reserved.discard(call_sid)
+        self._held.add(call_sid)
+
+    async def release(self, call_sid: str) -> None:
+        # A held call keeps any reservation made meanwhile: a handover's new stream is coming.
+        if call_sid in self._held:
+            self._held.discard(call_sid)
+        else:
+            self._reserved.discard(call_sid)
+
+    async def active(self) -> int:
+        return len(self._held.union(self._reserved.keys()))
+
+    def holds(self, call_sid: str) -> bool:
+        """True while this instance holds the call's slot."""
+        return call_sid in self._held
+
+    def held_calls(self) -> list[str]:
+        """The calls whose slots this instance holds."""
+        return sorted(self._held)
+
+    async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
+        self._decisions.put(call_sid, to_json(decision), ttl)
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
+        raw = self._decisions.get(call_sid)
+        if raw is None and wait > 0:
+            cond = self._condition()
+            async with cond:
+                try:
+                    await asyncio.wait_for(
+                        cond.wait_for(lambda: call_sid in self._decisions), wait
+                    )
+                except TimeoutError:
+                    return None
+            raw = self._decisions.get(call_sid)
+        return None if raw is None else from_json(raw)
+
+    async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
+        self._contexts.put(call_sid, to_json(context), ttl)
+
+    async def take_context(self, call_sid: str) -> dict[str, Any] | None:
+        raw = self._contexts.pop(call_sid)
+        return None if raw is None else from_json(raw)
+
+    async def publish(self, call_sid: str, action: dict[str, Any]) -> bool:
+        if call_sid not in self._held:
+            return False
+        copy = from_json(to_json(action))
+        return copy is not None and self._dispatcher.deliver(call_sid, copy)
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._dispatcher.handler = handler
+
+    def _condition(self) -> asyncio.Condition:
+        # Created on first use, inside the running loop.
+        if self._decided is None:
+            self._decided = asyncio.Condition()
+        return self._decided

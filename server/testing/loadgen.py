@@ -1,0 +1,381 @@
+"""The bench's load generator: Twilio callers and the OpenAI stand-in, each in its own processes.
+
+    python -m server.testing.loadgen callers          # plays Twilio for the calls it is given
+    python -m server.testing.loadgen standin PORT     # plays OpenAI (stand-in, stream mode)
+
+One Python process playing both sides of hundreds of calls saturates a core before the bridge
+does, so the bench (`server.testing.bench`) starts these as separate processes and drives them
+over stdin/stdout, one JSON object per line: a command in, a reply out.
+
+Every frame carries its send time (CLOCK_MONOTONIC: one clock for every process on the
+machine) in its first 8 bytes; the receiving process measures relay latency on arrival. Only
+frames sent inside the measuring window [t0, t1) count towards latency; every frame counts
+towards sent/received. Each call's caller sends on its own 20 ms clock, the calls' phases
+spread over the 20 ms (as independent phones are), and each process reports how late its
+clocks ran, so a saturated generator shows in its own numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from server.testing.audio import FRAME_BYTES, FRAME_MS, ULAW_SILENCE
+from server.testing.dial import TwilioStream, dial
+from server.testing.process import run_main
+from server.testing.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
+
+STAMP = struct.Struct("<d")
+FILL = bytes([ULAW_SILENCE]) * (FRAME_BYTES - STAMP.size)
+PERIOD = FRAME_MS / 1000
+STAMP_CHARS = 12  # base64 characters that hold the stamp's 8 bytes
+
+
+def stamped_frame() -> bytes:
+    """20 ms of mu-law whose first 8 bytes are the time it is sent."""
+    return STAMP.pack(time.monotonic()) + FILL
+
+
+def stamp_of(payload: str) -> float:
+    """The send time in a base64 frame, decoding only the characters that hold it."""
+    stamp: float = STAMP.unpack_from(base64.b64decode(payload[:STAMP_CHARS]))[0]
+    return stamp
+
+
+class Histogram:
+    """Milliseconds in 10 us bins: cheap to add to, to merge across processes, to read."""
+
+    def __init__(self) -> None:
+        self.bins: Counter[int] = Counter()
+        self.count = 0
+        self.max_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.bins[int(ms * 100)] += 1
+        self.count += 1
+        if ms > self.max_ms:
+            self.max_ms = ms
+
+    def merge(self, other: Histogram) -> None:
+        self.bins.update(other.bins)
+        self.count += other.count
+        self.max_ms = max(self.max_ms, other.max_ms)
+
+    def percentile(self, p: float) -> float | None:
+        """The value below which a share p of the samples fall (upper edge of its bin)."""
+        if not self.count:
+            return None
+        rank, seen = max(int(self.count * p + 0.5), 1), 0
+        for key in sorted(self.bins):
+            seen += self.bins[key]
+            if seen >= rank:
+                return min((key + 1) / 100, round(self.max_ms, 2))
+        return round(self.max_ms, 2)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bins": sorted(self.bins.items()), "max_ms": self.max_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Histogram:
+        h = cls()
+        for key, n in data["bins"]:
+            h.bins[int(key)] += int(n)
+            h.count += int(n)
+        h.max_ms = float(data["max_ms"])
+        return h
+
+    @classmethod
+    def merged(cls, parts: Iterable[Histogram]) -> Histogram:
+        total = cls()
+        for part in parts:
+            total.merge(part)
+        return total
+
+
+class Window:
+    """The measuring window, in CLOCK_MONOTONIC seconds; empty until the bench sets it."""
+
+    def __init__(self) -> None:
+        self.t0 = self.t1 = 0.0
+
+    def __contains__(self, t: float) -> bool:
+        return self.t0 <= t < self.t1
+
+
+# --- the callers: Twilio's side of many calls ---
+
+
+@dataclass
+class _Call:
+    stream: TwilioStream
+    dialled_at: float  # when its webhook was posted
+    setup_ms: float | None = None  # webhook -> the model's first audio was sent (its stamp)
+
+
+class Callers:
+    """Twilio for the calls the bench gives this process: dial, talk, listen, hang up."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.calls: list[_Call] = []
+        self.sent = self.received = 0
+        self.latency = Histogram()  # model -> caller
+        self.lateness = Histogram()  # how late each send ran behind its 20 ms clock
+        self.window = Window()
+        self.errors: Counter[str] = Counter()  # why callers stopped talking early
+        self._talkers: list[asyncio.Task[None]] = []
+        self._http: aiohttp.ClientSession | None = None
+        self._expected = self._heard_first = 0
+        self._all_heard = asyncio.Event()
+
+    def _listener(self, call_box: list[_Call]) -> Callable[[dict[str, Any]], None]:
+        window = self.window
+
+        def heard(message: dict[str, Any]) -> None:
+            if message.get("event") != "media":
+                return
+            now = time.monotonic()
+            stamp = stamp_of(message["media"]["payload"])
+            self.received += 1
+            if stamp in window:
+                self.latency.add((now - stamp) * 1000)
+            call = call_box[0] if call_box else None
+            if call is not None and call.setup_ms is None:
+                call.setup_ms = (stamp - call.dialled_at) * 1000
+                self._heard_first += 1
+                if self._heard_first >= self._expected:
+                    self._all_heard.set()
+
+        return heard
+
+    async def dial(self, base: str, calls: list[int], auth_token: str | None, ramp: float,
+                   delay: float, timeout: float = 30.0) -> dict[str, Any]:
+        """Dial these calls, one every `ramp` s after `delay` s; reply once every call has
+        heard the model's first audio (that is its set-up time)."""
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._expected = len(calls)
+        start = time.monotonic() + delay
+        for i, n in enumerate(calls):
+            await asyncio.sleep(max(start + i * ramp - time.monotonic(), 0))
+            box: list[_Call] = []
+            dialled_at = time.monotonic()
+            placed = await dial(self._http, base, auth_token=auth_token,
+                                call_sid=f"CA{n:032x}", marks="immediate",
+                                listener=self._listener(box))
+            box.append(_Call(placed.stream, dialled_at))
+            self.calls.append(box[0])
+        if not calls:
+            self._all_heard.set()
+        try:
+            await asyncio.wait_for(self._all_heard.wait(), timeout)
+        except TimeoutError:
+            silent = sum(c.setup_ms is None for c in self.calls)
+            raise RuntimeError(f"{silent} of {len(self.calls)} calls heard no audio within "
+                               f"{timeout:g} s") from None
+        return {"dialled": len(self.calls)}
+
+    def go(self, start: float, t0: float, t1: float, phases: list[float]) -> dict[str, Any]:
+        """Start talking: call i sends its first frame at start + phases[i], then every 20 ms."""
+        self.window.t0, self.window.t1 = t0, t1
+        loop = asyncio.get_running_loop()
+        self._talkers = [loop.create_task(self._talk(call.stream, start + phase))
+                         for call, phase in zip(self.calls, phases, strict=True)]
+        return {}
+
+    async def _talk(self, stream: TwilioStream, due: float) -> None:
+        window, lateness = self.window, self.lateness
+        while True:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.monotonic()
+            if now in window:
+                lateness.add((now - due) * 1000)
+            try:
+                await stream.send_media(STAMP.pack(now) + FILL)
+            except (ConnectionError, aiohttp.ClientError) as e:
+                self.errors[f"send failed: {type(e).__name__}"] += 1
+                return
+            self.sent += 1
+            due += PERIOD
+
+    async def quiet(self) -> dict[str, Any]:
+        for task in self._talkers:
+            task.cancel()
+        await asyncio.gather(*self._talkers, return_exceptions=True)
+        self._talkers = []
+        return self.counts()
+
+    def counts(self) -> dict[str, Any]:
+        return {"sent": self.sent, "received": self.received}
+
+    async def hangup(self) -> dict[str, Any]:
+        """Hang up every call; the report of this run; ready for the next."""
+        for call in self.calls:
+            if call.stream.closed.is_set():
+                self.errors[f"stream closed by the server (code {call.stream.close_code})"] += 1
+                continue
+            with suppress(ConnectionError, aiohttp.ClientError):
+                await call.stream.send_stop()
+        marks = sum(call.stream.marks_echoed for call in self.calls)
+        for call in self.calls:
+            await call.stream.close()
+        if self._http is not None:
+            await self._http.close()
+        report = {**self.counts(), "latency": self.latency.to_json(),
+                  "lateness": self.lateness.to_json(), "marks_echoed": marks,
+                  "errors": dict(self.errors),
+                  "setup_ms": [c.setup_ms for c in self.calls if c.setup_ms is not None]}
+        self._reset()
+        return report
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        cmd = command["cmd"]
+        if cmd == "dial":
+            return await self.dial(command["base"], command["calls"], command["auth_token"],
+                                   command["ramp"], command["delay"])
+        if cmd == "go":
+            return self.go(command["start"], command["t0"], command["t1"], command["phases"])
+        if cmd == "quiet":
+            return await self.quiet()
+        if cmd == "counts":
+            return self.counts()
+        if cmd == "hangup":
+            return await self.hangup()
+        raise ValueError(f"unknown command {cmd!r}")
+
+
+# --- the stand-in: OpenAI's side of many sessions ---
+
+
+class Standin:
+    """The Realtime stand-in in stream mode, keeping nothing per frame but counts and bins."""
+
+    def __init__(self) -> None:
+        self.window = Window()
+        self.reset()
+        self.app = create_standin_app(StandinOptions(
+            reply="stream", stream_frame=self._frame, on_audio=self._heard,
+            stream_late=self._late, stream_keep_audio=False))
+
+    def reset(self) -> dict[str, Any]:
+        self.sent = self.received = 0
+        self.latency = Histogram()  # caller -> model
+        self.lateness = Histogram()
+        self.window.t0 = self.window.t1 = 0.0
+        return {}
+
+    def _frame(self) -> bytes:
+        self.sent += 1
+        return STAMP.pack(time.monotonic()) + FILL
+
+    def _heard(self, audio: bytes) -> None:
+        now = time.monotonic()
+        stamp: float = STAMP.unpack_from(audio)[0]
+        self.received += 1
+        if stamp in self.window:
+            self.latency.add((now - stamp) * 1000)
+
+    def _late(self, seconds: float) -> None:
+        if time.monotonic() in self.window:
+            self.lateness.add(seconds * 1000)
+
+    async def quiet(self) -> dict[str, Any]:
+        for session in self.app[STANDIN_SESSIONS]:
+            await session.stop_streaming()
+        return self.counts()
+
+    def counts(self) -> dict[str, Any]:
+        return {"sent": self.sent, "received": self.received}
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        cmd = command["cmd"]
+        if cmd == "reset":
+            self.app[STANDIN_SESSIONS].clear()  # ended sessions of earlier runs
+            return self.reset()
+        if cmd == "window":
+            self.window.t0, self.window.t1 = command["t0"], command["t1"]
+            return {}
+        if cmd == "quiet":
+            return await self.quiet()
+        if cmd == "counts":
+            return self.counts()
+        if cmd == "report":
+            return {**self.counts(), "latency": self.latency.to_json(),
+                    "lateness": self.lateness.to_json(),
+                    "sessions": len(self.app[STANDIN_SESSIONS])}
+        raise ValueError(f"unknown command {cmd!r}")
+
+
+# --- the worker process: commands on stdin, replies on stdout ---
+
+
+def _reply(message: dict[str, Any]) -> None:
+    sys.stdout.buffer.write(orjson.dumps(message) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+async def _commands(handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """Answer each command line until `exit` or the end of stdin (the bench is gone)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 24)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = orjson.loads(line)
+        if command["cmd"] == "exit":
+            return
+        try:
+            _reply(await handle(command))
+        except Exception as e:  # the bench shows it and stops
+            _reply({"error": f"{type(e).__name__}: {e}"})
+
+
+async def _callers_main() -> None:
+    callers = Callers()
+    _reply({"ready": True})
+    try:
+        await _commands(callers.handle)
+    finally:
+        await callers.hangup()
+
+
+async def _standin_main(port: int) -> None:
+    standin = Standin()
+    runner = web.AppRunner(standin.app, handle_signals=False, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
+    _reply({"ready": True})
+    try:
+        await _commands(standin.handle)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["callers"]:
+        run_main(_callers_main)
+    elif args[:1] == ["standin"] and len(args) == 2:
+        port = int(args[1])
+        run_main(lambda: _standin_main(port))
+    else:
+        sys.exit("usage: python -m server.testing.loadgen callers | standin PORT")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A stand-in for the call's `CallControl`, for unit tests of features: it dispatches events
+and notices the way the call does (only to the features that declared their types)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from server import openai_protocol as oai
+from server.features.base import Ending, Feature
+from server.logs import CallLog
+from server.record import CallRecord
+from server.settings import Settings
+
+
+class FakeCall:
+    def __init__(self, call_sid: str = "CAfake", settings: Settings | None = None) -> None:
+        self.call_sid = call_sid
+        self.stream_sid = "MZfake"
+        self.caller = "+15550001111"
+        self.called = "+15550002222"
+        self.settings = settings or Settings(openai_api_key="sk-test")
+        self.log = CallLog(logging.getLogger("test.call"), {"call_sid": call_sid})
+        self.record = CallRecord(call_sid=call_sid, stream_sid=self.stream_sid,
+                                 caller=self.caller, called=self.called,
+                                 model=self.settings.openai_model)
+        self.http: Any = None
+        self.features: list[Feature] = []
+        self.to_caller: list[bytes] = []
+        self.to_model: list[bytes] = []
+        self.endings: list[Ending] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, feature: Feature) -> Feature:
+        self.features.append(feature)
+        return feature
+
+    async def send_to_caller(self, frame: bytes) -> None:
+        self.to_caller.append(frame)
+
+    async def send_to_model(self, frame: bytes) -> None:
+        self.to_model.append(frame)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def end(self, ending: Ending) -> None:
+        self.endings.append(ending)
+
+    def notify(self, notice: object) -> None:
+        for feature in self.features:
+            if isinstance(notice, feature.notices):
+                feature.on_notice(notice)
+
+    @property
+    def playback_idle(self) -> bool:
+        return True
+
+    async def wait_played(self, timeout: float) -> bool:
+        return True
+
+    # --- what the call does ---
+
+    async def openai(self, event: oai.OpenAIEvent) -> None:
+        for feature in self.features:
+            if isinstance(event, feature.openai_events):
+                await feature.on_openai(event)
+
+    async def session_ready(self) -> None:
+        for feature in self.features:
+            await feature.on_session_ready(True)
+
+    async def finish(self, ending: Ending) -> None:
+        for feature in self.features:
+            await feature.on_end(ending)
+        for task in list(self.tasks):
+            task.cancel()

@@ -1,0 +1,158 @@
+"""Prometheus metrics moved by the metrics feature, /metrics with and without METRICS_TOKEN,
+/healthz and /readyz (draining, database down)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import metrics as metrics_module
+from server import openai_protocol as oai
+from server.features.base import (
+    CALLER_HUNG_UP,
+    OPENAI_ERROR,
+    BargedIn,
+    Ending,
+    ReplyAudioStarted,
+    ToolFinished,
+)
+from server.metrics import Metrics, add_routes
+from tests.fake_call import FakeCall
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(client: Client, **headers: str) -> str:
+    resp = await client.get("/metrics", headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    return await resp.text()
+
+
+class Flags:
+    def __init__(self) -> None:
+        self.draining = False
+        self.db_ok: bool | Exception = True
+        self.slow = False
+
+    async def ping(self) -> bool:
+        if self.slow:
+            await asyncio.sleep(10)
+        if isinstance(self.db_ok, Exception):
+            raise self.db_ok
+        return self.db_ok
+
+
+async def make_app(aiohttp_client: MakeClient, token: str | None = None
+                   ) -> tuple[Client, Metrics, Flags]:
+    app = web.Application()
+    metrics, flags = Metrics(), Flags()
+    add_routes(app, metrics, token=token, draining=lambda: flags.draining, ping=flags.ping)
+    return await aiohttp_client(app), metrics, flags
+
+
+async def test_metrics_move_as_a_call_happens(aiohttp_client: MakeClient) -> None:
+    client, metrics, _ = await make_app(aiohttp_client)
+    call = FakeCall("CAm1")
+    call.add(metrics.feature(call))
+    call.record.session_ready_ms = 420.0
+    await call.session_ready()
+    call.record.frames_in += 150  # what the relay does per frame
+    call.record.frames_out += 40
+    await call.openai(oai.SpeechStopped("item_U1", 3000))
+    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # same turn: one latency
+    call.notify(BargedIn("item_A1", 500))
+    call.notify(ToolFinished("lookup_order", "c1", "{}", "ok", "{}", 0.1))
+    call.notify(ToolFinished("made_up_by_the_model", "c2", "{}", "unknown_tool", "{}", 0.0))
+    await call.openai(oai.Error("invalid_value", "bad", None, False))
+
+    text = await scrape(client)
+    assert value(text, "bridge_calls_active") == 1
+    assert value(text, "bridge_frames_total", direction="in") == 150
+    assert value(text, "bridge_frames_total", direction="out") == 40
+    assert value(text, "bridge_call_setup_seconds_count") == 1
+    assert value(text, "bridge_call_setup_seconds_sum") == pytest.approx(0.42)
+    assert value(text, "bridge_response_latency_seconds_count") == 1
+    assert value(text, "bridge_barge_ins_total") == 1
+    assert value(text, "bridge_openai_errors_total", code="invalid_value") == 1
+    assert value(text, "bridge_tool_calls_total", tool="lookup_order", outcome="ok") == 1
+    assert value(text, "bridge_tool_calls_total", tool="unknown", outcome="unknown_tool") == 1
+
+    second = FakeCall("CAm2")
+    second.add(metrics.feature(second))
+    second.record.frames_in += 10
+    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    call.record.frames_in += 1000  # after the end: no longer counted
+    text = await scrape(client)
+    assert value(text, "bridge_calls_active") == 1
+    assert value(text, "bridge_calls_total", end="caller_hung_up") == 1
+    assert value(text, "bridge_frames_total", direction="in") == 160
+    await second.finish(Ending(OPENAI_ERROR, "OpenAI error session_expired"))
+    text = await scrape(client)
+    assert value(text, "bridge_calls_active") == 0
+    assert value(text, "bridge_calls_total", end="openai_error") == 1
+    assert value(text, "bridge_frames_total", direction="in") == 160
+
+
+async def test_apps_have_their_own_registries(aiohttp_client: MakeClient) -> None:
+    one, m1, _ = await make_app(aiohttp_client)
+    two, _, _ = await make_app(aiohttp_client)
+    m1.barge_ins.inc()
+    assert value(await scrape(one), "bridge_barge_ins_total") == 1
+    assert value(await scrape(two), "bridge_barge_ins_total") == 0
+
+
+async def test_metrics_token(aiohttp_client: MakeClient) -> None:
+    client, _, _ = await make_app(aiohttp_client, token="scrape-me-please")
+    for headers in ({}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "Basic scrape-me-please"},
+                    {"Authorization": "Bearer scrape-me-pleasex"}):
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 401
+        assert "bridge_" not in await resp.text()
+    assert "bridge_calls_active" in await scrape(
+        client, Authorization="Bearer scrape-me-please")
+    assert (await client.get("/healthz")).status == 200  # probes need no token
+
+
+async def test_health_and_readiness(aiohttp_client: MakeClient,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _, flags = await make_app(aiohttp_client)
+
+    async def status(path: str) -> tuple[int, Any]:
+        resp = await client.get(path)
+        return resp.status, (await resp.text()).strip()
+
+    assert await status("/healthz") == (200, "ok")
+    assert await status("/readyz") == (200, "ready")
+    flags.draining = True
+    assert await status("/readyz") == (503, "draining")
+    assert (await status("/healthz"))[0] == 200
+    flags.draining = False
+    flags.db_ok = False
+    assert await status("/readyz") == (503, "database unreachable")
+    flags.db_ok = OSError("connection refused")
+    assert await status("/readyz") == (503, "database unreachable")
+    flags.db_ok, flags.slow = True, True
+    monkeypatch.setattr(metrics_module, "READY_PING_TIMEOUT", 0.05)
+    assert await status("/readyz") == (503, "database unreachable")

@@ -1,0 +1,148 @@
+"""The transcript feature: both sides' turns in order, interruptions, keypad and tool entries,
+latency, barge-ins, usage and cost; driven through a fake CallControl."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from server import openai_protocol as oai
+from server.features import transcript as transcript_module
+from server.features.base import (
+    CALLER_HUNG_UP,
+    BargedIn,
+    Ending,
+    KeypadEntry,
+    ReplyAudioStarted,
+    ToolFinished,
+)
+from server.features.transcript import Transcript
+from server.records.pricing import ModelPrice, PriceTable
+from server.records.render import transcript_text
+from tests.fake_call import FakeCall
+
+PRICES = PriceTable({"gpt-realtime": ModelPrice(text_input=4, audio_input=32, text_output=16,
+                                                audio_output=64)})
+
+
+class Clock:
+    """Drives both the record's clock and the latency clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(transcript_module, "_now", clock)
+    return clock
+
+
+def usage(inp: int, out: int) -> dict[str, Any]:
+    return {"total_tokens": inp + out, "input_tokens": inp, "output_tokens": out,
+            "input_token_details": {"text_tokens": inp // 2, "audio_tokens": inp - inp // 2,
+                                    "cached_tokens": 0},
+            "output_token_details": {"text_tokens": 0, "audio_tokens": out}}
+
+
+def make() -> tuple[FakeCall, Transcript]:
+    call = FakeCall()
+    feature = Transcript(call, PRICES)
+    call.add(feature)
+    return call, feature
+
+
+async def test_turns_in_order_with_latency_usage_and_cost(clock: Clock) -> None:
+    call, _ = make()
+    record = call.record
+    record.elapsed = lambda: clock.now - 1000.0  # type: ignore[method-assign]
+    # The greeting: reply audio that no caller turn asked for has no latency.
+    call.notify(ReplyAudioStarted("resp_0", "item_A0"))
+    clock.now += 2
+    await call.openai(oai.AssistantTranscript("resp_0", "item_A0", "Hello, how can I help?"))
+    await call.openai(oai.ResponseDone("resp_0", "completed", None, usage(100, 50)))
+    clock.now += 1
+    await call.openai(oai.SpeechStarted("item_U1", 3000))
+    clock.now += 2
+    await call.openai(oai.SpeechStopped("item_U1", 5000))
+    clock.now += 0.8
+    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    clock.now += 1
+    call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # a second item: not a new turn
+    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "Sure, let me check."))
+    clock.now += 0.5
+    # The caller's words arrive after the answer began: placed where they started speaking.
+    await call.openai(oai.CallerTranscript("item_U1", "  Where is my order?  "))
+    await call.openai(oai.CallerTranscript("item_U9", "   "))  # nothing said: no entry
+    await call.openai(oai.ResponseDone("resp_1", "completed", None, usage(300, 120)))
+    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+
+    kinds = [(e["kind"], e.get("text")) for e in record.timeline]
+    assert kinds == [("assistant", "Hello, how can I help?"), ("caller", "Where is my order?"),
+                     ("assistant", "Sure, let me check.")]
+    assert [e["at"] for e in record.timeline] == [0.0, 3.0, 5.8]
+    assert record.latencies_ms == [800.0]
+    assert record.timeline[2]["latency_ms"] == 800.0
+    assert "latency_ms" not in record.timeline[0]
+    assert record.usage["input_tokens"] == 400 and record.usage["output_tokens"] == 170
+    assert record.usage["output_token_details"]["audio_tokens"] == 170
+    expected = (200 * 4 + 200 * 32 + 170 * 64) / 1e6
+    assert record.cost_usd == pytest.approx(expected, abs=1e-6)
+
+
+async def test_interrupted_turns_either_order() -> None:
+    call, _ = make()
+    record = call.record
+    # Barge-in before the transcript arrives.
+    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    call.notify(BargedIn("item_A1", 1500))
+    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "Our opening hours are"))
+    # Transcript first, barge-in after.
+    call.notify(ReplyAudioStarted("resp_2", "item_A2"))
+    await call.openai(oai.AssistantTranscript("resp_2", "item_A2", "Let me explain in detail"))
+    call.notify(BargedIn("item_A2", 700))
+    first, second = record.timeline
+    assert first["interrupted"] is True and first["heard_ms"] == 1500
+    assert second["interrupted"] is True and second["heard_ms"] == 700
+    assert record.barge_ins == 2
+    text = transcript_text(record.to_dict())
+    assert "[interrupted: caller heard 1.5 s]" in text
+
+
+async def test_keypad_tools_and_errors() -> None:
+    call, _ = make()
+    record = call.record
+    before = record.version
+    call.notify(KeypadEntry("1234#"))
+    call.notify(ToolFinished("lookup_order", "call_1", '{"order_id": "A1"}', "ok",
+                             '{"status": "shipped"}', 0.1234))
+    call.notify(ToolFinished("lookup_order", "call_2", "{not json", "invalid_arguments",
+                             '{"error": "arguments are not valid JSON"}', 0.0))
+    call.notify(ToolFinished("slow", "call_3", "{}", "timeout", "timed out", 5.0))
+    await call.openai(oai.Error("invalid_value", "bad call_id", None, False))
+    keypad, ok, bad, slow, error = record.timeline
+    assert keypad == {"at": keypad["at"], "kind": "keypad", "digits": "1234#"}
+    assert ok["arguments"] == {"order_id": "A1"} and ok["result"] == {"status": "shipped"}
+    assert ok["seconds"] == 0.123 and ok["outcome"] == "ok" and "error" not in ok
+    assert bad["arguments"] == "{not json" and bad["error"] == {
+        "error": "arguments are not valid JSON"}
+    assert slow["error"] == "timed out" and "result" not in slow
+    assert error["kind"] == "error" and error["code"] == "invalid_value"
+    assert record.version > before
+    text = transcript_text(record.to_dict())
+    assert "Keypad: 1234#" in text and "Tool slow({}) -> timeout in 5.0 s" in text
+    assert "OpenAI error invalid_value" in text
+
+
+async def test_no_price_for_the_model_means_no_cost() -> None:
+    call = FakeCall()
+    call.record.model = "mystery-model"
+    call.add(Transcript(call, PRICES))
+    await call.openai(oai.ResponseDone("resp_1", "completed", None, usage(10, 10)))
+    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    assert call.record.cost_usd is None and call.record.usage["input_tokens"] == 10
