@@ -300,6 +300,8 @@ class Call:
         rec = self.record
         rec.ended_at = utc_now()
         rec.end_kind, rec.end_reason = ending.kind, ending.reason
+        if rec.sessions and "ended_because" not in rec.sessions[-1]:
+            self._end_session(ending.reason)
         for feature in self.features:
             try:
                 await feature.on_end(ending)

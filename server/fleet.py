@@ -200,7 +200,6 @@ class RedisState:
         self._prefix = prefix
         self._lease_ms = max(1, round(lease * 1000))
         self._beat = heartbeat if heartbeat is not None else lease / 3.3
-        self._timeout = timeout
         self._local = MemoryState()  # this instance's view: held calls, fallbacks
         self._dispatcher = Dispatcher()
         try:
@@ -360,25 +359,24 @@ class RedisState:
 
     async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
         raw = to_json(decision)
-        await self._local.put_decision(call_sid, decision, ttl)  # also answers here if Redis fails
         try:
             await self._client().set(self._prefix + "decision:" + call_sid, raw,
                                       px=max(1, round(ttl * 1000)))
         except _ERRORS as e:
             self._failed("decision", e)
+            await self._local.put_decision(call_sid, decision, ttl)  # only this instance sees it
             return
         self._ok()
 
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
-        """Polls with a short backoff (10 ms doubling to 100 ms) until `wait` has passed."""
+        """Polls with a short backoff (10 ms doubling to 100 ms) until `wait` has passed.
+        Redis is the truth (the latest decision wins); this instance's memory only holds
+        decisions it could not write there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         delay = 0.01
         key = self._prefix + "decision:" + call_sid
         while True:
-            local = await self._local.get_decision(call_sid)
-            if local is not None:
-                return local
             try:
                 raw = await self._client().get(key)
             except _ERRORS as e:
@@ -387,7 +385,10 @@ class RedisState:
             else:
                 self._ok()
             if raw is not None:
-                return from_json(raw)
+                return from_json(raw, "decision")
+            local = await self._local.get_decision(call_sid)
+            if local is not None:
+                return local
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -418,7 +419,7 @@ class RedisState:
             self._failed("context", e)
             return None
         self._ok()
-        return None if raw is None else from_json(raw)
+        return None if raw is None else from_json(raw, "handover context")
 
     # -- control -----------------------------------------------------------------------------
 
@@ -481,11 +482,12 @@ class RedisState:
             delay = 0.05
             if message is None or message.get("type") != "message":
                 continue
-            body = from_json(message["data"])
-            call_sid = body.get("call_sid") if body else None
-            action = body.get("action") if body else None
+            body = from_json(message["data"], "control message")
+            if body is None:
+                continue
+            call_sid, action = body.get("call_sid"), body.get("action")
             if not isinstance(call_sid, str) or not isinstance(action, dict):
-                log.warning("ignoring a malformed control message")
+                log.warning("ignoring a control message without call_sid and action")
             elif not self._local.holds(call_sid):
                 log.info("control action for call %s ignored: no longer held here", call_sid)
             else:

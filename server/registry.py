@@ -17,6 +17,7 @@ from aiohttp import WSCloseCode
 from server import twilio_protocol as tw
 from server.features import base
 from server.features.base import Ending
+from server.record import iso, utc_now
 from server.shared_state import SharedState
 from server.stream_tokens import StreamTokens
 
@@ -105,10 +106,13 @@ class CallRegistry:
         """SHUTDOWN_MODE=handover: save the conversation where any instance can read it and end
         the stream with a "reconnect" decision: Twilio's <Connect action> then opens a new
         stream, which the load balancer sends to a live instance."""
-        await self.state.put_context(call.call_sid, {"record": call.record.to_dict()},
-                                     CONTEXT_TTL)
-        return Ending(base.HANDOVER, "handed over to another instance",
-                      tw.Decision("reconnect"))
+        reason = "handed over to another instance"
+        record = call.record.to_dict()
+        if record["sessions"]:
+            record["sessions"] = [*record["sessions"][:-1], {
+                **record["sessions"][-1], "ended_at": iso(utc_now()), "ended_because": reason}]
+        await self.state.put_context(call.call_sid, {"record": record}, CONTEXT_TTL)
+        return Ending(base.HANDOVER, reason, tw.Decision("reconnect"))
 
     def started(self, call: Call) -> None:
         for observer in self.observers:

@@ -110,15 +110,14 @@ def to_json(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value)
 
 
-def from_json(raw: bytes | str) -> dict[str, Any] | None:
-    """Decode a shared value; None (logged) if it is not a JSON object."""
+def from_json(raw: bytes | str, what: str = "value") -> dict[str, Any] | None:
+    """Decode a shared value; None (logged, naming `what`) if it is not a JSON object."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        log.warning("shared state: ignoring a value that is not JSON")
-        return None
+        value = None
     if not isinstance(value, dict):
-        log.warning("shared state: ignoring a value that is not a JSON object")
+        log.warning("shared state: ignoring a %s that is not a JSON object", what)
         return None
     return value
 

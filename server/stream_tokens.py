@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Callable
 
@@ -18,26 +19,29 @@ class StreamTokens:
     def __init__(
         self, auth_token: str, ttl: float, clock: Callable[[], float] = time.time
     ) -> None:
-        label = b"phone-bridge stream token v1"
+        label = b"phone-bridge stream token v2"
         self._key = hmac.new(auth_token.encode(), label, "sha256").digest()
         self._ttl = ttl
         self._clock = clock
         self._used: dict[str, float] = {}
 
     def mint(self, call_sid: str) -> str:
+        """`<expires>.<nonce>.<mac>`: the nonce makes every token distinct, even two minted for
+        the same call in the same second (a call handed over to another instance)."""
         expires = int(self._clock() + self._ttl)
-        return f"{expires}.{self._mac(call_sid, expires)}"
+        nonce = secrets.token_urlsafe(6)
+        return f"{expires}.{nonce}.{self._mac(call_sid, expires, nonce)}"
 
     def verify(self, token: str | None, call_sid: str) -> str | None:
         """None when the token was minted for this call and is unexpired; otherwise why not.
         Single use is the shared state's job (`claim_token`), so it holds across a fleet."""
         if not token:
             return "no stream token"
-        expires_text, _, mac = token.partition(".")
-        if not expires_text.isdigit() or not mac:
+        expires_text, nonce, mac = (token.split(".", 2) + ["", ""])[:3]
+        if not expires_text.isdigit() or not nonce or not mac:
             return "malformed stream token"
         expires = int(expires_text)
-        if not hmac.compare_digest(mac, self._mac(call_sid, expires)):
+        if not hmac.compare_digest(mac, self._mac(call_sid, expires, nonce)):
             return "stream token does not match this call"
         if expires < self._clock():
             return "stream token expired"
@@ -50,25 +54,19 @@ class StreamTokens:
 
     def check(self, token: str | None, call_sid: str) -> str | None:
         """`verify` plus single use within this process (no shared state)."""
-        if not token:
-            return "no stream token"
-        expires_text, _, mac = token.partition(".")
-        if not expires_text.isdigit() or not mac:
-            return "malformed stream token"
-        expires = int(expires_text)
-        if not hmac.compare_digest(mac, self._mac(call_sid, expires)):
-            return "stream token does not match this call"
+        problem = self.verify(token, call_sid)
+        if problem or token is None:
+            return problem
         now = self._clock()
-        if expires < now:
-            return "stream token expired"
         self._forget_expired(now)
         if token in self._used:
             return "stream token already used"
-        self._used[token] = expires
+        self._used[token] = self.expires_at(token)
         return None
 
-    def _mac(self, call_sid: str, expires: int) -> str:
-        digest = hmac.new(self._key, f"{call_sid}|{expires}".encode(), hashlib.sha256).digest()
+    def _mac(self, call_sid: str, expires: int, nonce: str) -> str:
+        message = f"{call_sid}|{expires}|{nonce}".encode()
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def _forget_expired(self, now: float) -> None:

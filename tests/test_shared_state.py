@@ -378,6 +378,18 @@ async def test_redis_outage_degrades_and_recovers(redis_prefix: str) -> None:
                 return await observer.active() >= 1
 
             await eventually(counted, within=LEASE + 3.0)
+            received: asyncio.Queue[str] = asyncio.Queue()
+
+            async def on_action(call_sid: str, action: dict[str, Any]) -> None:
+                await received.put(call_sid)
+
+            a.on_control(on_action)
+
+            async def heard() -> bool:  # its control channel re-subscribed
+                return await observer.publish(held, {"action": "hangup"})
+
+            await eventually(heard, within=5.0)
+            assert await asyncio.wait_for(received.get(), 5.0) == held
         finally:
             await observer.close()
     finally:

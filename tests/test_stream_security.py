@@ -26,7 +26,8 @@ async def start(rig: Rig, url: str, call_sid: str, params: dict[str, str]) -> No
     ("change", "reason"),
     [
         ({"token": None}, "no stream token"),
-        ({"token": "123.abc"}, "stream token does not match this call"),
+        ({"token": "123.abc"}, "malformed stream token"),
+        ({"token": "123.abc.def"}, "stream token does not match this call"),
         ({"call_sid": "CA" + "f" * 32}, "stream token does not match this call"),
     ],
 )

@@ -38,6 +38,7 @@ def test_rejections() -> None:
     assert tokens.check(f"{int(expiry) + 999}.{mac}", "CA1") == (
         "stream token does not match this call"
     )
+    assert tokens.mint("CA1") != tokens.mint("CA1")  # same call, same second: still distinct
     late = tokens.mint("CA1")
     clock.now += 61
     assert tokens.check(late, "CA1") == "stream token expired"

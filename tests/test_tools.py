@@ -446,8 +446,9 @@ async def test_http_tool_unreachable_and_slow(
     path = write_json(tmp_path, [
         {**HTTP_TOOL, "name": "down", "url": f"http://127.0.0.1:{unused_tcp_port}/x"},
         {**HTTP_TOOL, "name": "slow", "url": str(server.make_url("/slow"))}])
-    box = load_toolbox(settings(tools_file=path, tools_secret="k", tool_timeout=0.2))
+    box = load_toolbox(settings(tools_file=path, tools_secret="k", tool_timeout=5.0))
     async with aiohttp.ClientSession() as http:
         assert await box.run("down", '{"code": "1"}', CONTEXT, http) == (
             "error", '{"error":"down could not be reached"}')
+        box.timeout = 0.2
         assert (await box.run("slow", '{"code": "1"}', CONTEXT, http))[0] == TIMEOUT

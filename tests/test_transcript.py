@@ -3,6 +3,7 @@ latency, barge-ins, usage and cost; driven through a fake CallControl."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -146,3 +147,23 @@ async def test_no_price_for_the_model_means_no_cost() -> None:
     await call.openai(oai.ResponseDone("resp_1", "completed", None, usage(10, 10)))
     await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
     assert call.record.cost_usd is None and call.record.usage["input_tokens"] == 10
+
+
+async def test_a_cut_reply_without_its_transcript_event_is_taken_from_response_done() -> None:
+    """The service may end a cancelled response with its words only in response.done."""
+
+    @dataclass(frozen=True)
+    class DoneWithWords(oai.ResponseDone):  # the shape the decoder gives once it keeps them
+        transcripts: tuple[oai.AssistantTranscript, ...] = ()
+
+    call, _ = make()
+    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    call.notify(BargedIn("item_A1", 900))
+    await call.openai(DoneWithWords(
+        "resp_1", "cancelled", "turn_detected", usage(10, 10),
+        transcripts=(oai.AssistantTranscript("resp_1", "item_A1", "We open at nine and"),)))
+    # A transcript event for the same item after that does not add a second entry.
+    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "We open at nine and"))
+    (entry,) = call.record.timeline
+    assert entry["text"] == "We open at nine and" and entry["interrupted"] is True
+    assert entry["heard_ms"] == 900

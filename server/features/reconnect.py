@@ -56,9 +56,12 @@ class GapBuffer:
     def __init__(self, max_frames: int) -> None:
         self._frames: deque[bytes] = deque(maxlen=max(max_frames, 1))
         self.received = 0
+        self.dropped = 0
 
     async def send(self, frame: bytes, kind: WSMsgType = WSMsgType.TEXT) -> None:
         """Stands in for the socket's send_frame on the media fast path during the gap."""
+        if len(self._frames) == self._frames.maxlen:
+            self.dropped += 1
         self._frames.append(frame)
         self.received += 1
 
@@ -66,7 +69,3 @@ class GapBuffer:
         frames = list(self._frames)
         self._frames.clear()
         return frames
-
-    @property
-    def dropped(self) -> int:
-        return self.received - len(self._frames)

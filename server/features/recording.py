@@ -28,6 +28,8 @@ log = logging.getLogger("server.records")
 
 RATE = 8000
 ULAW_SILENCE = 0xFF
+SILENCE_BYTE = bytes([ULAW_SILENCE])
+BLOCK = RATE * 2  # samples per step when building the file: 2 s
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -112,14 +114,19 @@ def write_wav(path: Path, caller: list[str], assistant: list[tuple[int, str, int
         if keep >= 0:
             audio = audio[:keep]
         right[start:start + len(audio)] = audio
-    pcm = stereo_pcm(left, bytes(right))
+    length = max(len(left), len(right))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".wav.part")
     with wave.open(str(partial), "wb") as out:
         out.setnchannels(2)
         out.setsampwidth(2)
         out.setframerate(RATE)
-        out.writeframes(pcm)
+        # In blocks: each C-level step holds the GIL only briefly, so the event loop's thread
+        # (relaying other calls' audio) never waits long on this one.
+        for at in range(0, length, BLOCK):
+            out.writeframes(stereo_pcm(left[at:at + BLOCK].ljust(min(BLOCK, length - at),
+                                                                 SILENCE_BYTE),
+                                       bytes(right[at:at + BLOCK])))
     os.replace(partial, path)
 
 

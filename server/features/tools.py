@@ -118,7 +118,7 @@ class _Batch:
     response_id: str
     outputs: dict[str, str | None] = field(default_factory=dict)  # call_id -> output; None: running
     done: bool = False  # its response.done arrived
-    done_event: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = 0.0  # when its first tool started (monotonic)
     status: str = ""
     action: Ending | None = None  # end_call / transfer_call: how the call ends after it
     action_call: oai.FunctionCall | None = None
@@ -147,7 +147,7 @@ class ToolsFeature(Feature):
         self._auto_until = 0.0  # until then, expect the service's own response to a turn
         self._retry: asyncio.Task[None] | None = None
         self._ending = False
-        self._hold: asyncio.Task[None] | None = None
+        self._hold_stop: asyncio.Event | None = None  # set: the hold audio stops
         self._holding = False  # hold audio was sent and not cleared yet
         self._context = CallContext(call.caller, call.called, call.call_sid, call.log)
 
@@ -167,13 +167,15 @@ class ToolsFeature(Feature):
         elif isinstance(event, oai.ResponseDone):
             if self._active in (event.response_id, ""):
                 self._active = None
-            for call in event.function_calls:  # any whose `.done` event we did not see
-                await self._on_call(call)
+            if event.status == "completed":  # calls whose `.done` event we did not see
+                for call in event.function_calls:
+                    await self._on_call(call)
             batch = self._batches.get(event.response_id)
             if batch is not None:
                 batch.done, batch.status = True, event.status
-                batch.done_event.set()
                 await self._progress(batch)
+                if not batch.finished:
+                    self._start_hold(batch)
             await self._maybe_reply()
         elif isinstance(event, oai.SpeechStarted):
             self._speaking = True
@@ -210,9 +212,8 @@ class ToolsFeature(Feature):
             await self._transfer(batch, fc)
         else:
             batch.outputs[fc.call_id] = None
+            batch.started = batch.started or time.monotonic()
             self.call.spawn(self._run(batch, fc), f"tool-{fc.name[:40]}")
-            if self._config.hold_chunks and self._hold is None:
-                self._hold = self.call.spawn(self._hold_when_slow(batch), "tools-hold")
 
     def _builtin(self, batch: _Batch, fc: oai.FunctionCall, ending: Ending) -> None:
         if batch.action is None:
@@ -304,37 +305,57 @@ class ToolsFeature(Feature):
 
     # --- hold audio ---
 
-    async def _hold_when_slow(self, batch: _Batch) -> None:
-        """After HOLD_AFTER, if the batch's tools still run: once the model's words have played,
-        loop the hold audio until stopped."""
+    def _start_hold(self, batch: _Batch) -> None:
+        """The response that made the calls is done (its words all sent) and a tool still runs:
+        hold audio once the tool has run HOLD_AFTER and those words have played."""
+        if not self._config.hold_chunks or self._hold_stop is not None or not batch.started:
+            return
+        self._hold_stop = stop = asyncio.Event()
+        delay = self._config.hold_after - (time.monotonic() - batch.started)
+        self.call.spawn(self._hold_when_slow(batch, stop, delay), "tools-hold")
+
+    async def _hold_when_slow(self, batch: _Batch, stop: asyncio.Event, delay: float) -> None:
+        """Stopped by setting `stop` (never cancelled before it starts, so no coroutine is left
+        un-awaited); it checks `stop` before every send."""
         try:
-            await asyncio.sleep(self._config.hold_after)
-            await batch.done_event.wait()  # its response may still stream its "let me check"
-            if batch.finished or not await self.call.wait_played(30.0):
+            if await _stopped(stop, delay) or not await self.call.wait_played(30.0):
                 return
-            if batch.finished or self._active is not None or self._speaking or self._ending:
+            if (stop.is_set() or batch.finished or self._active is not None or self._speaking
+                    or self._ending):
                 return
             self.call.log.info("tool still running after %g s: hold audio",
                                self._config.hold_after)
             loop = asyncio.get_running_loop()
             start, sent_ms = loop.time(), 0
             for payload, ms in itertools.cycle(self._config.hold_chunks):
+                if stop.is_set():
+                    return
                 self._holding = True
                 await self.call.send_to_caller(tw.media_frame(self.call.stream_sid, payload))
                 sent_ms += ms
-                await asyncio.sleep(max(start + (sent_ms - HOLD_AHEAD_MS) / 1000 - loop.time(),
-                                        0))
+                if await _stopped(stop, start + (sent_ms - HOLD_AHEAD_MS) / 1000 - loop.time()):
+                    return
         finally:
-            if self._hold is asyncio.current_task():
-                self._hold = None
+            if self._hold_stop is stop:
+                self._hold_stop = None
 
     async def _stop_hold(self) -> None:
         """Stop the hold audio and clear what Twilio still has of it."""
-        task, self._hold = self._hold, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        stop, self._hold_stop = self._hold_stop, None
+        if stop is not None:
+            stop.set()
         if self._holding:
             self._holding = False
             await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
 
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True if `stop` was set meanwhile (or already)."""
+    if stop.is_set() or seconds <= 0:
+        return stop.is_set()
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -92,6 +92,12 @@ class Transcript(Feature):
         elif isinstance(event, oai.ResponseDone):
             if event.usage:
                 record.add_usage(event.usage)
+            # A response cut by a barge-in may end without output_audio_transcript.done: its
+            # words are then only in response.done's output items (when the decoder keeps them).
+            for said in getattr(event, "transcripts", ()):
+                if isinstance(said, oai.AssistantTranscript) and said.item_id not in \
+                        self._assistant:
+                    self._assistant_turn(said)
         elif isinstance(event, oai.Error):
             record.add("error", code=event.code, message=event.message[:500],
                        fatal=event.fatal)
@@ -99,6 +105,8 @@ class Transcript(Feature):
     def _assistant_turn(self, event: oai.AssistantTranscript) -> None:
         record = self.call.record
         item = event.item_id
+        if item in self._assistant:  # already placed (from response.done): keep the first
+            return
         at = self._reply_at.pop(item, None)
         data: dict[str, Any] = {"text": event.transcript.strip(), "item_id": item}
         latency = self._reply_latency.pop(item, None)

@@ -55,6 +55,7 @@ AUTH_TOKEN = "bench-auth-token"  # not a secret: both ends are on this machine
 ROOT = Path(__file__).resolve().parent.parent.parent
 RAMP = 0.005  # seconds between two calls' webhooks, as calls really arrive
 BRIDGE, BARE = "server", "server.testing.bare_relay"
+CALLS_PER_PROCESS = 150  # load generator processes per side: each stays well below a core
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,13 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     with suppress(OSError):
@@ -125,7 +133,7 @@ class Worker:
     @classmethod
     async def start(cls, role: str, *args: str) -> Worker:
         proc = await asyncio.create_subprocess_exec(
-            *(os.environ["LOADGEN_CMD"].split() if os.environ.get("LOADGEN_CMD") else [sys.executable, "-m", "server.testing.loadgen"]), role, *args,
+            sys.executable, "-m", "server.testing.loadgen", role, *args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
@@ -219,6 +227,7 @@ class Run:
     marks_echoed: int
     errors: dict[str, int]
     server_log: list[str]  # warnings and errors the server logged
+    others_cpu: float  # CPU seconds the rest of the machine used while measured
 
     @property
     def relayed(self) -> int:
@@ -275,6 +284,8 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
         if wall else 0,
         "errors": errors,
         "server_log_problems": sum(len(r.server_log) for r in runs),
+        "other_processes_cpu_percent_of_one_core": round(
+            max(r.others_cpu / r.wall * 100 for r in runs), 1),
         "load_generator": {
             "processes": len(runs[0].generator),
             "max_process_cpu_percent_of_one_core": max(gen_cpu, default=0.0),
@@ -326,12 +337,12 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
             w.ask("go", start=start, t0=t0, t1=t1,
                   phases=[n * PERIOD / calls for n in range(i, calls, k)])
             for i, w in enumerate(gen.callers)))
-        pids = [pid, *(w.pid for w in gen.workers)]
+        pids = [pid, *(w.pid for w in gen.workers), os.getpid()]
         await _sleep_until(t0)
-        cpu0 = [cpu_seconds(p) for p in pids]
+        cpu0, busy0 = [cpu_seconds(p) for p in pids], machine_busy_seconds()
         wall0 = time.monotonic()
         await _sleep_until(t1)
-        cpu1 = [cpu_seconds(p) for p in pids]
+        cpu1, busy1 = [cpu_seconds(p) for p in pids], machine_busy_seconds()
         wall1 = time.monotonic()
         rss_loaded = status_kib(pid, "VmRSS")
         await _all(gen.standins, "quiet")
@@ -349,7 +360,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
     used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     callers_sum, standins_sum = _sum(caller_reports, standin_reports)
     errors: dict[str, int] = {}
-    for report in caller_reports:
+    for report in [*caller_reports, *standin_reports]:
         for why, n in report["errors"].items():
             errors[why] = errors.get(why, 0) + n
     return Run(
@@ -362,7 +373,8 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
         setup_ms=[ms for r in caller_reports for ms in r["setup_ms"]],
         rss_kib={"idle": rss_idle, "loaded": rss_loaded, "peak": rss_peak},
         generator=[{"role": w.role, "cpu_percent_of_one_core": round(u / wall * 100, 1)}
-                   for w, u in zip(gen.workers, used[1:], strict=True)],
+                   for w, u in zip(gen.workers, used[1:-1], strict=True)],
+        others_cpu=max(busy1 - busy0 - sum(used), 0.0),
         caller_lateness=Histogram.merged(
             Histogram.from_json(r["lateness"]) for r in caller_reports),
         standin_lateness=Histogram.merged(
@@ -386,10 +398,15 @@ def _sum(callers: list[dict[str, Any]], standins: list[dict[str, Any]],
 
 
 async def run(calls: int = 100, seconds: float = 20.0, rounds: int = 2, warmup: float = 2.0,
-              callers: int = 2, standins: int = 1, bridge_env: dict[str, str] | None = None,
+              callers: int = 0, standins: int = 0, bridge_env: dict[str, str] | None = None,
               compare: tuple[str, list[str]] | None = None,
               echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every configuration `rounds` times, alternating; the report (as in out/bench.json)."""
+    """Every configuration `rounds` times, alternating; the report (as in out/bench.json).
+
+    `callers` / `standins`: processes on each side of the load generator; 0 means one per
+    CALLS_PER_PROCESS calls."""
+    callers = callers or -(-calls // CALLS_PER_PROCESS)
+    standins = standins or -(-calls // CALLS_PER_PROCESS)
     order = configs(bridge_env, compare)
     runs: dict[str, list[Run]] = {c.label: [] for c in order}
     total = rounds * len(order)
@@ -481,6 +498,8 @@ def table(report: dict[str, Any]) -> str:
         ("load generator CPU, busiest process", gen),
         ("caller clock lateness p99 / max", late("caller_clock_lateness_ms")),
         ("stand-in clock lateness p99 / max", late("standin_clock_lateness_ms")),
+        ("other processes on the machine (max)", lambda x: (
+            f"{x['other_processes_cpu_percent_of_one_core']} % of one core")),
         ("errors / server log warnings", lambda x: (
             f"{sum(x['errors'].values())} / {x['server_log_problems']}")),
     ]
@@ -492,13 +511,15 @@ def table(report: dict[str, Any]) -> str:
         f"load generator on {m['load_generator_loop']}",
         f"{report['calls']} calls x {report['seconds']:g} s measured per run, "
         f"{report['rounds']} round(s): " + ", ".join(report["order"]),
+        f"load generator: {report['load_generator']['caller_processes']} caller + "
+        f"{report['load_generator']['standin_processes']} stand-in process(es)",
         "",
         " " * first + "  " + "  ".join(f"{lab:<{w}}" for lab, w in zip(labels, widths,
                                                                           strict=True)),
     ]
     for (name, _), row in zip(rows, cells, strict=True):
-        lines.append(f"{name:<{first}}  " + "  ".join(
-            f"{c:<{w}}" for c, w in zip(row, widths, strict=True)))
+        lines.append((f"{name:<{first}}  " + "  ".join(
+            f"{c:<{w}}" for c, w in zip(row, widths, strict=True))).rstrip())
     lines.append("")
     for label, r in report["ratios"].items():
         rounds = ", ".join(str(v) for v in r["per_round"])
@@ -535,8 +556,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
-    parser.add_argument("--callers", type=int, default=2, help="caller processes")
-    parser.add_argument("--standins", type=int, default=1, help="stand-in processes")
+    parser.add_argument("--callers", type=int, default=0,
+                        help=f"caller processes (default: one per {CALLS_PER_PROCESS} calls)")
+    parser.add_argument("--standins", type=int, default=0,
+                        help=f"stand-in processes (default: one per {CALLS_PER_PROCESS} calls)")
     parser.add_argument("--bridge-env", type=_assignment, action="append", default=[],
                         metavar="NAME=VALUE", help="set for every bridge run (repeatable)")
     parser.add_argument("--compare", type=_comparison, default=None, metavar="NAME=A,B",
@@ -544,8 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=Path("out/bench.json"))
     args = parser.parse_args(argv)
     print(f"bench: {args.calls} simultaneous calls, full duplex, {args.seconds:g} s measured "
-          f"per run, {args.rounds} round(s), {args.callers} caller + {args.standins} stand-in "
-          f"process(es)")
+          f"per run, {args.rounds} round(s)")
     report = asyncio.run(run(args.calls, args.seconds, args.rounds, args.warmup, args.callers,
                              args.standins, dict(args.bridge_env), args.compare))
     print()

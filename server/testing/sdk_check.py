@@ -119,15 +119,18 @@ def _model_at(model: Any, path: str) -> str:
 
     owner: Any = model
     parts = path.replace("[", ".[").split(".")[:-1]
-    for part in parts:
-        if part.startswith("["):
-            owner = owner[int(part[1:-1])]
-        elif isinstance(owner, BaseModel):
-            owner = getattr(owner, part)
-        else:
-            owner = owner[part]
+    try:
+        for part in parts:
+            if part.startswith("["):
+                owner = owner[int(part[1:-1])]
+            elif isinstance(owner, BaseModel):
+                owner = getattr(owner, part)
+            else:
+                owner = owner[part]
+    except (LookupError, AttributeError, ValueError, TypeError):  # a dict key with "." or "["
+        return "see the SDK's model"
     if not isinstance(owner, BaseModel):
-        return "not a model"
+        return "see the SDK's model"
     known = ", ".join(sorted(type(owner).model_fields))
     return f"{type(owner).__name__} knows: {known}"
 

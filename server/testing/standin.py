@@ -252,7 +252,7 @@ class StandinSession:
                     continue
                 if self._options.check_events is not None:
                     self._options.check_events("client", event)
-                if self._streamer is not None and not self._options.stream_keep_audio \
+                if self._options.reply == "stream" and not self._options.stream_keep_audio \
                         and event.get("type") == "input_audio_buffer.append":
                     self._streamed_audio(event)
                     continue
@@ -293,7 +293,7 @@ class StandinSession:
             self.audio_bytes_received += len(audio)
             if self._options.on_audio is not None:
                 self._options.on_audio(audio)
-            if self._streamer is not None:
+            if self._options.reply == "stream":  # no VAD, before, during or after streaming
                 return
             if self._detection() and self.session["audio"]["input"]["format"] == FORMATS[0]:
                 await self._vad(audio)
