@@ -17,7 +17,7 @@ from server.call import Call, CallDeps, FeatureFactory
 from server.features import greeting, keypad
 from server.features import tools as tools_feature
 from server.features.base import Ending
-from server.metrics import Metrics
+from server.metrics import Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
 from server.logs import mask_number
 from server.prompts import Prompt, load_prompt
@@ -86,6 +86,8 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
     app.router.add_route("POST", "/incoming-call", incoming_call)
     app.router.add_route("POST", ACTION_PATH, connect_action)
     app.router.add_get("/media-stream", media_stream)
+    if settings.admin_token:
+        app.router.add_post("/calls/{call_sid}/hangup", hang_up)
     return app
 
 
@@ -95,6 +97,7 @@ async def _shared_state(app: web.Application) -> AsyncIterator[None]:
     state = await open_state(app[SETTINGS]) if owned else app[STATE]
     app[STATE] = state
     registry = app[REGISTRY] = CallRegistry(app[SETTINGS], state)
+    state.on_control(registry.on_control)
     if app[SETTINGS].shutdown_mode == "handover":
         registry.shutdown_ending = registry.hand_over
     try:
@@ -261,6 +264,21 @@ async def connect_action(request: web.Request) -> web.Response:
         return _twiml(_stream_twiml(request, call_sid, str(fields.get("From", "")),
                                     str(fields.get("To", "")), resume=True))
     return _twiml(tw.decision_twiml(decision))
+
+
+async def hang_up(request: web.Request) -> web.Response:
+    """POST /calls/{call_sid}/hangup (bearer ADMIN_TOKEN): end a live call, wherever in the
+    fleet it is (the shared state delivers it to the instance that holds it)."""
+    token = request.app[SETTINGS].admin_token
+    if token is None or not bearer_ok(request, token):
+        raise web.HTTPUnauthorized(text="a valid Authorization: Bearer <ADMIN_TOKEN> is needed\n",
+                                   headers={"WWW-Authenticate": "Bearer"})
+    call_sid = request.match_info["call_sid"]
+    delivered = await request.app[STATE].publish(call_sid, {"action": "hangup"})
+    if not delivered:
+        raise web.HTTPNotFound(text=f"no live call {call_sid}\n")
+    log.info("admin hang-up requested for %s", call_sid)
+    return web.json_response({"call_sid": call_sid, "hangup": "requested"}, status=202)
 
 
 def _twiml(body: str) -> web.Response:

@@ -13,9 +13,12 @@ from aiohttp import web
 from dotenv import load_dotenv
 
 from server import __version__
-from server.app import PROMPT, create_app, drain
+from server.app import PROMPT, REGISTRY, create_app, drain
 from server.logs import setup_logging
+from server.records.store import StoreError
 from server.settings import ConfigError, Settings
+from server.shared_state import SharedStateError
+from server.workers import run_workers
 
 log = logging.getLogger("server")
 
@@ -25,16 +28,28 @@ def main() -> None:
     try:
         settings = Settings.from_env(os.environ)
         setup_logging(settings.log_level, settings.log_format, settings.secrets)
-        app = create_app(settings)
+        app = create_app(settings)  # checks prompts and tools once, before any worker starts
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     _announce(settings, app[PROMPT].describe(), app[PROMPT].hosted)
+    if settings.workers > 1:
+        log.info("starting %d worker processes on port %d (SO_REUSEPORT)", settings.workers,
+                 settings.port)
+        sys.exit(run_workers(settings.workers, lambda _index: _serve_process(settings, None)))
+    _serve_process(settings, app)
+
+
+def _serve_process(settings: Settings, app: web.Application | None) -> None:
+    """Serve in this process until a signal; exit 1 with one line if it cannot start."""
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(app, settings))
+            runner.run(serve(app or create_app(settings), settings))
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e.strerror or e)
+        sys.exit(1)
+    except (SharedStateError, StoreError) as e:
+        log.error("cannot start: %s", e)
         sys.exit(1)
     log.info("stopped")
 
@@ -56,7 +71,8 @@ async def serve(app: web.Application, settings: Settings) -> None:
     A second signal during the drain ends the remaining calls at once."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port,
+                       reuse_port=settings.workers > 1 or None)
     signals = 0
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -72,8 +88,12 @@ async def serve(app: web.Application, settings: Settings) -> None:
         await site.start()
         await stop.wait()
         log.info("signal received: no longer accepting calls")
+        app[REGISTRY].draining = True  # /readyz says 503 from now on
         await site.stop()
-        await drain(app, settings.shutdown_drain_seconds, hurry)
+        if settings.shutdown_mode == "handover":
+            log.info("handing %d live call(s) over to other instances", len(app[REGISTRY]))
+        else:
+            await drain(app, settings.shutdown_drain_seconds, hurry)
     finally:
         await runner.cleanup()
 

@@ -135,6 +135,18 @@ class CallRegistry:
                 except Exception:
                     log.exception("observer failed at the end of call %s", call.call_sid)
 
+    async def on_control(self, call_sid: str, action: dict[str, Any]) -> None:
+        """An action published for a call this instance holds (admin hang-up)."""
+        call = self.find(call_sid)
+        if call is None:
+            log.warning("control %r for %s: no such call here", action.get("action"), call_sid)
+            return
+        if action.get("action") == "hangup":
+            call.log.info("hanging up on an operator's request")
+            call.end(Ending(base.ADMIN_HUNG_UP, "an operator hung up the call", tw.HANGUP))
+        else:
+            call.log.warning("ignored unknown control action %r", action.get("action"))
+
     # --- shutdown ---
 
     async def wait_idle(self, seconds: float, interrupt: asyncio.Event) -> None:

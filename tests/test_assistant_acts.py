@@ -191,7 +191,7 @@ async def test_hold_audio_then_clear_before_the_answer(make_rig: MakeRig) -> Non
     @tool
     async def slow_lookup() -> dict[str, str]:
         """Takes a while."""
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.0)
         return {"status": "found"}
 
     toolbox = Toolbox({"slow_lookup": python_tool(slow_lookup, "test")})

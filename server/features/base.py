@@ -42,6 +42,7 @@ IDLE = "idle"
 SHUTDOWN = "shutdown"
 HANDOVER = "handover"
 INTERNAL_ERROR = "internal_error"
+ADMIN_HUNG_UP = "admin_hung_up"
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,11 @@ class RecordStore(Protocol):
     def description(self) -> str:
         """Where the records are, without any password (for log lines)."""
 
+    @property
+    def reconnects(self) -> bool:
+        """True when an `open` that failed is retried by later calls (a database server that
+        may come back); False when a failed open is final (a file that cannot be opened)."""
+
     async def open(self, *, migrate_to: int | None = None) -> None:
         """Connect and migrate the schema forward (to `migrate_to`, default the latest)."""
 
@@ -230,6 +235,10 @@ class SQLiteStore:
     @property
     def description(self) -> str:
         return f"SQLite {self.path}"
+
+    @property
+    def reconnects(self) -> bool:
+        return False
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         thread = self._thread
@@ -448,17 +457,36 @@ class PostgresStore:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: Any = None
+        self._target: int | None = None  # set by open(): connect (again) up to this version
+        self._closed = False
+        self._connecting = asyncio.Lock()
 
     @property
     def description(self) -> str:
         return f"PostgreSQL {redact(self.url)}"
 
-    def _ready(self) -> Any:
-        if self._pool is None:
+    @property
+    def reconnects(self) -> bool:
+        return True
+
+    async def _ready(self) -> Any:
+        """The pool; after a failed open (database down at start), try to connect again."""
+        if self._pool is not None:
+            return self._pool
+        if self._target is None or self._closed:
             raise StoreError("the records store is not open")
+        async with self._connecting:
+            if self._pool is None:
+                await self._connect(self._target)
         return self._pool
 
     async def open(self, *, migrate_to: int | None = None) -> None:
+        self._target = migrate_to if migrate_to is not None else SCHEMA_VERSION
+        self._closed = False
+        async with self._connecting:
+            await self._connect(self._target)
+
+    async def _connect(self, target: int) -> None:
         import asyncpg
 
         try:
@@ -469,13 +497,14 @@ class PostgresStore:
             raise StoreError(f"cannot connect to {self.description}: "
                              f"{type(e).__name__}: {_no_password(str(e), self.url)}") from None
         try:
-            await self._migrate(migrate_to if migrate_to is not None else SCHEMA_VERSION)
+            await self._migrate(target)
         except BaseException:
-            await self.close()
+            pool, self._pool = self._pool, None
+            pool.terminate()
             raise
 
     async def _migrate(self, target: int) -> None:
-        async with self._ready().acquire() as db, db.transaction():
+        async with self._pool.acquire() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock($1)", _PG_MIGRATION_LOCK)
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version "
                              "(version INTEGER NOT NULL)")
@@ -492,6 +521,7 @@ class PostgresStore:
                         current, SCHEMA_VERSION)
 
     async def close(self) -> None:
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -500,15 +530,14 @@ class PostgresStore:
                 pool.terminate()
 
     async def ping(self) -> bool:
-        if self._pool is None:
-            return False
         try:
-            return bool(await self._pool.fetchval("SELECT 1", timeout=2.0) == 1)
+            pool = await self._ready()
+            return bool(await pool.fetchval("SELECT 1", timeout=2.0) == 1)
         except Exception:
             return False
 
     async def schema_version(self) -> int:
-        return int(await self._ready().fetchval(
+        return int(await (await self._ready()).fetchval(
             "SELECT coalesce(max(version), 0) FROM schema_version"))
 
     async def save(self, record: Mapping[str, Any]) -> None:
@@ -518,7 +547,7 @@ class PostgresStore:
             raise StoreError("a record without a call_sid cannot be stored")
         (caller, called, direction, started_at, ended_at, duration, end_kind, end_reason,
          cost, recording) = _row_values(record)
-        await self._ready().execute(
+        await (await self._ready()).execute(
             """INSERT INTO calls (call_sid, caller, called, direction, started_at, ended_at,
                    duration_seconds, end_kind, end_reason, cost_usd, recording, body, updated_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::json, now())
@@ -533,7 +562,7 @@ class PostgresStore:
             duration, end_kind, end_reason, cost, recording, body)
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
-        body = await self._ready().fetchval(
+        body = await (await self._ready()).fetchval(
             "SELECT body::text FROM calls WHERE call_sid = $1", call_sid)
         return _loads(body) if body is not None else None
 
@@ -560,11 +589,11 @@ class PostgresStore:
         sql = (f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM calls"
                + (f" WHERE {' AND '.join(where)}" if where else "")
                + f" ORDER BY started_at DESC, call_sid DESC LIMIT {arg(limit + 1)}")
-        rows = await self._ready().fetch(sql, *args)
+        rows = await (await self._ready()).fetch(sql, *args)
         return _page([dict(r) for r in rows], limit)
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
-        rows = await self._ready().fetch(
+        rows = await (await self._ready()).fetch(
             "DELETE FROM calls WHERE started_at < $1 RETURNING recording", cutoff)
         return [str(r["recording"]) for r in rows if r["recording"]]
 
