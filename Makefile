@@ -19,14 +19,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check --line-length 100 --select E,F,W,I,B,UP,SIM,RUF --target-version py311 server tests
+	$(BIN)/ruff check server tests  # rules in pyproject.toml, with: the product never imports server.testing
 	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m server.testing.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m server.testing.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS))
+	$(BIN)/python -m server.testing.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info out

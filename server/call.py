@@ -170,6 +170,8 @@ class Call:
         task = asyncio.get_running_loop().create_task(self._owned_task(coro, name), name=name)
         self._owned.add(task)
         task.add_done_callback(self._owned.discard)
+        # Cancelled before it ever ran, the task never awaited `coro`: close it, no warning.
+        task.add_done_callback(lambda _task: coro.close())
         return task
 
     def end(self, ending: Ending) -> None:

@@ -63,11 +63,11 @@ def load_prompt(settings: Settings) -> Prompt:
     if settings.prompt_version:
         raise ConfigError("PROMPT_VERSION", "is set but PROMPT_ID is not")
     if settings.instructions:
-        return _template("INSTRUCTIONS", None, "environment", settings.instructions, "INSTRUCTIONS")
+        return template("INSTRUCTIONS", None, "environment", settings.instructions, "INSTRUCTIONS")
     if (settings.prompts_dir / DEFAULT_PROMPT_ID).is_dir():
         return _load_file(settings.prompts_dir, DEFAULT_PROMPT_ID, None)
     where = settings.prompts_dir.resolve()
-    return _template("built-in", None,
+    return template("built-in", None,
                      f"built-in: no {DEFAULT_PROMPT_ID}/ prompt in {where}; set PROMPTS_DIR",
                      DEFAULT_INSTRUCTIONS, "INSTRUCTIONS")
 
@@ -99,10 +99,10 @@ def _load_file(prompts_dir: Path, prompt_id: str, version: str | None) -> Prompt
     text = path.read_text(encoding="utf-8").strip()
     if not text:
         raise ConfigError("PROMPT_ID", f"{path} is empty")
-    return _template(prompt_id, version, str(path), text, "PROMPT_ID")
+    return template(prompt_id, version, str(path), text, "PROMPT_ID")
 
 
-def _template(
+def template(
     prompt_id: str, version: str | None, source: str, text: str, variable: str
 ) -> Prompt:
     parts = tuple(_PLACEHOLDER.split(text))

@@ -1,19 +1,61 @@
-"""The benchmark runs end to end and reports what it claims (numbers are not asserted)."""
+"""The benchmark runs end to end and reports what it claims (numbers are not asserted: frames
+lost, latencies and ratios belong in the bench's output, not in the unit suite)."""
 
 from __future__ import annotations
 
-from server.testing.bench import run, table
+import argparse
+
+import pytest
+
+from server.testing.bench import BARE, BRIDGE, _comparison, configs, run, table
+from server.testing.loadgen import Histogram
 
 
 async def test_bench_smoke() -> None:
-    result = await run(calls=3, seconds=0.4, warmup=0.1)
-    for direction in ("caller_to_model", "model_to_caller"):
-        stats = result[direction]
-        assert stats["frames_sent"] > 0
-        assert stats["frames_lost"] == 0
-        assert stats["samples"] > 0 and stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"]
-    assert result["bridge_cpu_us_per_relayed_frame"] is not None
-    assert result["bridge_rss_peak_mib"] >= result["bridge_rss_idle_mib"] > 0
-    assert result["setup_ms"]["max"] > 0
-    text = table(result)
-    assert "caller->model latency p50/p99/max" in text and "bridge RSS per call" in text
+    lines: list[str] = []
+    report = await run(calls=3, seconds=0.4, rounds=1, warmup=0.1, echo=lines.append)
+    assert report["order"] == ["bridge", "bare relay"]
+    assert len(lines) == 2  # one progress line per run
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    for label in report["order"]:
+        summary = report["configs"][label]["summary"]
+        assert summary["runs"] == 1 and summary["calls"] == 3
+        for direction in ("caller_to_model", "model_to_caller"):
+            stats = summary[direction]
+            assert stats["frames_sent"] > 0 and stats["samples"] > 0
+            assert stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+        assert summary["rss_peak_mib"] >= summary["rss_idle_mib"] > 0
+        assert summary["setup_ms"]["max"] > 0
+        assert summary["load_generator"]["processes"] == 2
+        assert "cpu_us_per_relayed_frame" in summary
+    assert report["configs"]["bridge"]["summary"]["marks_echoed_per_second"] > 0
+    assert report["ratios"]["bridge"]["vs"] == "bare relay"
+    text = table(report)
+    for row in ("machine: ", "caller->model latency p50/p99/max", "RSS per call",
+                "load generator CPU, busiest process", "caller clock lateness",
+                "bridge CPU per relayed frame: "):
+        assert row in text
+
+
+def test_compare_runs_two_bridges_beside_the_bare_relay() -> None:
+    order = configs({"LOG_LEVEL": "ERROR"}, _comparison("RECORD_CALLS=off,on"))
+    assert [(c.label, c.module) for c in order] == [
+        ("bridge RECORD_CALLS=off", BRIDGE), ("bridge RECORD_CALLS=on", BRIDGE),
+        ("bare relay", BARE)]
+    assert order[1].env == {"LOG_LEVEL": "ERROR", "RECORD_CALLS": "on"}
+    assert order[2].env == {}  # the baseline never gets the bridge's settings
+    with pytest.raises(argparse.ArgumentTypeError):
+        _comparison("RECORD_CALLS=on")
+
+
+def test_histogram_percentiles_merge_across_processes() -> None:
+    a, b = Histogram(), Histogram()
+    for ms in range(1, 51):
+        a.add(ms / 10)  # 0.1 .. 5.0 ms
+    for ms in range(51, 101):
+        b.add(ms / 10)  # 5.1 .. 10.0 ms
+    merged = Histogram.merged([Histogram.from_json(a.to_json()), b])
+    assert merged.count == 100 and merged.max_ms == 10.0
+    assert merged.percentile(0.5) == pytest.approx(5.0, abs=0.02)
+    assert merged.percentile(0.99) == pytest.approx(9.9, abs=0.02)
+    assert Histogram().percentile(0.5) is None

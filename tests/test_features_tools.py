@@ -202,6 +202,20 @@ async def test_output_then_one_response_create_after_done(result_first: bool) ->
     await call.close(feature)
 
 
+async def test_no_response_create_before_done_even_unseen_response() -> None:
+    """Even when `response.created` was not seen, the request waits for `response.done`."""
+    call, gate = FakeCall(), Gate()
+    gate.opened.set()
+    feature = make_tools(call, gated(gate))
+    await feature.on_openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
+    await call.wait(lambda c: c.outputs())
+    await asyncio.sleep(0.05)
+    assert "response.create" not in call.kinds()
+    await feature.on_openai(done())
+    assert call.kinds()[-1] == "response.create"
+    await call.close(feature)
+
+
 async def test_several_calls_in_one_response_one_create() -> None:
     call, first, second = FakeCall(), Gate(), Gate()
     feature = make_tools(call, gated(first, "one"), gated(second, "two"))

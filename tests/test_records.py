@@ -498,3 +498,30 @@ def test_python_m_server_calls(tmp_path: Path) -> None:
                             check=False)
     assert result.returncode == 0, result.stderr
     assert "Where is my order?" in result.stdout
+
+
+async def test_a_database_that_comes_back_is_reconnected(pg_url: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL not there at start (here: its database not created yet): the bridge serves
+    anyway, /readyz's ping says no, and records are saved once it answers."""
+    from server.records.service import Records
+
+    name = "t_" + uuid4().hex[:16]
+    url = pg_url.rsplit("/", 1)[0] + "/" + name
+    records = Records(Settings(openai_api_key="sk-test", database_url=url),
+                      save_interval=0.05)
+    records.writer._first_backoff = 0.01
+    await records.open(None)  # type: ignore[arg-type]  # no webhook: no session needed
+    try:
+        assert "records database unavailable" in caplog.text
+        assert not await records.store.ping()
+        record = make_record("CAlater")
+        records.writer.track(record)
+        await _pg_admin(pg_url, f"CREATE DATABASE {name}")
+        assert await records.store.ping()
+        async with asyncio.timeout(5):
+            while await records.store.get("CAlater") is None:
+                await asyncio.sleep(0.02)
+    finally:
+        await records.close()
+        await _pg_admin(pg_url, f"DROP DATABASE {name} WITH (FORCE)")

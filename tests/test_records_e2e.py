@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import wave
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,7 +61,7 @@ async def test_a_call_leaves_a_full_record(make_rig: MakeRig, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     db = f"sqlite:///{tmp_path}/e2e.db"
     rig = await make_rig(admin_token=ADMIN, record_calls=True, database_url=db)
-    stream, session = await rig.place()
+    stream, _ = await rig.place()
     await speak(stream, frames=25)  # 500 ms of speech, then silence: one turn
     await live_until(rig, lambda r: "caller" in kinds(r) and "assistant" in kinds(r)
                      and r.usage.get("input_tokens", 0) > 0)

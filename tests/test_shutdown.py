@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +14,8 @@ from aiohttp import WSCloseCode
 from aiohttp.test_utils import TestServer
 
 from server.app import drain
-from server.testing.simulator import TwilioStream
+from server.testing.dial import dial
+from server.testing.process import ServerFailed, free_port, server_process
 from server.testing.standin import StandinOptions, create_standin_app, next_session
 from tests.conftest import MakeRig, heard, loud, speak
 
@@ -57,8 +56,7 @@ async def test_second_signal_cuts_the_drain_short(make_rig: MakeRig) -> None:
 
 @pytest.mark.parametrize("drain_seconds", [0, 30])
 async def test_sigterm_exits_cleanly(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], unused_tcp_port: int,
-    drain_seconds: int,
+    aiohttp_server: Callable[..., Awaitable[TestServer]], drain_seconds: int,
 ) -> None:
     standin = await aiohttp_server(create_standin_app(StandinOptions()))
     env = {
@@ -66,45 +64,18 @@ async def test_sigterm_exits_cleanly(
         "OPENAI_API_KEY": "sk-subprocess",
         "OPENAI_REALTIME_URL": str(standin.make_url("/v1/realtime")).replace("http", "ws", 1),
         "HOST": "127.0.0.1",
-        "PORT": str(unused_tcp_port),
+        "PORT": str(free_port()),
         "PYTHONPATH": str(ROOT),
         "SHUTDOWN_DRAIN_SECONDS": str(drain_seconds),
         "VAD_SILENCE_MS": "100",
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    base = f"http://127.0.0.1:{unused_tcp_port}"
-    log: list[str] = []
-
-    async def log_line(containing: str) -> None:
-        assert proc.stderr is not None
-        while not any(containing in line for line in log):
-            line = (await proc.stderr.readline()).decode()
-            assert line, f"bridge exited before logging {containing!r}: {log}"
-            log.append(line)
-
-    try:
-        async with aiohttp.ClientSession() as http:
-            await asyncio.wait_for(log_line("Twilio voice webhook"), 10.0)
-            for _ in range(200):  # the log line comes just before the port opens
-                try:
-                    async with http.get(base + "/") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.02)
-            async with http.post(base + "/incoming-call", data={"CallSid": "CA1"}) as resp:
-                stream_el = ET.fromstring(await resp.text()).find("./Connect/Stream")
-            assert stream_el is not None
-            stream = await TwilioStream.connect(http, stream_el.get("url", ""))
-            await stream.send_connected()
-            await stream.send_start(call_sid="CA1", stream_sid="MZ1", custom_parameters={})
+    async with server_process(env, cwd=ROOT) as bridge, aiohttp.ClientSession() as http:
+        stream = (await dial(http, bridge.url)).stream  # unsigned: no TWILIO_AUTH_TOKEN
+        try:
             session = await next_session(standin.app)
             await session.wait_for("session.update")
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(log_line("no longer accepting calls"), 5.0)
+            bridge.send_signal(signal.SIGTERM)
+            await bridge.wait_for_line("no longer accepting calls")
             if drain_seconds:
                 await speak(stream, frames=4, variant=11)  # still served while draining
                 await stream.wait_for("mark")
@@ -113,14 +84,22 @@ async def test_sigterm_exits_cleanly(
             await asyncio.wait_for(stream.closed.wait(), 5.0)
             expected = WSCloseCode.OK if drain_seconds else WSCloseCode.GOING_AWAY
             assert stream.close_code == expected
+        finally:
             await stream.close()
-        assert await asyncio.wait_for(proc.wait(), 10.0) == 0
-        rest = (await proc.stderr.read()).decode()
-        text = "".join(log) + rest
-        assert "stopped" in rest
+        assert await bridge.wait(10.0) == 0
+        text = bridge.output()
+        assert "server: stopped\n" in text, text
         assert ("server shutting down" in text) == (not drain_seconds)
         assert "sk-subprocess" not in text
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+async def test_a_server_that_never_comes_up_fails_loudly() -> None:
+    """The helper above must not fall through: it raises with the child's stderr."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1",
+           "PORT": str(free_port()), "OPENAI_API_KEY": "sk-x", "VOICE": "no-such-voice"}
+    with pytest.raises(ServerFailed, match=r"(?s)exited with status 2 .*configuration error"):
+        async with server_process(env, cwd=ROOT):
+            pass
+    with pytest.raises(ServerFailed, match="did not answer .* within"):
+        async with server_process({**env, "VOICE": "alloy"}, cwd=ROOT, ready_timeout=0.0):
+            pass

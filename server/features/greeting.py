@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from server import openai_protocol as oai
 from server.features.base import CallControl, Feature
-from server.prompts import Prompt, _template
+from server.prompts import Prompt, template
 from server.settings import Settings
 
 FeatureFactory = Callable[[CallControl], Feature | None]
@@ -23,7 +23,7 @@ def load_greeting(settings: Settings) -> Prompt | None:
     """GREETING as a template, checked once; ConfigError on an unknown placeholder."""
     if not settings.greeting:
         return None
-    return _template("greeting", None, "GREETING", settings.greeting, "GREETING")
+    return template("greeting", None, "GREETING", settings.greeting, "GREETING")
 
 
 def factory(settings: Settings) -> FeatureFactory | None:

@@ -49,10 +49,19 @@ class Records:
 
     async def open(self, http: aiohttp.ClientSession) -> None:
         """Connect and migrate the store, start the writer, retention and the webhook sender.
-        Raises StoreError (logged by the caller) when the database cannot be used."""
+        Raises StoreError when a SQLite file cannot be opened (the caller logs it and exits);
+        a PostgreSQL server that does not answer is retried in the background instead."""
         s = self.settings
-        await self.store.open()
-        log.info("call records in %s", self.store.description)
+        try:
+            await self.store.open()
+            log.info("call records in %s", self.store.description)
+        except StoreError as e:
+            if not self.store.reconnects:
+                raise
+            # A database server that is down now may come back: calls go on, records are
+            # kept in memory and their writes retried; /readyz says 503 meanwhile.
+            log.error("records database unavailable (%s): serving anyway, saving records "
+                      "once it answers", e)
         self.writer.start()
         if s.call_webhook_url:
             self.webhook = CallWebhook(s.call_webhook_url, s.call_webhook_secret, http)

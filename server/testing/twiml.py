@@ -12,6 +12,7 @@ class Twiml:
 
     stream_url: str | None = None  # <Connect><Stream url=...>, None when there is no stream
     parameters: dict[str, str] = field(default_factory=dict)  # the stream's <Parameter>s
+    action: str | None = None  # <Connect action=...>: asked what next when the stream ends
     says: tuple[str, ...] = ()  # every <Say> text, in order
     hangs_up: bool = False  # a <Hangup/> verb
 
@@ -30,10 +31,12 @@ def parse_twiml(body: str) -> Twiml:
     if root.tag != "Response":
         raise ValueError(f"TwiML must be a <Response>, not <{root.tag}>")
     stream = root.find("./Connect/Stream")
+    connect = root.find("./Connect")
     return Twiml(
         stream_url=stream.get("url", "") if stream is not None else None,
         parameters={p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
         if stream is not None else {},
+        action=connect.get("action") if connect is not None else None,
         says=tuple((el.text or "").strip() for el in root.iter("Say")),
         hangs_up=root.find("./Hangup") is not None,
     )
