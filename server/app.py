@@ -17,9 +17,9 @@ from server.call import Call, CallDeps, FeatureFactory
 from server.features import greeting, keypad
 from server.features import tools as tools_feature
 from server.features.base import Ending
+from server.logs import mask_number
 from server.metrics import Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
-from server.logs import mask_number
 from server.prompts import Prompt, load_prompt
 from server.records.service import Records
 from server.registry import CallObserver, CallRegistry

@@ -359,19 +359,19 @@ class RedisState:
 
     async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
         raw = to_json(decision)
+        await self._local.put_decision(call_sid, decision, ttl)  # a copy for Redis outages
         try:
             await self._client().set(self._prefix + "decision:" + call_sid, raw,
                                       px=max(1, round(ttl * 1000)))
         except _ERRORS as e:
             self._failed("decision", e)
-            await self._local.put_decision(call_sid, decision, ttl)  # only this instance sees it
             return
         self._ok()
 
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
         """Polls with a short backoff (10 ms doubling to 100 ms) until `wait` has passed.
-        Redis is the truth (the latest decision wins); this instance's memory only holds
-        decisions it could not write there."""
+        Redis comes first (the latest decision, from any instance, wins); this instance's own
+        copies answer when Redis cannot."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         delay = 0.01

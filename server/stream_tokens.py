@@ -37,7 +37,7 @@ class StreamTokens:
         Single use is the shared state's job (`claim_token`), so it holds across a fleet."""
         if not token:
             return "no stream token"
-        expires_text, nonce, mac = (token.split(".", 2) + ["", ""])[:3]
+        expires_text, nonce, mac = [*token.split(".", 2), "", ""][:3]
         if not expires_text.isdigit() or not nonce or not mac:
             return "malformed stream token"
         expires = int(expires_text)

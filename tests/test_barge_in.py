@@ -27,7 +27,7 @@ def test_decoded_length_matches_base64() -> None:
 
 
 def test_a_mark_every_120_ms_and_at_the_end_of_an_item() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     for _ in range(13):  # 13 x 20 ms
         send(state, "item1", 160, marks)
     assert marks == ["1", "2"]  # before the 7th and the 13th piece: 120 ms each
@@ -38,7 +38,7 @@ def test_a_mark_every_120_ms_and_at_the_end_of_an_item() -> None:
 
 
 def test_nothing_playing_means_nothing_to_cut() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     assert state.on_speech_started() is None
     send(state, "item1", 800, marks)
     mark = state.flush()
@@ -49,7 +49,7 @@ def test_nothing_playing_means_nothing_to_cut() -> None:
 
 
 def test_truncates_at_last_echoed_mark() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     state.on_response_created("r1")
     for _ in range(5):  # 5 x 100 ms: a mark before each piece after the first
         send(state, "item1", 800, marks)
@@ -60,14 +60,14 @@ def test_truncates_at_last_echoed_mark() -> None:
 
 
 def test_unmarked_audio_counts_as_playing() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     send(state, "item1", 800, marks)
     assert marks == [] and state.playing
     assert state.on_speech_started() == Interruption("item1", 0)
 
 
 def test_late_audio_of_interrupted_response_is_dropped() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     state.on_response_created("r1")
     send(state, "item1", 160, marks)
     state.on_speech_started()
@@ -78,7 +78,7 @@ def test_late_audio_of_interrupted_response_is_dropped() -> None:
 
 
 def test_echoes_of_cleared_marks_are_ignored() -> None:
-    state, old = PlayState(), []
+    state, old = PlayState(), list[str]()
     state.on_response_created("r1")
     for _ in range(3):
         send(state, "item1", 800, old)
@@ -94,7 +94,7 @@ def test_echoes_of_cleared_marks_are_ignored() -> None:
 
 
 def test_second_item_of_one_response() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     state.on_response_created("r1")
     send(state, "itemA", 400, marks)
     send(state, "itemB", 400, marks)  # a new item: itemA's audio gets its mark first
@@ -105,7 +105,7 @@ def test_second_item_of_one_response() -> None:
 
 
 def test_truncation_is_clamped_to_audio_sent() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     send(state, "item1", MARK_BYTES, marks)
     send(state, "item1", 80, marks)
     state.on_mark(marks[0])
@@ -114,7 +114,7 @@ def test_truncation_is_clamped_to_audio_sent() -> None:
 
 
 def test_foreign_mark_names_are_ignored() -> None:
-    state, marks = PlayState(), []
+    state, marks = PlayState(), list[str]()
     send(state, "item1", 80, marks)
     state.flush()
     state.on_mark("greeting-done")

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import orjson
 
-from server.logs import JsonFormatter, TextFormatter
 from server import openai_protocol as oai
 from server import twilio_protocol as tw
+from server.logs import JsonFormatter, TextFormatter
 from server.openai_protocol import SESSION_UPDATE_ID, realtime_url, session_update
 from server.prompts import Prompt
 from server.settings import Settings

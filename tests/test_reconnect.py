@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -103,7 +104,7 @@ async def test_gap_buffer_keeps_the_newest_frames() -> None:
 
 
 def test_conversation_items_recreate_the_timeline() -> None:
-    timeline = [
+    timeline: list[dict[str, Any]] = [
         {"kind": "caller", "text": "Where is my order?"},
         {"kind": "assistant", "text": "Let me check.", "interrupted": True, "heard_ms": 400},
         {"kind": "tool", "name": "lookup_order", "call_id": "call_1",

@@ -154,6 +154,8 @@ async def test_decisions_are_seen_everywhere_and_waited_for(make_state: MakeStat
     assert await asyncio.wait_for(waiter, 5.0) == decision
     assert time.monotonic() - started < 1.0
     assert await a.get_decision(call) == decision  # read many times (Twilio may retry)
+    await b.put_decision(call, {"kind": "hangup"}, ttl=30)
+    assert await a.get_decision(call) == {"kind": "hangup"}  # the latest, from anywhere
 
     started = time.monotonic()
     assert await b.get_decision(sid(), wait=0.2) is None

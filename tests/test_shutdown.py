@@ -100,6 +100,6 @@ async def test_a_server_that_never_comes_up_fails_loudly() -> None:
     with pytest.raises(ServerFailed, match=r"(?s)exited with status 2 .*configuration error"):
         async with server_process(env, cwd=ROOT):
             pass
-    with pytest.raises(ServerFailed, match="did not answer .* within"):
+    with pytest.raises(ServerFailed, match=r"did not answer .* within"):
         async with server_process({**env, "VOICE": "alloy"}, cwd=ROOT, ready_timeout=0.0):
             pass
