@@ -107,6 +107,7 @@ class ResponseDone:
     reason: str | None
     usage: dict[str, Any]
     function_calls: tuple[FunctionCall, ...] = ()
+    transcripts: tuple[AssistantTranscript, ...] = ()  # assistant messages' words, as output
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,10 +221,18 @@ def _response_done(e: dict[str, Any]) -> ResponseDone:
         for item in (output if isinstance(output, list) else ())
         if isinstance(item, dict) and item.get("type") == "function_call"
     )
+    transcripts = tuple(
+        AssistantTranscript(_str(response, "id"), _str(item, "id"), part["transcript"])
+        for item in (output if isinstance(output, list) else ())
+        if isinstance(item, dict) and item.get("type") == "message"
+        and item.get("role") == "assistant"
+        for part in (item.get("content") if isinstance(item.get("content"), list) else ())
+        if isinstance(part, dict) and isinstance(part.get("transcript"), str)
+    )
     reason = _obj(response, "status_details").get("reason")
     return ResponseDone(_str(response, "id"), _str(response, "status"),
                         reason if isinstance(reason, str) else None, _obj(response, "usage"),
-                        calls)
+                        calls, transcripts)
 
 
 def _rate_limits(e: dict[str, Any]) -> RateLimits:

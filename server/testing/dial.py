@@ -12,9 +12,9 @@ import asyncio
 import base64
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import uuid4
 
 import aiohttp
@@ -250,11 +250,25 @@ async def post_webhook(http: aiohttp.ClientSession, url: str, form: Mapping[str,
     return parse_twiml(body)
 
 
+class MediaStream(Protocol):
+    """What `dial` needs of a stream client: TwilioStream, or the bench's lean one."""
+
+    async def send_connected(self) -> None: ...
+
+    async def send_start(self, call_sid: str, stream_sid: str,
+                         custom_parameters: Mapping[str, str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=MediaStream)
+
+
 @dataclass
-class Dialled:
+class Dialled(Generic[S]):
     """A call that is streaming: `start` has been sent."""
 
-    stream: TwilioStream
+    stream: S
     call_sid: str
     stream_sid: str
     twiml: Twiml
@@ -265,12 +279,26 @@ async def dial(http: aiohttp.ClientSession, base_url: str, *, auth_token: str | 
                call_sid: str | None = None, caller: str = "+15550100001",
                called: str = "+15550100002", marks: str = "manual",
                listener: Callable[[dict[str, Any]], None] | None = None,
-               parameters: Mapping[str, str] | None = None) -> Dialled:
-    """Place a call as Twilio does, up to and including `start`.
+               parameters: Mapping[str, str] | None = None) -> Dialled[TwilioStream]:
+    """Place a call as Twilio does, up to and including `start`, on a TwilioStream.
 
     `parameters` replaces the TwiML's `<Parameter>`s in `start` (tests of forged streams).
     ValueError when the webhook refuses or its TwiML opens no stream; the caller owns the
     returned stream (close it)."""
+    async def open_stream(url: str) -> TwilioStream:
+        return await TwilioStream.connect(http, url, marks=marks, listener=listener)
+
+    return await dial_with(open_stream, http, base_url, auth_token=auth_token,
+                           call_sid=call_sid, caller=caller, called=called,
+                           parameters=parameters)
+
+
+async def dial_with(open_stream: Callable[[str], Awaitable[S]], http: aiohttp.ClientSession,
+                    base_url: str, *, auth_token: str | None = None,
+                    call_sid: str | None = None, caller: str = "+15550100001",
+                    called: str = "+15550100002",
+                    parameters: Mapping[str, str] | None = None) -> Dialled[S]:
+    """`dial`, with the stream opened by `open_stream(url)` (the bench's lean client)."""
     call_sid = call_sid or "CA" + uuid4().hex
     started = time.monotonic()
     twiml = await post_webhook(http, base_url.rstrip("/") + "/incoming-call",
@@ -279,7 +307,7 @@ async def dial(http: aiohttp.ClientSession, base_url: str, *, auth_token: str | 
     if twiml.stream_url is None:
         raise ValueError(f"TwiML has no <Connect><Stream>; it says {twiml.say!r}"
                          + (" and hangs up" if twiml.hangs_up else ""))
-    stream = await TwilioStream.connect(http, twiml.stream_url, marks=marks, listener=listener)
+    stream = await open_stream(twiml.stream_url)
     stream_sid = "MZ" + uuid4().hex
     try:
         await stream.send_connected()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import struct
 import sys
 import time
@@ -26,14 +27,16 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
-from server.testing.audio import FRAME_BYTES, FRAME_MS, ULAW_SILENCE
-from server.testing.dial import TwilioStream, dial
+from server.testing.audio import FRAME_BYTES, FRAME_MS, RATE, ULAW_SILENCE
+from server.testing.dial import ACCOUNT_SID, dial_with
 from server.testing.process import run_main
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
 
@@ -119,9 +122,163 @@ class Window:
 # --- the callers: Twilio's side of many calls ---
 
 
+ZERO_MASK = bytes(4)
+
+
+class LeanStream(asyncio.Protocol):
+    """Twilio's side of one media stream, for load: a bare WebSocket client on an asyncio
+    Protocol, without a general client's per-message machinery (no reader task, no queue,
+    no coroutine per frame; the mask key is zero, which RFC 6455 allows, so payloads go out
+    as they are). It echoes marks as they arrive and hands each media payload (base64) to
+    `on_media`. Frames from the server are taken to be unfragmented, as aiohttp sends them.
+    TwilioStream is the general, checking client; this one only keeps the generator light."""
+
+    def __init__(self, on_media: Callable[[str], None]) -> None:
+        self._on_media = on_media
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._upgraded = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.marks_echoed = 0
+        self.stream_sid = ""
+        self._seq = self._chunk = self._media_ms = 0
+
+    @classmethod
+    async def connect(cls, url: str, on_media: Callable[[str], None]) -> LeanStream:
+        u = URL(url)
+        if u.scheme != "ws" or u.host is None:
+            raise ValueError(f"the lean client speaks plain ws:// only, not {url}")
+        _, stream = await asyncio.get_running_loop().create_connection(
+            lambda: cls(on_media), u.host, u.port or 80)
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert stream._transport is not None
+        stream._transport.write(
+            f"GET {u.raw_path_qs} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        try:
+            await asyncio.wait_for(asyncio.shield(stream._upgraded), 10.0)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._upgraded.done():
+            self._upgraded.set_exception(ConnectionError("closed during the handshake"))
+        self.close_code = self.close_code or 1006
+        self.closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        if not self._upgraded.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[:buf.find(b"\r\n")]).decode(errors="replace")
+            del buf[:end + 4]
+            if not status.startswith("HTTP/1.1 101"):
+                self._upgraded.set_exception(ConnectionError(f"stream refused: {status}"))
+                assert self._transport is not None
+                self._transport.close()
+                return
+            self._upgraded.set_result(None)
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            length, head = buf[pos + 1] & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            if size - pos < head + length:
+                break
+            self._frame(buf[pos] & 0x0F, bytes(buf[pos + head:pos + head + length]))
+            pos += head + length
+        del buf[:pos]
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x1:
+            message = orjson.loads(payload)
+            event = message.get("event")
+            if event == "media":
+                self._on_media(message["media"]["payload"])
+            elif event == "mark":
+                self._send({"event": "mark", "streamSid": self.stream_sid,
+                            "mark": {"name": message["mark"]["name"]}})
+                self.marks_echoed += 1
+        elif opcode == 0x8:  # close: answer it, then the server ends the connection
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self._write(0x8, payload[:2])
+            self.closed.set()
+        elif opcode == 0x9:  # ping
+            self._write(0xA, payload)
+
+    # --- sending ---
+
+    def _write(self, opcode: int, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the stream is closed")
+        n = len(data)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        self._transport.write(head + ZERO_MASK + data)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._seq += 1
+        message["sequenceNumber"] = str(self._seq)
+        self._write(0x1, orjson.dumps(message))
+
+    async def send_connected(self) -> None:
+        self._write(0x1, orjson.dumps(
+            {"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+
+    async def send_start(self, call_sid: str, stream_sid: str,
+                         custom_parameters: Mapping[str, str]) -> None:
+        self.stream_sid = stream_sid
+        self._send({"event": "start", "streamSid": stream_sid, "start": {
+            "accountSid": ACCOUNT_SID, "streamSid": stream_sid, "callSid": call_sid,
+            "tracks": ["inbound"], "customParameters": dict(custom_parameters),
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1}}})
+
+    def send_media(self, ulaw: bytes) -> None:
+        """Synchronous: the hot path awaits nothing."""
+        self._chunk += 1
+        self._send({"event": "media", "streamSid": self.stream_sid, "media": {
+            "track": "inbound", "chunk": str(self._chunk), "timestamp": str(self._media_ms),
+            "payload": base64.b64encode(ulaw).decode()}})
+        self._media_ms += FRAME_MS
+
+    def send_stop(self) -> None:
+        self._send({"event": "stop", "streamSid": self.stream_sid,
+                    "stop": {"accountSid": ACCOUNT_SID, "callSid": ""}})
+
+    async def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            with suppress(ConnectionError):
+                self._write(0x8, (1000).to_bytes(2, "big"))
+            self._transport.close()
+        self.closed.set()
+
+
 @dataclass
 class _Call:
-    stream: TwilioStream
+    stream: LeanStream
     dialled_at: float  # when its webhook was posted
     setup_ms: float | None = None  # webhook -> the model's first audio was sent (its stamp)
 
@@ -144,14 +301,12 @@ class Callers:
         self._expected = self._heard_first = 0
         self._all_heard = asyncio.Event()
 
-    def _listener(self, call_box: list[_Call]) -> Callable[[dict[str, Any]], None]:
+    def _listener(self, call_box: list[_Call]) -> Callable[[str], None]:
         window = self.window
 
-        def heard(message: dict[str, Any]) -> None:
-            if message.get("event") != "media":
-                return
+        def heard(payload: str) -> None:
             now = time.monotonic()
-            stamp = stamp_of(message["media"]["payload"])
+            stamp = stamp_of(payload)
             self.received += 1
             if stamp in window:
                 self.latency.add((now - stamp) * 1000)
@@ -175,9 +330,9 @@ class Callers:
             await asyncio.sleep(max(start + i * ramp - time.monotonic(), 0))
             box: list[_Call] = []
             dialled_at = time.monotonic()
-            placed = await dial(self._http, base, auth_token=auth_token,
-                                call_sid=f"CA{n:032x}", marks="immediate",
-                                listener=self._listener(box))
+            placed = await dial_with(partial(LeanStream.connect, on_media=self._listener(box)),
+                                     self._http, base, auth_token=auth_token,
+                                     call_sid=f"CA{n:032x}")
             box.append(_Call(placed.stream, dialled_at))
             self.calls.append(box[0])
         if not calls:
@@ -193,13 +348,13 @@ class Callers:
     def go(self, start: float, t0: float, t1: float, phases: list[float]) -> dict[str, Any]:
         """Start talking: call i sends a frame at start + phases[i], then every 20 ms."""
         self.window.t0, self.window.t1 = t0, t1
-        slots: dict[int, list[TwilioStream]] = {}
+        slots: dict[int, list[LeanStream]] = {}
         for call, phase in zip(self.calls, phases, strict=True):
             slots.setdefault(int(phase / SLOT) % SLOTS, []).append(call.stream)
         self._talkers = [asyncio.get_running_loop().create_task(self._clock(start, slots))]
         return {}
 
-    async def _clock(self, start: float, slots: dict[int, list[TwilioStream]]) -> None:
+    async def _clock(self, start: float, slots: dict[int, list[LeanStream]]) -> None:
         """One clock for every call of this process, ticking every SLOT: cheaper than a timer
         per call, and drift-free (a late tick is caught up, and its lateness recorded)."""
         window, lateness, monotonic = self.window, self.lateness, time.monotonic
@@ -216,8 +371,8 @@ class Callers:
                 if stream.closed.is_set():
                     continue
                 try:
-                    await stream.send_media(STAMP.pack(now) + FILL)
-                except (ConnectionError, aiohttp.ClientError) as e:
+                    stream.send_media(STAMP.pack(now) + FILL)
+                except ConnectionError as e:
                     self.errors[f"send failed: {type(e).__name__}"] += 1
                     continue
                 self.sent += 1
@@ -239,8 +394,8 @@ class Callers:
             if call.stream.closed.is_set():
                 self.errors[f"stream closed by the server (code {call.stream.close_code})"] += 1
                 continue
-            with suppress(ConnectionError, aiohttp.ClientError):
-                await call.stream.send_stop()
+            with suppress(ConnectionError):
+                call.stream.send_stop()
         marks = sum(call.stream.marks_echoed for call in self.calls)
         for call in self.calls:
             await call.stream.close()
