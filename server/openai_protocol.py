@@ -176,6 +176,11 @@ def _obj(parent: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list(parent: dict[str, Any], key: str) -> list[Any]:
+    value = parent.get(key)
+    return value if isinstance(value, list) else []
+
+
 def _str(parent: dict[str, Any], key: str) -> str:
     value = parent.get(key)
     return value if isinstance(value, str) else ""
@@ -226,7 +231,7 @@ def _response_done(e: dict[str, Any]) -> ResponseDone:
         for item in (output if isinstance(output, list) else ())
         if isinstance(item, dict) and item.get("type") == "message"
         and item.get("role") == "assistant"
-        for part in (item.get("content") if isinstance(item.get("content"), list) else ())
+        for part in _list(item, "content")
         if isinstance(part, dict) and isinstance(part.get("transcript"), str)
     )
     reason = _obj(response, "status_details").get("reason")

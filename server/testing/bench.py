@@ -10,16 +10,21 @@ bridge then bare relay, `--rounds` times, on the same machine and load generator
 bridge's CPU per relayed frame is printed as a ratio to the bare relay's: what the bridge's
 features cost, with the machine, Python and load taken out.
 
-The load generator is separate processes (`server.testing.loadgen`): `--callers` processes
-play Twilio (webhook, stream, a frame every 20 ms per call, marks echoed as they come, however
-many there are), and `--standins` processes play OpenAI (the stand-in in stream mode, sharing
-one port). Every frame carries its send time (CLOCK_MONOTONIC), so relay latency is measured in
-each direction on arrival. Their CPU and clock lateness are printed too: if they are near a
-core, or late by more than a frame, the numbers are the generator's, not the server's.
+The load generator is separate processes (`server.testing.loadgen`), one per 150 calls on
+each side unless `--callers` / `--standins` say otherwise: caller processes play Twilio (the
+webhook and stream through `server.testing.dial`, then a lean WebSocket client sending a frame
+every 20 ms per call, the calls' phases spread over the 20 ms, and echoing marks as they come,
+however many there are), and stand-in processes play OpenAI (the stand-in in stream mode,
+keeping nothing per frame, sharing one port). Every frame carries its send time
+(CLOCK_MONOTONIC), so relay latency is measured in each direction on arrival. The generator's
+CPU per process and clock lateness, and the whole machine's load, are printed too, with a
+warning when they mean the numbers are the machine's or the generator's, not the server's (on
+2 cores, 300 calls need about as much CPU for the generator as for the server).
 
 Per configuration it prints: relay latency p50/p99/max each way, frames sent and lost, CPU per
-relayed frame and share of one core (from /proc/<pid>/stat), RSS idle/loaded/peak and per call,
-and call set-up time (webhook posted -> the model's first audio sent, i.e. session.updated).
+relayed frame and share of one core (from /proc/<pid>/stat, the server's process tree), RSS
+idle/loaded/peak and per call, call set-up time (webhook posted -> the model's first audio
+sent, i.e. session.updated), and marks echoed per second (however the bridge paces them).
 Everything, per run, goes to out/bench.json.
 
 A/B of two bridge configurations in one run: `--compare NAME=A,B` runs the bridge twice per
@@ -56,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 RAMP = 0.005  # seconds between two calls' webhooks, as calls really arrive
 BRIDGE, BARE = "server", "server.testing.bare_relay"
 CALLS_PER_PROCESS = 150  # load generator processes per side: each stays well below a core
+FRAME_LATE_MS = 20.0  # a generator clock later than one frame (p99) skews the latencies
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,27 @@ def configs(bridge_env: dict[str, str] | None = None,
 # --- /proc ---
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (the bridge with WORKERS > 1 forks its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError):
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU the process has used."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -96,6 +121,14 @@ def status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in tree(pid))
+
+
+def tree_kib(pid: int, key: str) -> int:
+    return sum(status_kib(p, key) for p in tree(pid))
 
 
 def machine_busy_seconds() -> float:
@@ -228,6 +261,7 @@ class Run:
     errors: dict[str, int]
     server_log: list[str]  # warnings and errors the server logged
     others_cpu: float  # CPU seconds the rest of the machine used while measured
+    machine_cpu: float  # CPU seconds the whole machine used while measured (all cores)
 
     @property
     def relayed(self) -> int:
@@ -286,10 +320,12 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
         "server_log_problems": sum(len(r.server_log) for r in runs),
         "other_processes_cpu_percent_of_one_core": round(
             max(r.others_cpu / r.wall * 100 for r in runs), 1),
+        "machine_busy_percent": round(
+            max(r.machine_cpu / r.wall * 100 / (os.cpu_count() or 1) for r in runs), 1),
         "load_generator": {
             "processes": len(runs[0].generator),
             "max_process_cpu_percent_of_one_core": max(gen_cpu, default=0.0),
-            "total_cpu_percent_of_one_core": max(gen_total, default=0.0),
+            "total_cpu_percent_of_one_core": round(max(gen_total, default=0.0), 1),
             "caller_clock_lateness_ms": {"p99": caller_late.percentile(0.99),
                                          "max": round(caller_late.max_ms, 2)},
             "standin_clock_lateness_ms": {"p99": standin_late.percentile(0.99),
@@ -321,7 +357,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
     env = _server_env(config, port, gen.standin_port)
     async with server_process(env, module=config.module, cwd=ROOT) as server:
         pid = server.pid
-        rss_idle = status_kib(pid, "VmRSS")
+        rss_idle = tree_kib(pid, "VmRSS")
         await _all(gen.standins, "reset")
         k = len(gen.callers)
         await asyncio.gather(*(
@@ -339,12 +375,12 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
             for i, w in enumerate(gen.callers)))
         pids = [pid, *(w.pid for w in gen.workers), os.getpid()]
         await _sleep_until(t0)
-        cpu0, busy0 = [cpu_seconds(p) for p in pids], machine_busy_seconds()
+        cpu0, busy0 = [tree_cpu_seconds(pid), *map(cpu_seconds, pids[1:])], machine_busy_seconds()
         wall0 = time.monotonic()
         await _sleep_until(t1)
-        cpu1, busy1 = [cpu_seconds(p) for p in pids], machine_busy_seconds()
+        cpu1, busy1 = [tree_cpu_seconds(pid), *map(cpu_seconds, pids[1:])], machine_busy_seconds()
         wall1 = time.monotonic()
-        rss_loaded = status_kib(pid, "VmRSS")
+        rss_loaded = tree_kib(pid, "VmRSS")
         await _all(gen.standins, "quiet")
         await _all(gen.callers, "quiet")
         for _ in range(100):  # let the frames in flight land (bounded: 2 s)
@@ -353,7 +389,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
             if twilio["received"] >= openai["sent"] and openai["received"] >= twilio["sent"]:
                 break
             await asyncio.sleep(0.02)
-        rss_peak = status_kib(pid, "VmHWM")
+        rss_peak = tree_kib(pid, "VmHWM")
         caller_reports = await _all(gen.callers, "hangup")
         standin_reports = await _all(gen.standins, "report")
     wall = wall1 - wall0
@@ -375,6 +411,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
         generator=[{"role": w.role, "cpu_percent_of_one_core": round(u / wall * 100, 1)}
                    for w, u in zip(gen.workers, used[1:-1], strict=True)],
         others_cpu=max(busy1 - busy0 - sum(used), 0.0),
+        machine_cpu=busy1 - busy0,
         caller_lateness=Histogram.merged(
             Histogram.from_json(r["lateness"]) for r in caller_reports),
         standin_lateness=Histogram.merged(
@@ -471,7 +508,7 @@ def table(report: dict[str, Any]) -> str:
     def gen(x: dict[str, Any]) -> str:
         g = x["load_generator"]
         return (f"{g['max_process_cpu_percent_of_one_core']} % "
-                f"(all {g['processes']}: {g['total_cpu_percent_of_one_core']} %)")
+                f"(all {g['processes']}: {round(g['total_cpu_percent_of_one_core'], 1)} %)")
 
     def late(key: str) -> Callable[[dict[str, Any]], str]:
         return lambda x: (f"{x['load_generator'][key]['p99']} / "
@@ -500,6 +537,7 @@ def table(report: dict[str, Any]) -> str:
         ("stand-in clock lateness p99 / max", late("standin_clock_lateness_ms")),
         ("other processes on the machine (max)", lambda x: (
             f"{x['other_processes_cpu_percent_of_one_core']} % of one core")),
+        ("whole machine busy (max)", lambda x: f"{x['machine_busy_percent']} % of all cores"),
         ("errors / server log warnings", lambda x: (
             f"{sum(x['errors'].values())} / {x['server_log_problems']}")),
     ]
@@ -514,8 +552,8 @@ def table(report: dict[str, Any]) -> str:
         f"load generator: {report['load_generator']['caller_processes']} caller + "
         f"{report['load_generator']['standin_processes']} stand-in process(es)",
         "",
-        " " * first + "  " + "  ".join(f"{lab:<{w}}" for lab, w in zip(labels, widths,
-                                                                          strict=True)),
+        (" " * first + "  " + "  ".join(
+            f"{lab:<{w}}" for lab, w in zip(labels, widths, strict=True))).rstrip(),
     ]
     for (name, _), row in zip(rows, cells, strict=True):
         lines.append((f"{name:<{first}}  " + "  ".join(
@@ -525,6 +563,8 @@ def table(report: dict[str, Any]) -> str:
         rounds = ", ".join(str(v) for v in r["per_round"])
         lines.append(f"{label} CPU per relayed frame: {r['cpu_per_relayed_frame']} x the "
                      f"{r['vs']}'s (per round: {rounds})")
+    for label in labels:
+        lines += [f"warning, {label}: {w}" for w in warnings(s[label])]
     for label, problems in report["server_log_problems"].items():
         for line in problems[:3]:
             lines.append(f"{label} logged: {line[:160]}")
@@ -532,6 +572,27 @@ def table(report: dict[str, Any]) -> str:
         for why, n in s[label]["errors"].items():
             lines.append(f"{label}: {n} x {why}")
     return "\n".join(lines)
+
+
+def warnings(summary: dict[str, Any]) -> list[str]:
+    """What makes a configuration's numbers the machine's or the generator's, not its own."""
+    found = []
+    g = summary["load_generator"]
+    late = max(g["caller_clock_lateness_ms"]["p99"] or 0,
+               g["standin_clock_lateness_ms"]["p99"] or 0)
+    if late > FRAME_LATE_MS:
+        found.append(f"the load generator ran {late} ms behind its 20 ms clock (p99): latencies "
+                     "include its delay")
+    if g["max_process_cpu_percent_of_one_core"] > 70:
+        found.append(f"a load generator process used {g['max_process_cpu_percent_of_one_core']}"
+                     " % of a core: add processes (--callers / --standins)")
+    if summary["machine_busy_percent"] > 90:
+        found.append(f"the machine was {summary['machine_busy_percent']} % busy: the server and "
+                     "the load generator competed for CPU")
+    if summary["other_processes_cpu_percent_of_one_core"] > 10:
+        found.append(f"other processes used {summary['other_processes_cpu_percent_of_one_core']}"
+                     " % of a core meanwhile")
+    return found
 
 
 def _assignment(text: str) -> tuple[str, str]:

@@ -55,6 +55,7 @@ class TwilioStream:
         self.violations: list[str] = []
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.closed_at: float | None = None  # monotonic time the stream was seen closed
         self.stream_sid = ""
         self.marks_echoed = 0
         self.counts: Counter[str] = Counter()  # messages received, by event
@@ -131,6 +132,7 @@ class TwilioStream:
                              return_exceptions=True)
         await self._ws.close()
         self.close_code = self.close_code or self._ws.close_code
+        self.closed_at = self.closed_at or time.monotonic()
         self.closed.set()
 
     # --- server -> Twilio ---
@@ -162,6 +164,7 @@ class TwilioStream:
                 await self._on_message(message)
         finally:
             self.close_code = self._ws.close_code
+            self.closed_at = self.closed_at or time.monotonic()
             self.closed.set()
             self._inbox.close()
 
@@ -237,16 +240,24 @@ def call_form(call_sid: str, caller: str = "+15550100001", called: str = "+15550
             "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01"}
 
 
+def action_form(call_sid: str, caller: str = "+15550100001", called: str = "+15550100002",
+                account_sid: str = ACCOUNT_SID) -> dict[str, str]:
+    """The form Twilio POSTs to a `<Connect action>` URL once the stream has ended."""
+    return {**call_form(call_sid, caller, called, account_sid), "CallStatus": "in-progress"}
+
+
 async def post_webhook(http: aiohttp.ClientSession, url: str, form: Mapping[str, str],
-                       auth_token: str | None = None) -> Twiml:
+                       auth_token: str | None = None, *, sign_url: str | None = None,
+                       what: str = "webhook") -> Twiml:
     """POST the voice webhook (signed when there is a token) and parse the TwiML answer;
-    ValueError, with the status and body, unless it answers 200."""
-    headers = {"X-Twilio-Signature": compute_signature(auth_token, url, form)} if auth_token \
-        else {}
+    ValueError, with the status and body, unless it answers 200. `sign_url`: the URL Twilio
+    signs when `url` is where a load balancer sent the request (default `url`)."""
+    headers = {"X-Twilio-Signature": compute_signature(auth_token, sign_url or url, form)} \
+        if auth_token else {}
     async with http.post(url, data=dict(form), headers=headers) as resp:
         body = await resp.text()
         if resp.status != 200:
-            raise ValueError(f"webhook answered HTTP {resp.status}: {body.strip()[:200]}")
+            raise ValueError(f"{what} answered HTTP {resp.status}: {body.strip()[:200]}")
     return parse_twiml(body)
 
 
@@ -279,10 +290,13 @@ async def dial(http: aiohttp.ClientSession, base_url: str, *, auth_token: str | 
                call_sid: str | None = None, caller: str = "+15550100001",
                called: str = "+15550100002", marks: str = "manual",
                listener: Callable[[dict[str, Any]], None] | None = None,
-               parameters: Mapping[str, str] | None = None) -> Dialled[TwilioStream]:
+               parameters: Mapping[str, str] | None = None,
+               route: Callable[[str], str] | None = None) -> Dialled[TwilioStream]:
     """Place a call as Twilio does, up to and including `start`, on a TwilioStream.
 
     `parameters` replaces the TwiML's `<Parameter>`s in `start` (tests of forged streams).
+    `route(url)`: where a request Twilio makes to `url` actually goes (a load balancer in front
+    of a fleet: `base_url` is then the public URL, which signatures cover).
     ValueError when the webhook refuses or its TwiML opens no stream; the caller owns the
     returned stream (close it)."""
     async def open_stream(url: str) -> TwilioStream:
@@ -290,24 +304,26 @@ async def dial(http: aiohttp.ClientSession, base_url: str, *, auth_token: str | 
 
     return await dial_with(open_stream, http, base_url, auth_token=auth_token,
                            call_sid=call_sid, caller=caller, called=called,
-                           parameters=parameters)
+                           parameters=parameters, route=route)
 
 
 async def dial_with(open_stream: Callable[[str], Awaitable[S]], http: aiohttp.ClientSession,
                     base_url: str, *, auth_token: str | None = None,
                     call_sid: str | None = None, caller: str = "+15550100001",
                     called: str = "+15550100002",
-                    parameters: Mapping[str, str] | None = None) -> Dialled[S]:
+                    parameters: Mapping[str, str] | None = None,
+                    route: Callable[[str], str] | None = None) -> Dialled[S]:
     """`dial`, with the stream opened by `open_stream(url)` (the bench's lean client)."""
     call_sid = call_sid or "CA" + uuid4().hex
     started = time.monotonic()
-    twiml = await post_webhook(http, base_url.rstrip("/") + "/incoming-call",
-                               call_form(call_sid, caller, called), auth_token)
+    url = base_url.rstrip("/") + "/incoming-call"
+    twiml = await post_webhook(http, route(url) if route else url,
+                               call_form(call_sid, caller, called), auth_token, sign_url=url)
     webhook_ms = (time.monotonic() - started) * 1000
     if twiml.stream_url is None:
         raise ValueError(f"TwiML has no <Connect><Stream>; it says {twiml.say!r}"
                          + (" and hangs up" if twiml.hangs_up else ""))
-    stream = await open_stream(twiml.stream_url)
+    stream = await open_stream(route(twiml.stream_url) if route else twiml.stream_url)
     stream_sid = "MZ" + uuid4().hex
     try:
         await stream.send_connected()

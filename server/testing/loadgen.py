@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -167,8 +167,7 @@ class LeanStream(asyncio.Protocol):
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._upgraded.done():
@@ -435,11 +434,11 @@ class Standin:
         self.reset()
         self.app = create_standin_app(StandinOptions(
             reply="stream", stream_frame=self._frame, on_audio=self._heard,
-            stream_late=self._late, stream_keep_audio=False, check_events=self._event))
+            stream_late=self._late, stream_keep_audio=False))
 
     def reset(self) -> dict[str, Any]:
         self.sent = self.received = 0
-        self.errors: Counter[str] = Counter()  # error events sent to the server, by code
+        self.errors: Counter[str] = Counter()
         self.latency = Histogram()  # caller -> model
         self.lateness = Histogram()
         self.window.t0 = self.window.t1 = 0.0
@@ -455,10 +454,6 @@ class Standin:
         self.received += 1
         if stamp in self.window:
             self.latency.add((now - stamp) * 1000)
-
-    def _event(self, side: str, event: Mapping[str, Any]) -> None:
-        if side == "server" and event.get("type") == "error":
-            self.errors[f"stand-in sent error {event['error'].get('code')}"] += 1
 
     def _late(self, seconds: float) -> None:
         if time.monotonic() in self.window:

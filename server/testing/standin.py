@@ -25,7 +25,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import WSMsgType, web
 
-from server.testing.audio import BYTES_PER_MS, FRAME_BYTES, level, tone
+from server.testing.audio import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, level, tone
 
 WINDOW = FRAME_BYTES  # 20 ms of mu-law
 
@@ -347,25 +347,34 @@ class StandinSession:
                 self._streamer = loop.create_task(self._stream_forever())
 
     async def _stream_forever(self) -> None:
-        """Load-test voice: one 20 ms delta every 20 ms of real time, drift-free."""
+        """Load-test voice: one 20 ms delta every 20 ms of real time, drift-free, the first at
+        once, then at a random phase. Each delta is written as ready-made JSON (with a
+        `check_events` hook it is built as an event and checked, as every other event is)."""
         make = self._options.stream_frame or (lambda: bytes([0xFF]) * WINDOW)
         response_id, item = self._id("resp"), self._id("item")
         self._audio_ms[item] = 0
         base = {"type": "response.output_audio.delta", "response_id": response_id,
                 "item_id": item, "output_index": 0, "content_index": 0}
-        late = self._options.stream_late
+        head = orjson.dumps(base)[:-1] + b',"delta":"'
+        tail = f'","event_id":"event_{item}_'.encode()
+        check, late, ws = self._options.check_events, self._options.stream_late, self._ws
         loop = asyncio.get_running_loop()
         due = loop.time()
-        await self.send({**base, "delta": base64.b64encode(make()).decode()})
-        self._audio_ms[item] += 20
-        due += 0.02 * (1 + random.random())  # the first delta at once, then a random phase
+        sent = 0
         while True:
+            sent += 1
+            delta = base64.b64encode(make())
+            if check is not None:
+                check("server", {**base, "delta": delta.decode(),
+                                 "event_id": f"event_{item}_{sent}"})
+            if not ws.closed:
+                await ws.send_frame(head + delta + tail + b"%d\"}" % sent, WSMsgType.TEXT)
+            self._audio_ms[item] += FRAME_MS
+            # the first delta at once, then on a clock of this session's own random phase
+            due += FRAME_MS / 1000 * (1 + random.random() if sent == 1 else 1)
             await asyncio.sleep(max(due - loop.time(), 0))
             if late is not None:
                 late(max(loop.time() - due, 0.0))
-            await self.send({**base, "delta": base64.b64encode(make()).decode()})
-            self._audio_ms[item] += 20
-            due += 0.02
 
     def _streamed_audio(self, event: dict[str, Any]) -> None:
         """Stream mode, lean: hand the audio to the hook, keep nothing."""

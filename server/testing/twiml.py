@@ -15,6 +15,9 @@ class Twiml:
     action: str | None = None  # <Connect action=...>: asked what next when the stream ends
     says: tuple[str, ...] = ()  # every <Say> text, in order
     hangs_up: bool = False  # a <Hangup/> verb
+    dials: tuple[str, ...] = ()  # every <Dial> target (<Number>, <Sip>, or bare text), in order
+    dial_caller_id: str | None = None  # the first <Dial callerId=...>: None keeps the caller's
+    verbs: tuple[str, ...] = ()  # the top-level verbs, in the order Twilio runs them
 
     @property
     def say(self) -> str:
@@ -39,4 +42,17 @@ def parse_twiml(body: str) -> Twiml:
         action=connect.get("action") if connect is not None else None,
         says=tuple((el.text or "").strip() for el in root.iter("Say")),
         hangs_up=root.find("./Hangup") is not None,
+        dials=tuple(_dial_targets(root)),
+        dial_caller_id=next((d.get("callerId") for d in root.iter("Dial")), None),
+        verbs=tuple(child.tag for child in root),
     )
+
+
+def _dial_targets(root: ET.Element) -> list[str]:
+    """The targets of `<Dial><Number>…</Number></Dial>`, `<Dial><Sip>…</Sip></Dial>` or
+    `<Dial>+1…</Dial>`."""
+    targets: list[str] = []
+    for dial in root.iter("Dial"):
+        nouns = [(el.text or "").strip() for el in dial if el.tag in ("Number", "Sip", "Client")]
+        targets.extend(nouns or [(dial.text or "").strip()])
+    return [t for t in targets if t]
