@@ -118,6 +118,7 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)  # None: state in this process only
     workers: int = 1  # processes sharing HOST:PORT (SO_REUSEPORT)
     shutdown_mode: str = "drain"  # drain | handover
+    fleet_lease_seconds: float = 5.0  # a silent (killed) instance keeps its slots this long
     # --- calls that survive: a new model session when one is lost (issue 9) ---
     reconnect_attempts: int = 2
     reconnect_within: float = 3.0  # seconds for all attempts together
@@ -211,6 +212,8 @@ class Settings:
             workers=_check_workers(r.number("WORKERS", int, cls.workers, 1, 64),
                                    r.text("REDIS_URL")),
             shutdown_mode=r.choice("SHUTDOWN_MODE", SHUTDOWN_MODES, cls.shutdown_mode),
+            fleet_lease_seconds=r.number(
+                "FLEET_LEASE_SECONDS", float, cls.fleet_lease_seconds, 1.0, 60.0),
             reconnect_attempts=r.number(
                 "RECONNECT_ATTEMPTS", int, cls.reconnect_attempts, 0, 10),
             reconnect_within=r.number(

@@ -98,7 +98,7 @@ async def open_state(settings: Settings) -> SharedState:
     if settings.redis_url:
         from server.fleet import RedisState  # redis is imported only by fleets
 
-        state = RedisState(settings.redis_url)
+        state = RedisState(settings.redis_url, lease=settings.fleet_lease_seconds)
     else:
         state = MemoryState()
     await state.start()

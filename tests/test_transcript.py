@@ -3,7 +3,6 @@ latency, barge-ins, usage and cost; driven through a fake CallControl."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -151,15 +150,10 @@ async def test_no_price_for_the_model_means_no_cost() -> None:
 
 async def test_a_cut_reply_without_its_transcript_event_is_taken_from_response_done() -> None:
     """The service may end a cancelled response with its words only in response.done."""
-
-    @dataclass(frozen=True)
-    class DoneWithWords(oai.ResponseDone):  # the shape the decoder gives once it keeps them
-        transcripts: tuple[oai.AssistantTranscript, ...] = ()
-
     call, _ = make()
     call.notify(ReplyAudioStarted("resp_1", "item_A1"))
     call.notify(BargedIn("item_A1", 900))
-    await call.openai(DoneWithWords(
+    await call.openai(oai.ResponseDone(
         "resp_1", "cancelled", "turn_detected", usage(10, 10),
         transcripts=(oai.AssistantTranscript("resp_1", "item_A1", "We open at nine and"),)))
     # A transcript event for the same item after that does not add a second entry.

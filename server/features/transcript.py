@@ -93,10 +93,9 @@ class Transcript(Feature):
             if event.usage:
                 record.add_usage(event.usage)
             # A response cut by a barge-in may end without output_audio_transcript.done: its
-            # words are then only in response.done's output items (when the decoder keeps them).
-            for said in getattr(event, "transcripts", ()):
-                if isinstance(said, oai.AssistantTranscript) and said.item_id not in \
-                        self._assistant:
+            # words are then only in response.done's output items.
+            for said in event.transcripts:
+                if said.item_id not in self._assistant:
                     self._assistant_turn(said)
         elif isinstance(event, oai.Error):
             record.add("error", code=event.code, message=event.message[:500],

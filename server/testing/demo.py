@@ -1,8 +1,12 @@
 """`make demo`: the whole product on loopback, no key, no Twilio, no phone.
 
-Starts the Realtime stand-in (an echo assistant) and the bridge on free loopback ports, with
-webhook signatures on, places a simulated call with the sample WAV, talks over the first reply
-once, prints the call's timeline, writes what the caller heard, and shuts everything down.
+Runs short scenarios in one process, each with the Realtime stand-in and the bridge on free
+loopback ports, webhook signatures on, records in out/demo-calls.db: a greeting, a tool and the
+assistant ending the call; a transfer; a barge-in; a dropped model connection; a handover between
+two instances. Prints each call's timeline and what Twilio does next, then the first call's
+stored record and transcript (read back by a freshly started bridge) and the metrics.
+
+    python -m server.testing.demo [--scenario NAME] [--fast] [--verbose]
 """
 
 from __future__ import annotations
@@ -11,66 +15,137 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from aiohttp import web
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.logs import setup_logging
-from server.settings import Settings
-from server.testing.simulator import CallResult, place_call
-from server.testing.standin import StandinOptions, create_standin_app
+from server.testing.scenarios import (
+    ADMIN_TOKEN,
+    SCENARIOS,
+    Env,
+    Outcome,
+    Pace,
+    serving,
+)
 
-AUTH_TOKEN = "demo-auth-token"  # not a secret: both ends are on this machine
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port: int = runner.addresses[0][1]
-    return runner, port
+RECORD_FIELDS = ("call_sid", "duration_seconds", "end_kind", "end_reason", "latencies_ms",
+                 "barge_ins", "usage", "cost_usd", "timeline")
 
 
-async def run_demo(out: Path, barge_in_ms: int = 800, turns: int = 2) -> CallResult:
-    standin, standin_port = await _serve(create_standin_app(StandinOptions()))
-    settings = Settings(
-        openai_api_key="demo-key",
-        openai_realtime_url=f"ws://127.0.0.1:{standin_port}/v1/realtime",
-        twilio_auth_token=AUTH_TOKEN,
-        host="127.0.0.1",
-    )
-    bridge, bridge_port = await _serve(create_app(settings))
-    base = f"http://127.0.0.1:{bridge_port}"
-    print(f"stand-in (echo assistant) on ws://127.0.0.1:{standin_port}/v1/realtime")
-    print(f"bridge on {base}, webhook signatures on")
-    print("placing a simulated call:")
-    try:
-        return await place_call(base, turns=turns, barge_in_ms=barge_in_ms, out=out,
-                                auth_token=AUTH_TOKEN)
-    finally:
-        await bridge.cleanup()
-        await standin.cleanup()
+@dataclass
+class Demo:
+    outcomes: list[Outcome] = field(default_factory=list)
+    record: dict[str, Any] | None = None  # the first call's record, read back
+    transcript: str = ""  # and its text/plain transcript
+    metrics: list[str] = field(default_factory=list)  # bridge_ lines summed over the bridges
+
+    @property
+    def failed(self) -> list[str]:
+        return [o.name for o in self.outcomes if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.outcomes) and not self.failed
+
+
+async def run_demo(out_dir: Path = Path("out"), scenarios: Sequence[str] | None = None, *,
+                   fast: bool = False, echo: Callable[[str], None] = print) -> Demo:
+    """Run the scenarios (all by default) in order and print what happened; never raises for a
+    scenario that goes wrong: its outcome says what."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demo = Demo()
+    async with aiohttp.ClientSession() as http:
+        env = Env(out_dir, Pace.fast() if fast else Pace.normal(), echo, http)
+        for letter, name in zip("abcdefghij", scenarios or list(SCENARIOS), strict=False):
+            title, scenario = SCENARIOS[name]
+            echo("")
+            echo(f"== {letter}. {title} ({name}) ==")
+            try:
+                outcome = await scenario(env)
+            except Exception as e:  # a broken scenario fails the demo; the others still run
+                logging.getLogger("server.testing.demo").exception("scenario %s", name)
+                outcome = Outcome(name, problems=[f"{type(e).__name__}: {e}"])
+            echo("  => OK" if outcome.ok else f"  => FAILED: {'; '.join(outcome.problems)}")
+            demo.outcomes.append(outcome)
+        first = next((o.result.call_sid for o in demo.outcomes
+                      if o.result is not None and o.result.call_sid), None)
+        if first is not None:
+            await _read_back(env, first, demo)
+        demo.metrics = sum_metrics(env.metrics)
+        if demo.metrics:
+            echo("")
+            echo(f"== metrics after the demo (GET /metrics of the {len(env.metrics)} bridges, "
+                 "summed) ==")
+            for line in demo.metrics:
+                echo(line)
+    return demo
+
+
+async def _read_back(env: Env, call_sid: str, demo: Demo) -> None:
+    """The first call's record and transcript, from a bridge started afresh on the database."""
+    settings = env.settings("http://127.0.0.1:9")  # serves records only: never calls out
+    async with serving(create_app(settings)) as base:
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with env.http.get(f"{base}/calls/{call_sid}", headers=auth) as resp:
+            record = await resp.json() if resp.status == 200 else None
+        async with env.http.get(f"{base}/calls/{call_sid}",
+                                headers={**auth, "Accept": "text/plain"}) as resp:
+            demo.transcript = await resp.text() if resp.status == 200 else ""
+    if record is None:
+        demo.outcomes[0].problems.append("its record could not be read back")
+        return
+    demo.record = {k: record.get(k) for k in RECORD_FIELDS}
+    env.echo("")
+    env.echo(f"== the first call's record: GET /calls/{call_sid} (trimmed), read back by a "
+             "bridge started afresh ==")
+    env.echo(orjson.dumps(demo.record, option=orjson.OPT_INDENT_2).decode())
+    env.echo("")
+    env.echo("== its transcript: GET /calls/{sid} with Accept: text/plain ==")
+    env.echo(demo.transcript.rstrip("\n"))
+
+
+def sum_metrics(texts: Sequence[str]) -> list[str]:
+    """The `bridge_` samples of several /metrics pages, added up (what a sum() over the
+    instances shows), in the order they first appear; `_created` timestamps left out."""
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.name.startswith("bridge_") or sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    lines = []
+    for (name, labels), value in totals.items():
+        shown = ",".join(f'{k}="{v}"' for k, v in labels)
+        number = f"{value:.0f}" if value == int(value) else f"{value:.4g}"
+        lines.append(f"{name}{{{shown}}} {number}" if shown else f"{name} {number}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.testing.demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("out/caller-heard.wav"))
-    parser.add_argument("--barge-in-ms", type=int, default=800)
-    parser.add_argument("--turns", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m server.testing.demo",
+                                     description="Run the demo's scenarios on loopback.")
+    parser.add_argument("--scenario", choices=list(SCENARIOS), action="append",
+                        help="run only this one (may repeat)")
+    parser.add_argument("--out-dir", type=Path, default=Path("out"),
+                        help="where the database and the caller's audio go")
+    parser.add_argument("--fast", action="store_true", help="short audio (what the tests use)")
     parser.add_argument("--verbose", action="store_true", help="show the bridge's log too")
     args = parser.parse_args(argv)
-    setup_logging("INFO" if args.verbose else "WARNING", "text", ())
+    setup_logging("INFO" if args.verbose else "ERROR", "text", ())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    result = asyncio.run(run_demo(args.out, args.barge_in_ms, args.turns))
-    latencies = ", ".join(f"{ms:.0f} ms" for ms in result.latencies_ms)
-    print(f"replies: {len(result.latencies_ms)} (latency after end of speech: {latencies}); "
-          f"barge-ins handled: {result.clears}; marks echoed: {result.marks_echoed}; "
-          f"caller heard {result.heard_ms / 1000:.1f} s of audio")
-    ok = result.ok and result.clears >= (1 if args.barge_in_ms else 0)
-    print("demo OK" if ok else f"demo FAILED: {result.error or 'no barge-in was handled'}")
-    sys.exit(0 if ok else 1)
+    demo = asyncio.run(run_demo(args.out_dir, args.scenario, fast=args.fast))
+    print()
+    print("demo OK" if demo.ok else f"demo FAILED: {', '.join(demo.failed)}")
+    sys.exit(0 if demo.ok else 1)
 
 
 if __name__ == "__main__":

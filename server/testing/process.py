@@ -148,19 +148,34 @@ class ServerProcess:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
+async def start_server(env: Mapping[str, str], *, module: str = "server",
+                       cwd: Path | None = None, ready_timeout: float = 15.0,
+                       name: str | None = None) -> ServerProcess:
+    """`python -m <module>` with exactly this environment (HOST and PORT say where it
+    listens), ready to take requests; the caller must `close()` it. For tests that start
+    several at once or end one mid-test; `server_process` is the same as a context manager.
+    `name` (e.g. "instance A") labels it in failures."""
+    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    server = ServerProcess(proc, f"http://{host}:{port}", name or f"`python -m {module}`")
+    try:
+        await server.wait_until_ready(ready_timeout)
+    except BaseException:
+        await server.close()
+        raise
+    return server
+
+
 @asynccontextmanager
 async def server_process(env: Mapping[str, str], *, module: str = "server",
                          cwd: Path | None = None, ready_timeout: float = 15.0,
                          ) -> AsyncIterator[ServerProcess]:
     """`python -m <module>` with exactly this environment (HOST and PORT say where it
     listens), ready to take requests; ended and reaped on the way out."""
-    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    server = ServerProcess(proc, f"http://{host}:{port}", f"`python -m {module}`")
+    server = await start_server(env, module=module, cwd=cwd, ready_timeout=ready_timeout)
     try:
-        await server.wait_until_ready(ready_timeout)
         yield server
     finally:
         await server.close()
