@@ -16,8 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -29,6 +28,7 @@ from server.features.barge_in import BargeIn
 from server.features.base import Ending, Feature
 from server.features.reconnect import GapBuffer, conversation_items
 from server.logs import CallLog, mask_number
+from server.model_socket import ModelUnavailable, OpenAISocket, open_model_socket
 from server.prompts import Prompt
 from server.record import CallRecord, iso, utc_now
 from server.settings import Settings
@@ -37,20 +37,11 @@ from server.stream_tokens import StreamTokens
 log = logging.getLogger("server.call")
 
 TEXT = WSMsgType.TEXT
-OpenAISocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 FeatureFactory = Callable[[base.CallControl], Feature | None]
 T = TypeVar("T")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
-OPENAI_MAX_MSG = 16 * 1024 * 1024
-_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
 _CLOSE_WITHIN = 1.0
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
-_HANDSHAKE_HINTS = {
-    401: "check OPENAI_API_KEY",
-    403: "the key has no access to the Realtime API",
-    404: "check OPENAI_REALTIME_URL and OPENAI_REALTIME_MODEL",
-    429: "rate limited or out of quota",
-}
 
 
 class CallHooks(Protocol):
@@ -407,28 +398,10 @@ class Call:
         return oai.session_update(self.settings, self._deps.prompt.session_fields(values), tools)
 
     async def _connect_openai(self) -> OpenAISocket:
-        s = self.settings
-        host = urlsplit(s.openai_realtime_url).netloc
-        why: str
         try:
-            async with asyncio.timeout(s.openai_connect_timeout):
-                return await self.http.ws_connect(
-                    oai.realtime_url(s),
-                    headers=oai.auth_headers(s),
-                    timeout=_WS_TIMEOUT,
-                    max_msg_size=OPENAI_MAX_MSG,
-                    decode_text=False,
-                    autoclose=True,
-                    heartbeat=s.openai_heartbeat or None,
-                )
-        except aiohttp.WSServerHandshakeError as e:
-            hint = _HANDSHAKE_HINTS.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")
-            why = f"OpenAI refused the session: HTTP {e.status}" + (f" ({hint})" if hint else "")
-        except TimeoutError:
-            why = f"OpenAI did not accept the session within {s.openai_connect_timeout:g} s"
-        except (aiohttp.ClientError, OSError) as e:
-            why = f"could not reach OpenAI at {host}: {type(e).__name__}: {e}"
-        raise _fail(base.OPENAI_ERROR, why)
+            return await open_model_socket(self.settings, self.http)
+        except ModelUnavailable as e:
+            raise _fail(base.OPENAI_ERROR, str(e)) from None
 
     # --- the relay: Twilio -> OpenAI ---
 
