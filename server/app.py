@@ -128,9 +128,12 @@ class _RecordsObserver(CallObserver):
         self._records.writer.track(call.record)
 
     def call_ended(self, call: Call, ending: Ending) -> None:
-        if not call.features_built:  # refused before its features existed: count it here
+        if not call.features_built:  # ended before its features existed: count it here
             self._metrics.call_ended(call.record, ending.kind)
         self._records.writer.finish(call.record)
+
+    def call_refused(self, call: Call, ending: Ending) -> None:
+        self._metrics.call_ended(call.record, ending.kind)  # counted, never stored
 
 
 async def _ready(app: web.Application) -> bool:

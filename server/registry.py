@@ -40,6 +40,9 @@ class CallObserver:
     def call_ended(self, call: Call, ending: Ending) -> None:
         """The call is over; its record is final. Must not block."""
 
+    def call_refused(self, call: Call, ending: Ending) -> None:
+        """A stream that was never admitted (bad token, no capacity) has closed."""
+
 
 class CallRegistry:
     def __init__(self, settings: Settings, state: SharedState) -> None:
@@ -47,6 +50,8 @@ class CallRegistry:
         self.state = state
         self.calls: set[Call] = set()
         self.observers: list[CallObserver] = []
+        # Streams whose token was good: only they may free their call_sid's slot at the end.
+        self._admitted: set[Call] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -79,6 +84,8 @@ class CallRegistry:
         self._idle.clear()
 
     def discard(self, call: Call) -> None:
+        # Not from _admitted: the call's clean-up (shielded) may still be on its way to `ended`
+        # when a cancelled handler gets here, and `ended` must know the call was admitted.
         self.calls.discard(call)
         if not self.calls:
             self._idle.set()
@@ -87,6 +94,7 @@ class CallRegistry:
         if token is not None and not await self.state.claim_token(
                 token, StreamTokens.expires_at(token)):
             return "stream token already used"
+        self._admitted.add(call)
         await self.state.claim(call.call_sid)
         return None
 
@@ -122,6 +130,17 @@ class CallRegistry:
                 log.exception("observer failed at the start of call %s", call.call_sid)
 
     async def ended(self, call: Call, ending: Ending) -> None:
+        admitted = call in self._admitted
+        self._admitted.discard(call)
+        if not admitted:
+            # A refused stream (forged, replayed or expired token) may carry a live call's sid:
+            # it must not free that call's slot, write its decision or touch its record.
+            for observer in self.observers:
+                try:
+                    observer.call_refused(call, ending)
+                except Exception:
+                    log.exception("observer failed for a refused stream")
+            return
         decision = ending.decision
         if decision is None:
             decision = tw.say(self._settings.fallback_message)

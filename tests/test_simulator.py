@@ -14,9 +14,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from server import twilio_protocol as tw
+from server.app import REGISTRY
+from server.shared_state import MemoryState
 from server.testing import audio
-from server.testing.simulator import TwilioStream, place_call, sample_wav
-from server.testing.standin import StandinOptions
+from server.testing.inbox import Inbox, wait_until
+from server.testing.simulator import TwilioStream, balancer, place_call, rebase, sample_wav
+from server.testing.standin import STANDIN_SESSIONS, StandinOptions, tool_call
 from server.testing.twiml import parse_twiml
 from tests.conftest import API_KEY, AUTH_TOKEN, MakeRig, Rig
 
@@ -148,3 +152,177 @@ def test_twiml_parser() -> None:
     for bad in ("not xml", "<Other/>"):
         with pytest.raises(ValueError):
             parse_twiml(bad)
+
+
+# --- keys, <Connect action>, handover ---
+
+SPEECH = audio.tone(300, 300.0, 12000)  # a quick, loud caller turn (mu-law)
+
+
+def base_of(rig: Rig) -> str:
+    return str(rig.bridge.make_url("")).rstrip("/")
+
+
+def user_texts(rig: Rig) -> list[str]:
+    return [str(e["item"]["content"][0].get("text"))
+            for s in rig.standin.app[STANDIN_SESSIONS] for e in s.received
+            if e.get("type") == "conversation.item.create" and e["item"].get("role") == "user"]
+
+
+@pytest.mark.parametrize("at_turn", [0, 1])
+async def test_keys_reach_the_bridge_as_dtmf(make_rig: MakeRig, at_turn: int) -> None:
+    rig = await make_rig(StandinOptions(api_key=API_KEY, reply="tone"))
+    lines: list[str] = []
+    result = await place_call(base_of(rig), speech=SPEECH, turns=1, keys="1234#",
+                              keys_at_turn=at_turn, auth_token=AUTH_TOKEN, settle=0.2,
+                              echo=lines.append)
+    assert result.ok, result
+    assert result.keys == "1234#"
+    assert result.keys_reply_ms is not None  # the assistant answered the keypad entry
+    assert user_texts(rig) == ["The caller typed 1 2 3 4 on the keypad."]
+    pressed = next(i for i, line in enumerate(lines) if "caller presses 1 2 3 4 #" in line)
+    spoke = next(i for i, line in enumerate(lines) if "caller speaks (turn 1" in line)
+    assert (pressed < spoke) == (at_turn == 0)
+
+
+async def test_end_call_is_followed_to_a_hang_up(make_rig: MakeRig) -> None:
+    rig = await make_rig(StandinOptions(api_key=API_KEY,
+                                        tool_calls={1: tool_call("end_call", say_ms=200)}))
+    lines: list[str] = []
+    result = await place_call(base_of(rig), speech=SPEECH, turns=2, auth_token=AUTH_TOKEN,
+                              settle=0.2, echo=lines.append)
+    assert result.ok, result
+    assert (result.hung_up_by, result.actions, result.next_action) == (
+        "bridge", ["hangup"], "hangup")
+    assert len(result.latencies_ms) == 1  # the goodbye; turn 2 never came
+    assert result.heard_ms >= 200
+    assert any("the bridge closed the stream (code 1000)" in line for line in lines)
+    assert lines[-1].endswith("Twilio hangs up")
+
+    # Told not to follow, the simulator reports the closed stream as a failed call.
+    lines.clear()
+    result = await place_call(base_of(rig), speech=SPEECH, turns=2, auth_token=AUTH_TOKEN,
+                              settle=0.2, echo=lines.append, follow_actions=False)
+    assert not result.ok and result.actions == []
+    assert "the bridge closed the stream" in result.error
+
+
+async def test_transfer_is_followed_to_a_dial(make_rig: MakeRig) -> None:
+    rig = await make_rig(
+        StandinOptions(api_key=API_KEY, tool_calls={
+            1: tool_call("transfer_call", {"target": "sales"}, say_ms=200)}),
+        transfer_targets=(("sales", "+15550003333"),))
+    lines: list[str] = []
+    result = await place_call(base_of(rig), speech=SPEECH, turns=2, auth_token=AUTH_TOKEN,
+                              settle=0.2, echo=lines.append)
+    assert result.ok, result
+    assert (result.next_action, result.dialled) == ("dial", "+15550003333")
+    assert lines[-1].endswith("Twilio dials +15550003333 (transfer)")
+
+
+async def test_a_failed_call_is_followed_to_the_spoken_fallback(make_rig: MakeRig) -> None:
+    # The model session drops after turn 1 and the stand-in refuses every new one: the bridge
+    # gives up, and its <Connect action> answer is the fallback, then a hang-up.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, reply="tone", accept_sessions=1))
+    sessions = rig.standin.app[STANDIN_SESSIONS]
+
+    async def drop(turn: int) -> None:
+        await sessions[0].close(code=1011)
+
+    lines: list[str] = []
+    result = await place_call(base_of(rig), speech=SPEECH, turns=2, auth_token=AUTH_TOKEN,
+                              settle=0.2, echo=lines.append, after_turn=drop)
+    assert not result.ok
+    assert (result.next_action, result.said) == ("say", rig.settings.fallback_message)
+    assert "the bridge gave up on the call" in result.error
+    assert any(line.endswith(f"Twilio says {rig.settings.fallback_message!r} then hangs up")
+               for line in lines)
+
+
+async def test_handover_is_followed_to_another_instance(make_rig: MakeRig) -> None:
+    state = MemoryState()
+    await state.start()
+    public = "https://fleet.example"  # both instances sit behind it; never contacted
+    try:
+        old = await make_rig(StandinOptions(api_key=API_KEY, reply="tone"), state=state,
+                             shutdown_mode="handover", public_url=public)
+        new = await make_rig(StandinOptions(api_key=API_KEY, reply="tone"), state=state,
+                             public_url=public)
+        registry = old.app[REGISTRY]
+
+        async def sigterm(turn: int) -> None:
+            if turn == 1:
+                registry.draining = True
+                await registry.close_all(grace=5.0)
+
+        lines: list[str] = []
+        result = await place_call(
+            base_of(old), public_url=public, speech=SPEECH, turns=2, auth_token=AUTH_TOKEN,
+            settle=0.2, echo=lines.append, after_turn=sigterm,
+            action_base=lambda: base_of(new) if registry.draining else base_of(old))
+        assert result.ok, result
+        assert (result.actions, result.streams, result.hung_up_by) == (["stream"], 2, "caller")
+        assert len(result.latencies_ms) == 2  # turn 1 on the old instance, turn 2 on the new
+        assert result.handover_gap_ms is not None and result.handover_gap_ms >= 0
+        assert result.handover_reply_ms is not None
+        assert any(f"(sent to {base_of(new).split('//')[1]})" in line for line in lines)
+        # The new instance's model session got the conversation so far, then turn 2.
+        [second] = new.standin.app[STANDIN_SESSIONS]
+        restored = [e for e in second.received if e.get("type") == "conversation.item.create"]
+        assert restored[0]["item"]["content"][0]["text"].startswith("caller turn 1")
+        assert len(old.standin.app[STANDIN_SESSIONS]) == 1
+    finally:
+        await state.close()
+
+
+def test_rebase_and_balancer() -> None:
+    assert rebase("wss://fleet.example/media-stream?x=1", "http://127.0.0.1:5") == \
+        "ws://127.0.0.1:5/media-stream?x=1"
+    assert rebase("https://fleet.example/connect-action", "http://127.0.0.1:5") == \
+        "http://127.0.0.1:5/connect-action"
+    assert rebase("ws://a/media-stream", "https://b") == "wss://b/media-stream"
+    pick = balancer(["http://a", "http://b"])
+    assert [pick() for _ in range(3)] == ["http://a", "http://b", "http://a"]
+    assert balancer("http://a")() == "http://a"
+
+
+def test_twiml_parser_reads_dial_targets_and_the_action() -> None:
+    number = parse_twiml(tw.decision_twiml(tw.dial("+15550001111")))
+    assert (number.dials, number.dial_caller_id, number.verbs) == (
+        ("+15550001111",), None, ("Dial", "Hangup"))
+    sip = parse_twiml(tw.decision_twiml(tw.dial("sip:desk@example.com", "+15550002222")))
+    assert (sip.dials, sip.dial_caller_id) == (("sip:desk@example.com",), "+15550002222")
+    assert parse_twiml("<Response><Dial>+15550003333</Dial></Response>").dials == (
+        "+15550003333",)
+    connect = parse_twiml(tw.connect_twiml("wss://h/media-stream", {"token": "t"},
+                                           "https://h/connect-action"))
+    assert (connect.action, connect.stream_url, connect.dials, connect.verbs) == (
+        "https://h/connect-action", "wss://h/media-stream", (), ("Connect",))
+    said = parse_twiml(tw.decision_twiml(tw.say("Sorry.")))
+    assert (said.says, said.dials, said.hangs_up) == (("Sorry.",), (), True)
+
+
+async def test_inbox_and_wait_until_wait_for_events_and_fail_saying_what() -> None:
+    inbox: Inbox[int] = Inbox()
+    waiter = asyncio.ensure_future(inbox.wait_for(lambda n: n % 2 == 0, count=2))
+    for n in (1, 2, 3):
+        inbox.add(n)
+    await asyncio.sleep(0)
+    assert not waiter.done()  # one even number so far
+    inbox.add(4)
+    assert await waiter == 4
+    with pytest.raises(TimeoutError, match=r"no even number #3 within .* \(2 matched"):
+        await inbox.wait_for(lambda n: n % 2 == 0, 3, timeout=0.05, what="even number")
+    inbox.close()
+    with pytest.raises(EOFError, match="closed before"):
+        await inbox.wait_for(lambda n: n > 10)
+    polls: list[int] = []
+
+    async def third_time() -> bool:
+        polls.append(1)
+        return len(polls) == 3
+
+    await wait_until(third_time, interval=0)
+    assert len(polls) == 3
+    with pytest.raises(TimeoutError, match="the moon was not true"):
+        await wait_until(lambda: False, timeout=0.05, what="the moon")

@@ -74,6 +74,7 @@ async def media_stream(request: web.Request) -> web.WebSocketResponse:
             await asyncio.gather(pump, return_exceptions=True)
         if openai is not None:
             await openai.close()
+        await twilio.close()
     return twilio
 
 

@@ -362,7 +362,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
         k = len(gen.callers)
         await asyncio.gather(*(
             w.ask("dial", base=server.url, calls=list(range(i, calls, k)),
-                  auth_token=None if config.is_bare else AUTH_TOKEN, ramp=RAMP * k,
+                  auth_token=AUTH_TOKEN, ramp=RAMP * k,
                   delay=RAMP * i) for i, w in enumerate(gen.callers)))
         now = time.monotonic()
         start, t0 = now + 0.05, now + 0.05 + warmup
@@ -373,22 +373,19 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
             w.ask("go", start=start, t0=t0, t1=t1,
                   phases=[n * PERIOD / calls for n in range(i, calls, k)])
             for i, w in enumerate(gen.callers)))
-        pids = [pid, *(w.pid for w in gen.workers), os.getpid()]
+        others = [*(w.pid for w in gen.workers), os.getpid()]  # the generator, then the bench
+
+        def cpu() -> list[float]:  # the server, each generator process, the bench
+            return [tree_cpu_seconds(pid), *map(cpu_seconds, others)]
+
         await _sleep_until(t0)
-        cpu0, busy0 = [tree_cpu_seconds(pid), *map(cpu_seconds, pids[1:])], machine_busy_seconds()
-        wall0 = time.monotonic()
+        cpu0, busy0, wall0 = cpu(), machine_busy_seconds(), time.monotonic()
         await _sleep_until(t1)
-        cpu1, busy1 = [tree_cpu_seconds(pid), *map(cpu_seconds, pids[1:])], machine_busy_seconds()
-        wall1 = time.monotonic()
+        cpu1, busy1, wall1 = cpu(), machine_busy_seconds(), time.monotonic()
         rss_loaded = tree_kib(pid, "VmRSS")
         await _all(gen.standins, "quiet")
         await _all(gen.callers, "quiet")
-        for _ in range(100):  # let the frames in flight land (bounded: 2 s)
-            twilio, openai = _sum(await _all(gen.callers, "counts"),
-                                  await _all(gen.standins, "counts"))
-            if twilio["received"] >= openai["sent"] and openai["received"] >= twilio["sent"]:
-                break
-            await asyncio.sleep(0.02)
+        await _land(gen)
         rss_peak = tree_kib(pid, "VmHWM")
         caller_reports = await _all(gen.callers, "hangup")
         standin_reports = await _all(gen.standins, "report")
@@ -421,6 +418,25 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
         server_log=[line.rstrip() for line in server.log.items
                     if " WARNING " in line or " ERROR " in line or "Traceback" in line],
     )
+
+
+async def _land(gen: LoadGenerator, stalled: float = 2.0, limit: float = 60.0) -> None:
+    """Let the frames in flight arrive: until every frame sent has, or nothing has arrived
+    for `stalled` seconds (those are lost), or `limit` seconds (a saturated run is slow)."""
+    loop = asyncio.get_running_loop()
+    deadline = progress_at = loop.time()
+    deadline += limit
+    arrived = -1
+    while loop.time() < deadline:
+        twilio, openai = _sum(await _all(gen.callers, "counts"),
+                              await _all(gen.standins, "counts"))
+        if twilio["received"] >= openai["sent"] and openai["received"] >= twilio["sent"]:
+            return
+        if twilio["received"] + openai["received"] > arrived:
+            arrived, progress_at = twilio["received"] + openai["received"], loop.time()
+        elif loop.time() - progress_at > stalled:
+            return
+        await asyncio.sleep(0.05)
 
 
 def _sum(callers: list[dict[str, Any]], standins: list[dict[str, Any]],

@@ -63,6 +63,9 @@ async def run_demo(out_dir: Path = Path("out"), scenarios: Sequence[str] | None 
     demo = Demo()
     async with aiohttp.ClientSession() as http:
         env = Env(out_dir, Pace.fast() if fast else Pace.normal(), echo, http)
+        db = out_dir / "demo-calls.db"
+        echo(f"records go to {db} (afterwards: DATABASE_URL=sqlite:///{db} python -m server "
+             "calls)")
         for letter, name in zip("abcdefghij", scenarios or list(SCENARIOS), strict=False):
             title, scenario = SCENARIOS[name]
             echo("")
@@ -114,20 +117,29 @@ async def _read_back(env: Env, call_sid: str, demo: Demo) -> None:
 def sum_metrics(texts: Sequence[str]) -> list[str]:
     """The `bridge_` samples of several /metrics pages, added up (what a sum() over the
     instances shows), in the order they first appear; `_created` timestamps left out."""
-    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    totals: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if not sample.name.startswith("bridge_") or sample.name.endswith("_created"):
                     continue
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                totals[key] = totals.get(key, 0.0) + sample.value
+                series = totals.setdefault(sample.name, {})
+                labels = tuple(sorted(sample.labels.items()))
+                series[labels] = series.get(labels, 0.0) + sample.value
     lines = []
-    for (name, labels), value in totals.items():
-        shown = ",".join(f'{k}="{v}"' for k, v in labels)
-        number = f"{value:.0f}" if value == int(value) else f"{value:.4g}"
-        lines.append(f"{name}{{{shown}}} {number}" if shown else f"{name} {number}")
+    for name, series in totals.items():
+        for labels, value in series.items():
+            shown = ",".join(f'{k}="{v}"' for k, v in labels)
+            number = f"{value:.0f}" if value == int(value) else f"{value:.4g}"
+            lines.append(f"{name}{{{shown}}} {number}" if shown else f"{name} {number}")
     return lines
+
+
+def verdict(demo: Demo) -> tuple[str, int]:
+    """The demo's last line and exit status."""
+    if demo.ok:
+        return "demo OK", 0
+    return f"demo FAILED: {', '.join(demo.failed) or 'no scenario ran'}", 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("INFO" if args.verbose else "ERROR", "text", ())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     demo = asyncio.run(run_demo(args.out_dir, args.scenario, fast=args.fast))
+    line, status = verdict(demo)
     print()
-    print("demo OK" if demo.ok else f"demo FAILED: {', '.join(demo.failed)}")
-    sys.exit(0 if demo.ok else 1)
+    print(line)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

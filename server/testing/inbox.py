@@ -1,14 +1,16 @@
-"""The one `wait_for` of the testing tools: wait for the n-th matching thing that arrives.
+"""The testing tools' waits: for the n-th matching thing that arrives, or for a condition.
 
 Tests wait for events, never for fixed times. Whatever arrives over time (a stream's messages,
 a child process's log lines) goes into an `Inbox`; a test waits for what it needs, with a
-deadline that fails it loudly, saying what it waited for and what it got.
+deadline that fails it loudly, saying what it waited for and what it got. State that changes
+with no event to hook (a call's record, a registry) is polled by `wait_until`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +66,24 @@ class Inbox(Generic[T]):
         except TimeoutError:
             raise TimeoutError(f"no {what} #{count} within {timeout:g} s ({found} matched, "
                                f"{seen} received)") from None
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0,
+                     what: str = "the condition", interval: float = 0.01) -> float:
+    """Poll `condition` (plain or async) until it is true; the seconds it took.
+
+    For state that changes with no event to wait on; TimeoutError, saying what, after
+    `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                done = condition()
+                if inspect.isawaitable(done):
+                    done = await done
+                if done:
+                    return loop.time() - start
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise TimeoutError(f"{what} was not true within {timeout:g} s") from None

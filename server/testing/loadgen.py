@@ -10,9 +10,13 @@ over stdin/stdout, one JSON object per line: a command in, a reply out.
 Every frame carries its send time (CLOCK_MONOTONIC: one clock for every process on the
 machine) in its first 8 bytes; the receiving process measures relay latency on arrival. Only
 frames sent inside the measuring window [t0, t1) count towards latency; every frame counts
-towards sent/received. Each call's caller sends on its own 20 ms clock, the calls' phases
-spread over the 20 ms (as independent phones are), and each process reports how late its
-clocks ran, so a saturated generator shows in its own numbers.
+towards sent/received. Calls send at phases spread over the 20 ms (as independent phones do),
+on one 2 ms clock per caller process; each stand-in session streams on its own clock. Every
+process reports how late its clocks ran, so a saturated generator shows in its own numbers.
+
+Both sides are kept lean, because on a small machine the generator competes with the server
+for CPU: the callers speak WebSocket through `LeanStream` (no reader task or coroutine per
+frame), and the stand-in's stream mode keeps nothing per frame.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ SLOTS = round(PERIOD / SLOT)
 STAMP_CHARS = 12  # base64 characters that hold the stamp's 8 bytes
 
 
-def stamped_frame() -> bytes:
+def stamped_frame(now: float) -> bytes:
     """20 ms of mu-law whose first 8 bytes are the time it is sent."""
-    return STAMP.pack(time.monotonic()) + FILL
+    return STAMP.pack(now) + FILL
 
 
 def stamp_of(payload: str) -> float:
@@ -370,7 +374,7 @@ class Callers:
                 if stream.closed.is_set():
                     continue
                 try:
-                    stream.send_media(STAMP.pack(now) + FILL)
+                    stream.send_media(stamped_frame(now))
                 except ConnectionError as e:
                     self.errors[f"send failed: {type(e).__name__}"] += 1
                     continue
@@ -395,6 +399,10 @@ class Callers:
                 continue
             with suppress(ConnectionError):
                 call.stream.send_stop()
+        with suppress(TimeoutError):  # as Twilio does, let the server close each stream
+            async with asyncio.timeout(5.0):
+                for call in self.calls:
+                    await call.stream.closed.wait()
         marks = sum(call.stream.marks_echoed for call in self.calls)
         for call in self.calls:
             await call.stream.close()
@@ -446,7 +454,7 @@ class Standin:
 
     def _frame(self) -> bytes:
         self.sent += 1
-        return STAMP.pack(time.monotonic()) + FILL
+        return stamped_frame(time.monotonic())
 
     def _heard(self, audio: bytes) -> None:
         now = time.monotonic()

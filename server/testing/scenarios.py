@@ -184,6 +184,7 @@ async def tools(env: Env) -> Outcome:
         sessions: list[StandinSession] = standin[STANDIN_SESSIONS]
     _common(outcome, result, record)
     outcome.expect(result.greeting_ms is not None, "no greeting was heard")
+    outcome.expect(len(result.latencies_ms) == 2, "a turn went unanswered")
     entries = [e for e in (record or {}).get("timeline", ()) if e.get("kind") == "tool"]
     for e in entries:
         value = e.get("result") if e.get("outcome") == "ok" else e.get("error")
@@ -236,12 +237,11 @@ async def barge_in(env: Env) -> Outcome:
     was still to play and the assistant answers the interruption."""
     outcome = Outcome("barge-in")
     wav = env.out_dir / "caller-heard.wav"
-    async with serving(create_standin_app(StandinOptions())) as standin_base:
-        async with serving(create_app(env.settings(standin_base))) as bridge:
-            result = await _call(env, bridge, turns=1, barge_in_ms=env.pace.barge_in_ms,
-                                 out=wav)
-            record = await fetch_record(env, bridge, result.call_sid)
-            await keep_metrics(env, bridge)
+    async with serving(create_standin_app(StandinOptions())) as standin_base, \
+            serving(create_app(env.settings(standin_base))) as bridge:
+        result = await _call(env, bridge, turns=1, barge_in_ms=env.pace.barge_in_ms, out=wav)
+        record = await fetch_record(env, bridge, result.call_sid)
+        await keep_metrics(env, bridge)
     _common(outcome, result, record)
     env.say(f"barge-ins handled: {result.clears}; marks echoed: {result.marks_echoed}; the "
             f"caller heard {result.heard_ms / 1000:.1f} s of audio (in {wav})")
@@ -266,12 +266,12 @@ async def model_drop(env: Env) -> Outcome:
         if turn == 1:
             await sessions[-1].close(1011)
 
-    async with serving(standin) as standin_base:
-        async with serving(create_app(env.settings(standin_base))) as bridge:
-            env.say("after turn 1 the stand-in drops the model session (close 1011)")
-            result = await _call(env, bridge, turns=2, after_turn=drop)
-            record = await fetch_record(env, bridge, result.call_sid)
-            await keep_metrics(env, bridge)
+    async with serving(standin) as standin_base, \
+            serving(create_app(env.settings(standin_base))) as bridge:
+        env.say("after turn 1 the stand-in drops the model session (close 1011)")
+        result = await _call(env, bridge, turns=2, after_turn=drop)
+        record = await fetch_record(env, bridge, result.call_sid)
+        await keep_metrics(env, bridge)
     _common(outcome, result, record)
     kept = (record or {}).get("sessions") or []
     gap = kept[1].get("gap_ms") if len(kept) > 1 else None
@@ -330,12 +330,11 @@ async def handover(env: Env) -> Outcome:
     gap = result.handover_gap_ms
     if gap is not None:
         met = "met" if gap < HANDOVER_TARGET_MS else "MISSED"
-        reply = result.handover_reply_ms
+        reply, spoke = result.handover_reply_ms, len(env.pace.speech) // audio.BYTES_PER_MS
         env.say(f"handover gap: {gap:.0f} ms from the old stream's close to the new stream's "
                 f"start (target < {HANDOVER_TARGET_MS / 1000:g} s: {met}); then "
-                + (f"{reply:.0f} ms to the first reply audio (the caller spoke "
-                   f"{len(env.pace.speech) // audio.BYTES_PER_MS} ms of it)"
-                   if reply is not None else "no reply"))
+                + (f"{reply:.0f} ms to the first reply audio, {spoke} ms of which the caller "
+                   "was speaking" if reply is not None else "no reply"))
     kept = (record or {}).get("sessions") or []
     outcome.expect(result.actions == ["stream"] and result.streams == 2,
                    f"expected one handover to a new stream, got {result.actions}")

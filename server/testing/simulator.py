@@ -42,6 +42,7 @@ __all__ = ["ALLOWED", "CallResult", "TwilioStream", "balancer", "place_call", "r
 SILENCE = bytes([audio.ULAW_SILENCE]) * audio.FRAME_BYTES
 KEY_GAP_FRAMES = 5  # 100 ms between two key presses
 MAX_STREAMS = 8  # a bridge that hands a call over forever is a failure, not a loop
+HOOK_WAIT = 10.0  # longest wait, after the call, for after-turn work still running
 AfterTurn = Callable[[int], Awaitable[None] | None]
 
 
@@ -155,10 +156,13 @@ class _Line:
     """The caller's side of one stream: a 20 ms frame every 20 ms, speech or silence, like a
     phone. Raises `_Closed` once the bridge has closed the stream."""
 
-    def __init__(self, stream: TwilioStream, script: _Script, note: _Timeline) -> None:
+    def __init__(self, stream: TwilioStream, script: _Script, note: _Timeline,
+                 result: CallResult, handed_over_at: float | None = None) -> None:
         self.stream = stream
         self._script = script
         self._note = note
+        self._result = result
+        self._handed_over_at = handed_over_at  # a handover's stream: when its start went out
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         self._sent = 0
@@ -215,22 +219,24 @@ class _Line:
         return _first_media_after(self.stream, since) is not None
 
     async def listen(self, since: int, ended: float, after: str, wait: float,
-                     barge_in_ms: int | None = None) -> list[float]:
-        """Silence until a reply has played, or `wait` passes without one. The latency of each
-        reply (ms after `ended`): one, or two when the caller talks over the first."""
+                     latencies: list[float], barge_in_ms: int | None = None,
+                     what: str = "reply") -> None:
+        """Silence until a reply has played, or `wait` passes without one. Appends the latency
+        of each reply (ms after `ended`) as it comes: one, or two when the caller talks over the
+        first."""
         stream, settle, note = self.stream, self._script.settle, self._note
         deadline = self._loop.time() + wait
         heard_before = len(stream.heard)
         first: float | None = None
-        latencies: list[float] = []
         while self._loop.time() < deadline:
             await self.send(SILENCE)
             if first is None:
                 first = _first_media_after(stream, since)
                 if first is not None:
                     latencies.append((first - ended) * 1000)
-                    note(f"first reply audio: {latencies[-1]:.0f} ms after {after}")
+                    note(f"first {what} audio: {latencies[-1]:.0f} ms after {after}")
                     deadline = max(deadline, self._loop.time() + self._script.reply_wait)
+                    self._after_handover()
                 continue
             if barge_in_ms is not None and \
                     len(stream.heard) - heard_before >= barge_in_ms * audio.BYTES_PER_MS:
@@ -238,6 +244,7 @@ class _Line:
                 barge_in_ms = None
                 since = self.mark()
                 ended, after, first = await self.say("interruption"), "the caller stopped", None
+                what = "reply"
                 deadline = self._loop.time() + self._script.reply_wait
                 continue
             now = time.monotonic()
@@ -247,8 +254,18 @@ class _Line:
                 break
         else:
             if first is None:
-                note(f"no reply within {wait:g} s")
-        return latencies
+                note(f"no {what} within {wait:g} s")
+
+    def _after_handover(self) -> None:
+        """On a handover's stream, the first audio: how long after its start it came."""
+        started, result = self._handed_over_at, self._result
+        if started is None or result.handover_reply_ms is not None:
+            return
+        first = _first_media_after(self.stream, 0)
+        if first is not None:
+            result.handover_reply_ms = (first - started) * 1000
+            self._note(f"first reply audio on the new stream: {result.handover_reply_ms:.0f} "
+                       f"ms after its start")
 
 
 class _Caller:
@@ -266,34 +283,45 @@ class _Caller:
         it first."""
         s = self._script
         if first_stream and s.listen_first > 0:
-            since, started = line.mark(), time.monotonic()
-            heard = await line.listen(since, started, "the stream started", s.listen_first)
-            self._result.greeting_ms = heard[0] if heard else None
+            await self._greeting(line)
         if first_stream and s.keys and s.keys_at_turn == 0:
             await self._keys(line)
         while self.next_turn <= s.turns:
             turn = self.next_turn
-            since = line.mark()
+            since: int | None = None
             try:
                 ended = await line.say(f"turn {turn}")
-                self._result.latencies_ms += await line.listen(
-                    since, ended, "the caller stopped", s.reply_wait,
-                    s.barge_in_ms if turn == 1 else None)
+                since = line.mark()  # a reply is what comes once the caller has spoken
+                await line.listen(since, ended, "the caller stopped", s.reply_wait,
+                                  self._result.latencies_ms,
+                                  s.barge_in_ms if turn == 1 else None)
                 self.next_turn = turn + 1  # answered (or given up on): the next one is due
                 if s.keys and s.keys_at_turn == turn:
                     await self._keys(line)
                 await self._after_turn(line, turn)
             except _Closed:
-                if line.replied(since):
+                if since is not None and line.replied(since):
                     self.next_turn = turn + 1
                 raise
 
+    async def _greeting(self, line: _Line) -> None:
+        """The caller listens first: to the greeting, if the assistant speaks first."""
+        since, started = line.mark(), time.monotonic()
+        heard: list[float] = []
+        try:
+            await line.listen(since, started, "the stream started", self._script.listen_first,
+                              heard, what="greeting")
+        finally:
+            self._result.greeting_ms = heard[0] if heard else None
+
     async def _keys(self, line: _Line) -> None:
-        since = line.mark()
+        since, heard = line.mark(), list[float]()
         pressed = await line.press(self._script.keys)
         self._result.keys += self._script.keys
-        heard = await line.listen(since, pressed, "the last key", self._script.reply_wait)
-        self._result.keys_reply_ms = heard[0] if heard else None
+        try:
+            await line.listen(since, pressed, "the last key", self._script.reply_wait, heard)
+        finally:
+            self._result.keys_reply_ms = heard[0] if heard else None
 
     async def _after_turn(self, line: _Line, turn: int) -> None:
         """The hook's work runs while the caller stays on the line, silent."""
@@ -305,8 +333,12 @@ class _Caller:
         self.hooks.append(task)
         while not task.done():
             await line.send(SILENCE)
-        if task.exception() is not None:
-            raise _HookFailed(f"the after-turn hook failed: {task.exception()!r}")
+        if task.cancelled() or task.exception() is not None:
+            raise _HookFailed(f"the after-turn hook failed: {_failure(task)}")
+
+
+def _failure(task: asyncio.Future[None]) -> str:
+    return "cancelled" if task.cancelled() else repr(task.exception())
 
 
 def _first_media_after(stream: TwilioStream, index: int) -> float | None:
@@ -384,13 +416,8 @@ async def place_call(
             while True:
                 stream = streams[-1]
                 with contextlib.suppress(_Closed):  # the bridge closed it: see below
-                    await person.talk(_Line(stream, script, note), len(streams) == 1)
-                if started is not None and result.handover_reply_ms is None:
-                    first = _first_media_after(stream, 0)
-                    if first is not None:
-                        result.handover_reply_ms = (first - started) * 1000
-                        note(f"first reply audio on the new stream: "
-                             f"{result.handover_reply_ms:.0f} ms after its start")
+                    await person.talk(_Line(stream, script, note, result, started),
+                                      len(streams) == 1)
                 if not stream.closed.is_set():
                     await stream.send_stop()
                     note("caller hung up (stop)")
@@ -421,18 +448,25 @@ async def place_call(
                 result.handover_reply_ms = None
                 closed_at = stream.closed_at or started
                 result.handover_gap_ms = (started - closed_at) * 1000
-                note(f"new stream started (same call): the caller heard "
-                     f"{result.handover_gap_ms:.0f} ms of silence since the old one closed")
-        except (ConnectionError, TimeoutError, ValueError, aiohttp.ClientError,
-                _HookFailed) as e:
+                note(f"new stream started (same call): its start went out "
+                     f"{result.handover_gap_ms:.0f} ms after the old stream closed")
+        except (OSError, TimeoutError, ValueError, aiohttp.ClientError, _HookFailed) as e:
             result.ok = False
             result.error = str(e) or type(e).__name__
             note(f"call failed: {result.error}")
         finally:
             for stream in streams:
                 await stream.close()
-            if person.hooks:
-                await asyncio.gather(*person.hooks, return_exceptions=True)
+            if person.hooks:  # work that outlived the stream it was for (a handover)
+                _, late = await asyncio.wait(person.hooks, timeout=HOOK_WAIT)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+                failed = [_failure(t) for t in person.hooks
+                          if t.cancelled() or t.exception() is not None]
+                if failed and result.ok:
+                    result.ok, result.error = False, f"the after-turn hook failed: {failed[0]}"
+                    note(f"call failed: {result.error}")
             result.streams = len(streams)
             result.clears = sum(s.counts["clear"] for s in streams)
             result.marks_echoed = sum(s.marks_echoed for s in streams)

@@ -1,0 +1,119 @@
+"""`make demo` in-process, at the fast pace: every scenario does what it should, the first call's
+record and transcript are read back and the metrics summed; a scenario that goes wrong fails
+the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.testing.demo import run_demo, sum_metrics, verdict
+from server.testing.scenarios import SALES, SCENARIOS, Env, Outcome
+from server.testing.simulator import CallResult
+
+
+async def test_greeting_tool_and_end_call(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["tools"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    result = outcome.result
+    assert result is not None
+    assert result.greeting_ms is not None
+    assert len(result.latencies_ms) == 2
+    assert (result.hung_up_by, result.next_action) == ("bridge", "hangup")
+    assert any(line.endswith("Twilio hangs up") for line in lines)
+    assert any(line.startswith('  * tool call lookup_order({"order_id":"1234"}) -> ok')
+               for line in lines)
+    # Read back by a fresh bridge: the record, its transcript; the metrics moved.
+    assert demo.record is not None and demo.record["end_kind"] == "assistant_ended"
+    assert demo.record["call_sid"] == result.call_sid
+    assert demo.record["cost_usd"] is not None and demo.record["usage"]["input_tokens"] > 0
+    tool = next(e for e in demo.record["timeline"] if e["kind"] == "tool")
+    assert tool["result"]["status"] == "shipped"
+    assert "Tool lookup_order" in demo.transcript and "Caller: caller turn 1" in demo.transcript
+    assert 'bridge_calls_total{end="assistant_ended"} 1' in demo.metrics
+    assert 'bridge_tool_calls_total{outcome="ok",tool="lookup_order"} 1' in demo.metrics
+    assert (tmp_path / "demo-calls.db").exists()
+    assert verdict(demo) == ("demo OK", 0)
+
+
+async def test_transfer(tmp_path: Path) -> None:
+    demo = await run_demo(tmp_path, ["transfer"], fast=True, echo=lambda _: None)
+    [outcome] = demo.outcomes
+    assert outcome.ok, outcome.problems
+    assert outcome.result is not None
+    assert (outcome.result.next_action, outcome.result.dialled) == ("dial", SALES)
+    assert outcome.record is not None
+    assert outcome.record["end_reason"] == "transferred to sales"
+
+
+async def test_barge_in(tmp_path: Path) -> None:
+    demo = await run_demo(tmp_path, ["barge-in"], fast=True, echo=lambda _: None)
+    [outcome] = demo.outcomes
+    assert outcome.ok, outcome.problems
+    assert outcome.result is not None and outcome.result.clears >= 1
+    assert outcome.record is not None and outcome.record["barge_ins"] >= 1
+    assert (tmp_path / "caller-heard.wav").stat().st_size > 44
+
+
+async def test_model_drop(tmp_path: Path) -> None:
+    demo = await run_demo(tmp_path, ["model-drop"], fast=True, echo=lambda _: None)
+    [outcome] = demo.outcomes
+    assert outcome.ok, outcome.problems
+    assert outcome.result is not None and len(outcome.result.latencies_ms) == 2
+    assert outcome.record is not None
+    first, second = outcome.record["sessions"]
+    assert "1011" in first["ended_because"] and second["gap_ms"] >= 0
+
+
+async def test_handover(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["handover"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    result = outcome.result
+    assert result is not None
+    assert (result.streams, result.actions, len(result.latencies_ms)) == (2, ["stream"], 2)
+    assert result.handover_gap_ms is not None
+    assert any(line.startswith("  * handover gap: ") for line in lines)
+    assert outcome.record is not None and outcome.record["end_kind"] == "caller_hung_up"
+    # Both instances' metrics are summed: the call ended once on each.
+    assert 'bridge_calls_total{end="handover"} 1' in demo.metrics
+    assert 'bridge_calls_total{end="caller_hung_up"} 1' in demo.metrics
+
+
+async def test_a_scenario_that_goes_wrong_fails_the_demo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(env: Env) -> Outcome:
+        raise RuntimeError("boom")
+
+    async def wrong(env: Env) -> Outcome:
+        outcome = Outcome("wrong", result=CallResult(ok=True))
+        outcome.expect(False, "Twilio did not dial")
+        return outcome
+
+    monkeypatch.setitem(SCENARIOS, "broken", ("a broken scenario", broken))
+    monkeypatch.setitem(SCENARIOS, "wrong", ("a wrong outcome", wrong))
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["broken", "wrong"], fast=True, echo=lines.append)
+    assert demo.failed == ["broken", "wrong"]
+    assert "  => FAILED: RuntimeError: boom" in lines
+    assert "  => FAILED: Twilio did not dial" in lines
+    assert verdict(demo) == ("demo FAILED: broken, wrong", 1)
+
+
+def test_sum_metrics_adds_up_the_instances() -> None:
+    one = ("# HELP bridge_calls_total Calls.\n# TYPE bridge_calls_total counter\n"
+           'bridge_calls_total{end="handover"} 1.0\n'
+           'bridge_calls_created{end="handover"} 1.7e9\n'
+           "# HELP bridge_calls_active Live.\n# TYPE bridge_calls_active gauge\n"
+           "bridge_calls_active 0.0\n"
+           "# HELP other_total Not ours.\n# TYPE other_total counter\nother_total 3.0\n")
+    two = ("# HELP bridge_calls_total Calls.\n# TYPE bridge_calls_total counter\n"
+           'bridge_calls_total{end="handover"} 2.0\n'
+           'bridge_calls_total{end="caller_hung_up"} 1.0\n')
+    assert sum_metrics([one, two]) == [
+        'bridge_calls_total{end="handover"} 3', 'bridge_calls_total{end="caller_hung_up"} 1',
+        "bridge_calls_active 0"]
