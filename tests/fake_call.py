@@ -8,6 +8,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import orjson
+
 from server import openai_protocol as oai
 from server.features.base import Ending, Feature
 from server.logs import CallLog
@@ -32,16 +34,28 @@ class FakeCall:
         self.to_model: list[bytes] = []
         self.endings: list[Ending] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.sent: list[tuple[str, dict[str, Any]]] = []  # ("caller" | "model", event), in order
+        self.notices: list[object] = []
+        self.ended = asyncio.Event()
+        self.played = asyncio.Event()  # cleared by a test: playback still going
+        self.played.set()
+        self.changed = asyncio.Condition()
 
     def add(self, feature: Feature) -> Feature:
         self.features.append(feature)
         return feature
 
+    async def _add(self, side: str, frame: bytes) -> None:
+        (self.to_caller if side == "caller" else self.to_model).append(frame)
+        async with self.changed:
+            self.sent.append((side, orjson.loads(frame)))
+            self.changed.notify_all()
+
     async def send_to_caller(self, frame: bytes) -> None:
-        self.to_caller.append(frame)
+        await self._add("caller", frame)
 
     async def send_to_model(self, frame: bytes) -> None:
-        self.to_model.append(frame)
+        await self._add("model", frame)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -51,17 +65,24 @@ class FakeCall:
 
     def end(self, ending: Ending) -> None:
         self.endings.append(ending)
+        self.ended.set()
 
     def notify(self, notice: object) -> None:
+        self.notices.append(notice)
         for feature in self.features:
             if isinstance(notice, feature.notices):
                 feature.on_notice(notice)
 
     @property
     def playback_idle(self) -> bool:
-        return True
+        return self.played.is_set()
 
     async def wait_played(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.played.wait()
+        except TimeoutError:
+            return False
         return True
 
     # --- what the call does ---

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -24,69 +23,20 @@ from server.features.base import (
     KeypadEntry,
     ToolFinished,
 )
-from server.logs import CallLog
-from server.record import CallRecord
 from server.settings import ConfigError, Settings
 from server.toolbox import Toolbox, python_tool
 from server.tools import CallContext, tool
+from tests import fake_call
 
 SETTINGS = Settings(openai_api_key="sk-test", hold_audio=None)
 
 
-class FakeCall:
-    """Records what a feature sends, in one ordered list; runs spawned tasks like the call."""
+class FakeCall(fake_call.FakeCall):
+    """The shared fake, with what these tests read: the ordered sends, outputs, waiting."""
 
     def __init__(self, settings: Settings = SETTINGS) -> None:
-        self.call_sid, self.stream_sid = "CA1", "MZ1"
-        self.caller, self.called = "+15550001111", "+15550002222"
-        self.settings = settings
-        self.log = CallLog(logging.getLogger("test.features"), {"call_sid": "CA1"})
-        self.record = CallRecord()
-        self.http: Any = None
-        self.sent: list[tuple[str, dict[str, Any]]] = []  # ("caller" | "model", event)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.notices: list[object] = []
-        self.endings: list[Ending] = []
-        self.ended = asyncio.Event()
-        self.played = asyncio.Event()
-        self.played.set()
-        self.changed = asyncio.Condition()
-
-    async def _add(self, side: str, frame: bytes) -> None:
-        async with self.changed:
-            self.sent.append((side, orjson.loads(frame)))
-            self.changed.notify_all()
-
-    async def send_to_caller(self, frame: bytes) -> None:
-        await self._add("caller", frame)
-
-    async def send_to_model(self, frame: bytes) -> None:
-        await self._add("model", frame)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def end(self, ending: Ending) -> None:
-        self.endings.append(ending)
-        self.ended.set()
-
-    def notify(self, event: object) -> None:
-        self.notices.append(event)
-
-    @property
-    def playback_idle(self) -> bool:
-        return self.played.is_set()
-
-    async def wait_played(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                await self.played.wait()
-        except TimeoutError:
-            return False
-        return True
+        super().__init__("CA1", settings)
+        self.stream_sid = "MZ1"
 
     # --- for tests ---
 
@@ -448,7 +398,7 @@ def texts(call: FakeCall) -> list[str]:
 
 
 async def test_keypad_pause_ends_an_entry(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "test.features")
+    caplog.set_level(logging.INFO, "test.call")
     call = FakeCall()
     feature = make_keypad(call)
     for digit in "1234":
