@@ -33,11 +33,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from server.testing.audio import FRAME_BYTES, FRAME_MS, RATE, ULAW_SILENCE
 from server.testing.dial import ACCOUNT_SID, dial_with
@@ -150,15 +150,17 @@ class LeanStream(asyncio.Protocol):
 
     @classmethod
     async def connect(cls, url: str, on_media: Callable[[str], None]) -> LeanStream:
-        u = URL(url)
-        if u.scheme != "ws" or u.host is None:
+        u = urlsplit(url)
+        if u.scheme != "ws" or u.hostname is None:
             raise ValueError(f"the lean client speaks plain ws:// only, not {url}")
+        port = u.port or 80
         _, stream = await asyncio.get_running_loop().create_connection(
-            lambda: cls(on_media), u.host, u.port or 80)
+            lambda: cls(on_media), u.hostname, port)
         key = base64.b64encode(os.urandom(16)).decode()
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
         assert stream._transport is not None
         stream._transport.write(
-            f"GET {u.raw_path_qs} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: {u.hostname}:{port}\r\n"
             f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
             f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
         try:
