@@ -12,6 +12,7 @@ sockets closed before `run()` returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -132,7 +133,9 @@ class Call:
         self.called = ""
         self.record = CallRecord(model=deps.settings.openai_model, prompt=deps.prompt.describe())
         self.started = time.monotonic()
-        self._received = 0  # every Twilio frame: the idle watchdog's counter
+        self._received = 0  # every Twilio frame: the watchdog's counter
+        self._model_received = 0  # every OpenAI message: the watchdog's counter
+        self._lost_because: str | None = None  # why the watchdog gave up the model socket
         self._ending: asyncio.Future[Ending] | None = None
         self._runner: asyncio.Task[Any] | None = None
         self._session_ready = False
@@ -249,7 +252,7 @@ class Call:
         self._relays = [
             loop.create_task(self._guard(self._relay_twilio()), name="relay-twilio"),
             loop.create_task(self._guard(self._model_loop()), name="relay-openai"),
-            loop.create_task(self._guard(self._watch_idle()), name="idle-watchdog"),
+            loop.create_task(self._guard(self._watch()), name="watchdog"),
         ]
         assert self._ending is not None
         return await self._ending
@@ -409,7 +412,8 @@ class Call:
         receive = self._twilio.receive
         append = oai.append_audio
         decode = tw.decode
-        media = tw.Media
+        media, mark = tw.Media, tw.Mark
+        mark_played = self.barge_in.mark_played
         record = self.record
         hooks = [f.on_caller_audio for f in self.features if f.wants_audio]
         dispatch = self._twilio_dispatch
@@ -432,6 +436,9 @@ class Call:
                 record.frames_in += 1
                 for hook in hooks:
                     hook(payload)
+                continue
+            if type(event) is mark:
+                mark_played(event.name)
                 continue
             if isinstance(event, tw.Stop):
                 raise _End(Ending(base.CALLER_HUNG_UP, "Twilio stopped the stream (call over)",
@@ -456,12 +463,16 @@ class Call:
         except tw.TwilioProtocolError as e:
             raise _bad_input(str(e)) from None
 
-    async def _watch_idle(self) -> None:
-        """One watchdog per call instead of a timer on every receive: a stream that sends
-        nothing for STREAM_IDLE_TIMEOUT (Twilio sends audio every 20 ms) is ended."""
-        limit = self.settings.stream_idle_timeout
-        step = min(5.0, limit / 4)
-        seen, quiet_since = self._received, time.monotonic()
+    async def _watch(self) -> None:
+        """One watchdog per call instead of a timer on every received frame (aiohttp's own
+        heartbeat re-arms a timer per chunk received): a Twilio stream that sends nothing for
+        STREAM_IDLE_TIMEOUT is ended, and an OpenAI socket that has been quiet is pinged, then
+        given up (and replaced) if nothing at all comes back within OPENAI_HEARTBEAT."""
+        limit, heartbeat = self.settings.stream_idle_timeout, self.settings.openai_heartbeat
+        step = min(5.0, limit / 4, heartbeat / 2 if heartbeat else 5.0)
+        now = time.monotonic()
+        seen, quiet_since = self._received, now
+        model_seen, model_quiet_since, pinged = self._model_received, now, False
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
@@ -470,6 +481,18 @@ class Call:
             elif now - quiet_since >= limit:
                 raise _fail(base.IDLE, f"no frames from Twilio for {limit:g} s",
                             WSCloseCode.GOING_AWAY, logging.WARNING)
+            openai = self._openai
+            if (not heartbeat or openai is None or self._gap is not None
+                    or self._model_received != model_seen):
+                model_seen, model_quiet_since, pinged = self._model_received, now, False
+            elif pinged and now - model_quiet_since >= heartbeat:
+                self._lost_because = f"OpenAI did not answer a ping within {heartbeat:g} s"
+                self.spawn(_close_quietly(openai), "close-silent-session")
+                model_quiet_since, pinged = now, False
+            elif not pinged and now - model_quiet_since >= heartbeat:
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                    await openai.ping()  # if the socket is gone, the relay sees it close
+                model_quiet_since, pinged = now, True
 
     # --- the relay: OpenAI -> Twilio ---
 
@@ -490,7 +513,13 @@ class Call:
         record = self.record
         while True:
             msg = await receive()
+            self._model_received += 1
             if msg.type is not TEXT:
+                if msg.type is WSMsgType.PONG:
+                    continue
+                if msg.type is WSMsgType.PING:
+                    await openai.pong(msg.data)
+                    continue
                 raise self._openai_lost(msg, openai)
             try:
                 event = decode(msg.data)
@@ -503,6 +532,9 @@ class Call:
             await self._on_openai(event)
 
     def _openai_lost(self, msg: Any, openai: OpenAISocket) -> Exception:
+        because, self._lost_because = self._lost_because, None
+        if because is not None:
+            return _ModelLost(because)
         if msg.type in _CLOSED:
             return _ModelLost(f"OpenAI closed the session (code {openai.close_code})")
         if msg.type is WSMsgType.ERROR:

@@ -30,8 +30,11 @@ class ModelUnavailable(Exception):
 
 
 async def open_model_socket(settings: Settings, http: aiohttp.ClientSession) -> OpenAISocket:
-    """A Realtime WebSocket (GA: Authorization only), pinged every OPENAI_HEARTBEAT seconds so
-    a half-open connection is noticed; ModelUnavailable when it cannot be had."""
+    """A Realtime WebSocket (GA: Authorization only); ModelUnavailable when it cannot be had.
+
+    No aiohttp heartbeat and no autoping: aiohttp re-arms its heartbeat timer for every chunk
+    received, a per-frame cost; the call's watchdog pings a quiet socket instead, and the relay
+    sees pings and pongs itself."""
     s = settings
     try:
         async with asyncio.timeout(s.openai_connect_timeout):
@@ -42,7 +45,7 @@ async def open_model_socket(settings: Settings, http: aiohttp.ClientSession) -> 
                 max_msg_size=OPENAI_MAX_MSG,
                 decode_text=False,
                 autoclose=True,
-                heartbeat=s.openai_heartbeat or None,
+                autoping=False,
             )
     except aiohttp.WSServerHandshakeError as e:
         hint = _HANDSHAKE_HINTS.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")

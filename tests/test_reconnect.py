@@ -127,3 +127,17 @@ def test_conversation_items_recreate_the_timeline() -> None:
     assert items[6]["content"][0]["text"] == "The caller typed 1 2 # on the keypad."
     assert len(items) == 7
     assert len(conversation_items(timeline, limit=2)) == 1  # the keypad entry only
+
+
+async def test_a_silent_session_is_replaced(make_rig: MakeRig) -> None:
+    # Pings go unanswered (a half-open connection): the watchdog gives the socket up and a
+    # new session continues the call.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, answer_pings=False),
+                         openai_heartbeat=0.2)
+    stream, _ = await rig.place()
+    (call,) = rig.live_calls()
+    second = await next_session(rig.standin.app)
+    await second.wait_for("session.update")
+    assert not stream.closed.is_set()
+    assert call.record.sessions[0]["ended_because"] == \
+        "OpenAI did not answer a ping within 0.2 s"

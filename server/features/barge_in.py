@@ -171,7 +171,8 @@ class BargeIn(Feature):
     and it owns marks, clear and truncate."""
 
     name = "barge_in"
-    twilio_events: ClassVar[tuple[type, ...]] = (tw.Mark,)
+    # Twilio's mark echoes come straight from the relay (`mark_played`), not through dispatch:
+    # one arrives for every 120 ms of audio played.
     openai_events: ClassVar[tuple[type, ...]] = (
         oai.SpeechStarted, oai.ResponseCreated, oai.ResponseDone, oai.AudioDone)
 
@@ -237,10 +238,10 @@ class BargeIn(Feature):
         if not self.state.playing:
             self._idle.set()
 
-    async def on_twilio(self, event: tw.TwilioEvent) -> None:
-        if isinstance(event, tw.Mark):
-            self.state.on_mark(event.name)
-            self._check_idle()
+    def mark_played(self, name: str) -> None:
+        self.state.on_mark(name)
+        if not self.state.playing:
+            self._idle.set()
 
     async def on_openai(self, event: oai.OpenAIEvent) -> None:
         if isinstance(event, oai.AudioDone):
