@@ -357,7 +357,7 @@ class Call:
             event = self._decode_twilio(msg)
             if isinstance(event, tw.Start):
                 return event
-            if isinstance(event, tw.Media):
+            if isinstance(event, str):  # a tw.Media payload
                 raise _bad_input("media before 'start'")
             if isinstance(event, tw.Stop):
                 raise _End(Ending(base.CALLER_HUNG_UP, "stream stopped before it started",
@@ -412,7 +412,7 @@ class Call:
         receive = self._twilio.receive
         append = oai.append_audio
         decode = tw.decode
-        media, mark = tw.Media, tw.Mark
+        mark = tw.Mark
         mark_played = self.barge_in.mark_played
         record = self.record
         hooks = [f.on_caller_audio for f in self.features if f.wants_audio]
@@ -426,8 +426,8 @@ class Call:
                 event = decode(msg.data)
             except tw.TwilioProtocolError as e:
                 raise _bad_input(str(e)) from None
-            if type(event) is media:
-                payload = event.payload
+            if isinstance(event, str):  # tw.Media: the payload itself
+                payload = event
                 frame = append(payload)
                 try:
                     await self._model_send(frame, TEXT)  # type: ignore[misc]

@@ -116,7 +116,7 @@ def test_twilio_frames_decode_to_types() -> None:
         return tw.decode(orjson.dumps(frame))
 
     media = dec({"event": "media", "media": {"payload": "AAAA"}})
-    assert isinstance(media, tw.Media) and media.payload == "AAAA"
+    assert media == "AAAA"  # a tw.Media is the payload itself
     assert dec({"event": "mark", "mark": {"name": "7"}}) == tw.Mark("7")
     assert dec({"event": "dtmf", "dtmf": {"digit": "5"}}) == tw.Dtmf("5")
     assert dec({"event": "stop"}) == tw.Stop()

@@ -182,6 +182,7 @@ class BargeIn(Feature):
         self._idle = asyncio.Event()
         self._idle.set()
         self._started: set[str] = set()  # responses whose first audio went out
+        self._item: str | None = None  # the item of the last delta played
         self._send: Callable[[bytes, WSMsgType], Awaitable[None]] | None = None
         self.audio_hooks: list[Callable[[str], None]] = []
 
@@ -210,12 +211,22 @@ class BargeIn(Feature):
         assert send is not None
         sid = self.call.stream_sid
         item_id, delta = event.item_id, event.delta
-        key = event.response_id or item_id
-        if key not in self._started:
-            self._started.add(key)
-            self.call.notify(ReplyAudioStarted(event.response_id, item_id))
+        if item_id != self._item:  # a new item: the first audio of a reply?
+            self._item = item_id
+            key = event.response_id or item_id
+            if key not in self._started:
+                self._started.add(key)
+                self.call.notify(ReplyAudioStarted(event.response_id, item_id))
         self._idle.clear()
-        for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
+        if len(delta) <= MARK_CHARS:  # the usual case: one piece
+            mark = state.add(item_id, decoded_length(delta))
+            if mark is not None:
+                await send(tw.mark_frame(sid, mark), TEXT)
+            await send(tw.media_frame(sid, delta), TEXT)
+            for hook in self.audio_hooks:
+                hook(delta)
+            return True
+        for piece in split(delta):
             mark = state.add(item_id, decoded_length(piece))
             if mark is not None:
                 await send(tw.mark_frame(sid, mark), TEXT)
@@ -227,6 +238,7 @@ class BargeIn(Feature):
     def forget(self) -> None:
         self.state.forget()
         self._started.clear()
+        self._item = None
         self._check_idle()
 
     async def _flush(self) -> None:
