@@ -125,12 +125,14 @@ class _RecordsObserver(CallObserver):
         self._records, self._metrics = records, metrics
 
     def call_started(self, call: Call) -> None:
-        self._records.writer.track(call.record)
+        if self._records.enabled:
+            self._records.writer.track(call.record)
 
     def call_ended(self, call: Call, ending: Ending) -> None:
         if not call.features_built:  # ended before its features existed: count it here
             self._metrics.call_ended(call.record, ending.kind)
-        self._records.writer.finish(call.record)
+        if self._records.enabled:
+            self._records.writer.finish(call.record)
 
     def call_refused(self, call: Call, ending: Ending) -> None:
         self._metrics.call_ended(call.record, ending.kind)  # counted, never stored

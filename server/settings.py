@@ -299,6 +299,8 @@ def _check_database_url(url: str) -> str:
     """sqlite:///relative.db, sqlite:////absolute.db or postgresql://user:pass@host:port/db.
 
     The message never repeats the URL: it may hold a password."""
+    if url == "off":  # keep no records at all
+        return url
     scheme, sep, rest = url.partition("://")
     if scheme == "sqlite" and sep and rest.startswith("/") and rest.strip("/"):
         return url
@@ -306,8 +308,8 @@ def _check_database_url(url: str) -> str:
         return url
     raise ConfigError(
         "DATABASE_URL",
-        "is not sqlite:///relative/path.db, sqlite:////absolute/path.db "
-        "or postgresql://user:password@host:5432/database",
+        "is not sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+        "postgresql://user:password@host:5432/database or off",
     )
 
 

@@ -148,3 +148,16 @@ async def test_records_api_refuses_bad_tokens_on_the_real_app(make_rig: MakeRig)
         "Authorization": "Bearer metrics-token-e2e"})).status == 200
     assert (await rig.bridge.get("/readyz")).status == 200
     assert (await rig.bridge.get("/healthz")).status == 200
+
+
+async def test_database_url_off_keeps_nothing(make_rig: MakeRig, tmp_path: Path) -> None:
+    rig = await make_rig(database_url="off", admin_token="admin-token-123")
+    stream, _ = await rig.place()
+    (call,) = rig.live_calls()
+    assert [f.name for f in call.features if f.name == "transcript"] == []
+    await stream.send_stop()
+    await asyncio.wait_for(call.finished.wait(), 10)
+    resp = await rig.bridge.get(f"/calls/{call.call_sid}",
+                                headers={"Authorization": "Bearer admin-token-123"})
+    assert resp.status == 404
+    assert list(tmp_path.glob("*.db")) == []

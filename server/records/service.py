@@ -12,7 +12,7 @@ from server.features.recording import Recorder
 from server.features.transcript import Transcript
 from server.records import api, retention
 from server.records.pricing import PriceTable
-from server.records.store import RecordStore, StoreError, open_store
+from server.records.store import NullStore, RecordStore, StoreError, open_store
 from server.records.webhook import CallWebhook
 from server.records.writer import RecordWriter
 from server.settings import ConfigError
@@ -39,6 +39,7 @@ class Records:
             self.store: RecordStore = open_store(settings.database_url)
         except StoreError as e:
             raise ConfigError("DATABASE_URL", str(e)) from None
+        self.enabled = not isinstance(self.store, NullStore)  # DATABASE_URL=off: False
         self.prices = prices if prices is not None else (
             PriceTable.load(prices_path) if prices_path else PriceTable.load())
         self.recorder = Recorder(settings.recordings_dir) if settings.record_calls else None
@@ -97,6 +98,8 @@ class Records:
 
     def features(self) -> list[Callable[[CallControl], Feature]]:
         """Factories for each call's feature list: the transcript, and the recording when on."""
+        if not self.enabled:
+            return []  # DATABASE_URL=off: no transcript kept either
         factories = [Transcript.factory(self.prices)]
         if self.recorder is not None:
             factories.append(self.recorder.feature())

@@ -88,12 +88,45 @@ class RecordStore(Protocol):
 
 def open_store(url: str = DEFAULT_DATABASE_URL) -> RecordStore:
     """The store for a DATABASE_URL (not connected yet); StoreError when the URL is not one."""
+    if url == "off":
+        return NullStore()
     scheme, sep, _ = url.partition("://")
     if scheme == "sqlite" and sep:
         return SQLiteStore(sqlite_path(url))
     if scheme in ("postgresql", "postgres") and sep:
         return PostgresStore(url)
     raise StoreError("DATABASE_URL is not a sqlite:/// or postgresql:// URL")
+
+
+class NullStore:
+    """DATABASE_URL=off: nothing about calls is kept (no transcripts, no records)."""
+
+    description = "nowhere (DATABASE_URL=off)"
+    reconnects = False
+
+    async def open(self, *, migrate_to: int | None = None) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> bool:
+        return True
+
+    async def schema_version(self) -> int:
+        return 0
+
+    async def save(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None:
+        return None
+
+    async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
+        return [], None
+
+    async def delete_older_than(self, cutoff: datetime) -> list[str]:
+        return []
 
 
 def sqlite_path(url: str) -> Path:
