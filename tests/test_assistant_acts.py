@@ -19,6 +19,7 @@ from server.features import greeting, keypad
 from server.features import tools as tools_feature
 from server.features.base import ASSISTANT_ENDED, TRANSFERRED
 from server.sounds import load_ulaw
+from server.testing.inbox import wait_until
 from server.testing.sdk_check import EventChecker
 from server.testing.standin import StandinOptions, StandinSession, tool_call
 from server.toolbox import Toolbox, load_toolbox, python_tool
@@ -82,12 +83,6 @@ def client_events(session: StandinSession, kind: str) -> list[dict[str, Any]]:
 def outputs(session: StandinSession) -> list[dict[str, Any]]:
     return [e["item"] for e in client_events(session, "conversation.item.create")
             if e["item"]["type"] == "function_call_output"]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def connect_action(rig: Rig, call_sid: str) -> ET.Element:

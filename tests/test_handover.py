@@ -10,6 +10,7 @@ from server.app import REGISTRY
 from server.call import Call
 from server.shared_state import MemoryState
 from server.testing.dial import TwilioStream, call_form
+from server.testing.inbox import wait_until
 from server.testing.standin import next_session
 from server.testing.twiml import Twiml, parse_twiml
 from server.twilio_protocol import compute_signature
@@ -19,9 +20,8 @@ WAIT = 10.0
 
 
 async def until_transcribed(call: Call) -> None:
-    async with asyncio.timeout(WAIT):
-        while not {"caller", "assistant"} <= {e["kind"] for e in call.record.timeline}:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: {"caller", "assistant"} <= {e["kind"] for e in call.record.timeline},
+                     WAIT, "both turns transcribed")
 
 
 async def signed_post(rig: Rig, public: str, path: str, form: dict[str, str]) -> Twiml:

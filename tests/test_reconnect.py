@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -12,17 +11,11 @@ from aiohttp import WSCloseCode
 
 from server.call import Call
 from server.features.reconnect import GapBuffer, conversation_items
+from server.testing.inbox import wait_until
 from server.testing.standin import StandinOptions, StandinSession, next_session
 from tests.conftest import API_KEY, MakeRig, Rig, heard, loud, speak
 
 WAIT = 10.0
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Wait for something the bridge does on its own (no event to await from outside)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def kinds(call: Call) -> list[str]:
@@ -35,7 +28,8 @@ async def one_turn(rig: Rig) -> tuple[Call, StandinSession]:
     (call,) = rig.live_calls()
     await speak(stream, frames=10, variant=1)
     await stream.wait_for("mark", count=2)
-    await until(lambda: {"caller", "assistant"} <= set(kinds(call)), "both turns transcribed")
+    await wait_until(lambda: {"caller", "assistant"} <= set(kinds(call)), WAIT,
+                     "both turns transcribed")
     return call, session
 
 
