@@ -218,15 +218,7 @@ class BargeIn(Feature):
                 self._started.add(key)
                 self.call.notify(ReplyAudioStarted(event.response_id, item_id))
         self._idle.clear()
-        if len(delta) <= MARK_CHARS:  # the usual case: one piece
-            mark = state.add(item_id, decoded_length(delta))
-            if mark is not None:
-                await send(tw.mark_frame(sid, mark), TEXT)
-            await send(tw.media_frame(sid, delta), TEXT)
-            for hook in self.audio_hooks:
-                hook(delta)
-            return True
-        for piece in split(delta):
+        for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
             mark = state.add(item_id, decoded_length(piece))
             if mark is not None:
                 await send(tw.mark_frame(sid, mark), TEXT)
