@@ -153,12 +153,14 @@ class Call:
 
     async def send_to_caller(self, frame: bytes) -> None:
         if not self._twilio.closed:
-            await self._twilio.send_frame(frame, TEXT)
+            with contextlib.suppress(ConnectionError):  # gone: the Twilio relay ends the call
+                await self._twilio.send_frame(frame, TEXT)
 
     async def send_to_model(self, frame: bytes) -> None:
         openai = self._openai
         if openai is not None and not openai.closed:
-            await openai.send_frame(frame, TEXT)
+            with contextlib.suppress(ConnectionError):  # lost: the model relay replaces it
+                await openai.send_frame(frame, TEXT)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._owned_task(coro, name), name=name)
@@ -198,7 +200,10 @@ class Call:
         except _End as e:
             ending = e.ending
         except asyncio.CancelledError:
-            ending = Ending(base.SHUTDOWN, "server shutting down", None, WSCloseCode.GOING_AWAY)
+            # Shutdown ends calls through `end()`; aiohttp cancels a handler only when its
+            # connection is gone (or a shutdown timed out): treat it as the caller leaving.
+            ending = Ending(base.CALLER_HUNG_UP, "the stream's connection was dropped",
+                            tw.HANGUP, WSCloseCode.GOING_AWAY)
             raise
         except Exception:
             self.log.exception("call failed: internal error")
@@ -526,8 +531,12 @@ class Call:
             except oai.OpenAIProtocolError as e:
                 raise _fail(base.OPENAI_ERROR, f"malformed event from OpenAI: {e}") from None
             if type(event) is delta_type:
-                if await play(event):
-                    record.frames_out += 1
+                try:
+                    if await play(event):
+                        record.frames_out += 1
+                except ConnectionError:  # the caller's side went away mid-send: a hang-up
+                    raise _End(Ending(base.CALLER_HUNG_UP, "Twilio stream closed (caller gone)",
+                                      tw.HANGUP)) from None
                 continue
             await self._on_openai(event)
 

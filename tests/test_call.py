@@ -360,3 +360,19 @@ async def test_caller_numbers_are_masked_unless_log_pii(
     await stream.send_stop()
     await asyncio.wait_for(stream.closed.wait(), WAIT)
     assert "caller=+15550001111" in caplog.text
+
+
+async def test_caller_gone_while_audio_flows_is_a_hang_up(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The model is talking (a frame every 20 ms) when the caller's socket goes away.
+    rig = await make_rig(StandinOptions(api_key=API_KEY, reply="stream"))
+    stream, session = await rig.place()
+    (call,) = rig.live_calls()
+    await stream.wait_for("media", count=3)
+    await stream.close()
+    await asyncio.wait_for(call.finished.wait(), WAIT)
+    assert call.ending is not None and call.ending.kind == "caller_hung_up"
+    assert call.ending.level == logging.INFO
+    assert "socket lost" not in caplog.text
+    await session.stop_streaming()
