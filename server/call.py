@@ -113,6 +113,43 @@ def _bad_input(what: str) -> _End:
 class Call:
     """One call; implements `CallControl` for its features."""
 
+    # A call lives as long as the phone call and there are hundreds: no per-instance dict.
+    __slots__ = (
+        "__weakref__",
+        "_deps",
+        "_ending",
+        "_gap",
+        "_logged",
+        "_lost_because",
+        "_model_received",
+        "_model_send",
+        "_notice_dispatch",
+        "_openai",
+        "_openai_dispatch",
+        "_owned",
+        "_received",
+        "_relays",
+        "_resumed",
+        "_runner",
+        "_session_ready",
+        "_twilio",
+        "_twilio_dispatch",
+        "barge_in",
+        "call_sid",
+        "called",
+        "caller",
+        "ending",
+        "features",
+        "features_built",
+        "finished",
+        "http",
+        "log",
+        "record",
+        "settings",
+        "started",
+        "stream_sid",
+    )
+
     def __init__(self, deps: CallDeps, twilio: web.WebSocketResponse, peer: str) -> None:
         self._deps = deps
         self.settings = deps.settings
