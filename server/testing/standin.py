@@ -517,14 +517,7 @@ class StandinSession:
         await self.send({"type": "response.created", "response": {
             "id": response_id, "object": "realtime.response", "status": "in_progress",
             "output": [], "output_modalities": ["audio"]}})
-        message: dict[str, Any] = {"id": item, "type": "message", "object": "realtime.item",
-                                   "role": "assistant", "status": "in_progress", "content": []}
-        previous, self._last_item = self._last_item, item
-        self._reply, self._reply_transcript = message, transcript
-        await self.send({"type": "response.output_item.added", "response_id": response_id,
-                         "output_index": 0, "item": message})
-        await self.send({"type": "conversation.item.added", "item": message,
-                         "previous_item_id": previous})
+        message, previous = await self._open_message(response_id, item, transcript)
         await self.send({"type": "response.content_part.added", **base,
                          "part": {"type": "audio", "transcript": ""}})
         words = transcript.split(" ")
@@ -597,13 +590,10 @@ class StandinSession:
             "id": response_id, "object": "realtime.response", "status": "completed",
             "output": output, "output_modalities": ["audio"], "usage": usage_for(audio_ms)}})
 
-    async def _say(self, response_id: str, audio: bytes) -> dict[str, Any]:
-        """One spoken message item inside a response; returns the completed item."""
-        item = self._id("item")
-        self._audio_ms[item] = 0
-        transcript = f"let me check ({len(audio) // BYTES_PER_MS} ms)"
-        base = {"response_id": response_id, "item_id": item, "output_index": 0,
-                "content_index": 0}
+    async def _open_message(self, response_id: str, item: str,
+                            transcript: str) -> tuple[dict[str, Any], str | None]:
+        """An assistant message item starts: added to the response and the conversation.
+        Returns it and the item before it."""
         message: dict[str, Any] = {"id": item, "type": "message", "object": "realtime.item",
                                    "role": "assistant", "status": "in_progress", "content": []}
         previous, self._last_item = self._last_item, item
@@ -612,6 +602,16 @@ class StandinSession:
                          "output_index": 0, "item": message})
         await self.send({"type": "conversation.item.added", "item": message,
                          "previous_item_id": previous})
+        return message, previous
+
+    async def _say(self, response_id: str, audio: bytes) -> dict[str, Any]:
+        """One spoken message item inside a response; returns the completed item."""
+        item = self._id("item")
+        self._audio_ms[item] = 0
+        transcript = f"let me check ({len(audio) // BYTES_PER_MS} ms)"
+        base = {"response_id": response_id, "item_id": item, "output_index": 0,
+                "content_index": 0}
+        message, previous = await self._open_message(response_id, item, transcript)
         chunk = self._options.chunk_ms * BYTES_PER_MS
         for offset in range(0, len(audio), chunk):
             piece = audio[offset:offset + chunk]
