@@ -130,7 +130,6 @@ class Call:
         "_received",
         "_relays",
         "_resumed",
-        "_runner",
         "_session_ready",
         "_twilio",
         "_twilio_dispatch",
@@ -174,7 +173,6 @@ class Call:
         self._model_received = 0  # every OpenAI message: the watchdog's counter
         self._lost_because: str | None = None  # why the watchdog gave up the model socket
         self._ending: asyncio.Future[Ending] | None = None
-        self._runner: asyncio.Task[Any] | None = None
         self._session_ready = False
         self.finished = asyncio.Event()
         self.barge_in = BargeIn(self)
@@ -229,7 +227,6 @@ class Call:
     # --- lifecycle ---
 
     async def run(self) -> None:
-        self._runner = asyncio.current_task()
         self._ending = asyncio.get_running_loop().create_future()
         ending = Ending(base.CALLER_HUNG_UP, "call ended", tw.HANGUP)
         try:
@@ -288,8 +285,8 @@ class Call:
         show = self.settings.log_pii
         self.log.info("call started: caller=%s called=%s", mask_number(self.caller, show),
                       mask_number(self.called, show))
-        if self._deps.hooks is not None:
-            self._deps.hooks.started(self)
+        if hooks is not None:
+            hooks.started(self)
         loop = asyncio.get_running_loop()
         self._relays = [
             loop.create_task(self._guard(self._relay_twilio()), name="relay-twilio"),

@@ -13,7 +13,7 @@ from aiohttp import web
 from dotenv import load_dotenv
 
 from server import __version__
-from server.app import PROMPT, REGISTRY, create_app, drain
+from server.app import PROMPT, REGISTRY, TOOLS_DESCRIPTION, create_app, drain
 from server.logs import setup_logging
 from server.records.store import StoreError
 from server.settings import ConfigError, Settings
@@ -33,6 +33,8 @@ def main() -> None:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     _announce(settings, app[PROMPT].describe(), app[PROMPT].hosted)
+    log.info("your tools: %s (built in: end_call, and transfer_call with TRANSFER_TARGETS)",
+             app[TOOLS_DESCRIPTION])
     if settings.workers > 1:
         log.info("starting %d worker processes on port %d (SO_REUSEPORT)", settings.workers,
                  settings.port)

@@ -247,24 +247,30 @@ def _rate_limits(e: dict[str, Any]) -> RateLimits:
                                for r in rows))
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any]], OpenAIEvent]] = {
-    "response.output_audio.done": lambda e: AudioDone(_str(e, "response_id"), _str(e, "item_id")),
-    "session.created": lambda e: SessionCreated(),
-    "session.updated": _session_updated,
-    "error": _error,
-    "input_audio_buffer.speech_started": lambda e: SpeechStarted(_str(e, "item_id"),
-                                                                 _int(e, "audio_start_ms")),
-    "input_audio_buffer.speech_stopped": lambda e: SpeechStopped(_str(e, "item_id"),
-                                                                 _int(e, "audio_end_ms")),
-    "response.created": lambda e: ResponseCreated(_str(_obj(e, "response"), "id")),
-    "response.done": _response_done,
-    "response.function_call_arguments.done": _function_call,
-    "response.output_audio_transcript.done": lambda e: AssistantTranscript(
-        _str(e, "response_id"), _str(e, "item_id"), _str(e, "transcript")),
-    "conversation.item.input_audio_transcription.completed": lambda e: CallerTranscript(
-        _str(e, "item_id"), _str(e, "transcript")),
-    "rate_limits.updated": _rate_limits,
-}
+# Every event the bridge decodes: its wire type, its class, how to read it. One table, so the
+# dispatch by `type` and the way back (`type_of`, for LOG_EVENT_TYPES) cannot disagree.
+_EVENTS: tuple[tuple[str, type, Callable[[dict[str, Any]], OpenAIEvent]], ...] = (
+    ("response.output_audio.done", AudioDone,
+     lambda e: AudioDone(_str(e, "response_id"), _str(e, "item_id"))),
+    ("session.created", SessionCreated, lambda e: SessionCreated()),
+    ("session.updated", SessionUpdated, _session_updated),
+    ("error", Error, _error),
+    ("input_audio_buffer.speech_started", SpeechStarted,
+     lambda e: SpeechStarted(_str(e, "item_id"), _int(e, "audio_start_ms"))),
+    ("input_audio_buffer.speech_stopped", SpeechStopped,
+     lambda e: SpeechStopped(_str(e, "item_id"), _int(e, "audio_end_ms"))),
+    ("response.created", ResponseCreated,
+     lambda e: ResponseCreated(_str(_obj(e, "response"), "id"))),
+    ("response.done", ResponseDone, _response_done),
+    ("response.function_call_arguments.done", FunctionCall, _function_call),
+    ("response.output_audio_transcript.done", AssistantTranscript,
+     lambda e: AssistantTranscript(_str(e, "response_id"), _str(e, "item_id"),
+                                   _str(e, "transcript"))),
+    ("conversation.item.input_audio_transcription.completed", CallerTranscript,
+     lambda e: CallerTranscript(_str(e, "item_id"), _str(e, "transcript"))),
+    ("rate_limits.updated", RateLimits, _rate_limits),
+)
+_PARSERS = {name: parse for name, _, parse in _EVENTS}
 
 
 def _summary(event: dict[str, Any]) -> str:
@@ -294,19 +300,8 @@ def _fields(event: Any) -> list[tuple[str, Any]]:
 
 
 EVENT_TYPES: dict[type, str] = {
-    AudioDelta: "response.output_audio.delta",
-    AudioDone: "response.output_audio.done",
-    SessionCreated: "session.created",
-    SessionUpdated: "session.updated",
-    Error: "error",
-    SpeechStarted: "input_audio_buffer.speech_started",
-    SpeechStopped: "input_audio_buffer.speech_stopped",
-    ResponseCreated: "response.created",
-    ResponseDone: "response.done",
-    FunctionCall: "response.function_call_arguments.done",
-    AssistantTranscript: "response.output_audio_transcript.done",
-    CallerTranscript: "conversation.item.input_audio_transcription.completed",
-    RateLimits: "rate_limits.updated",
+    AudioDelta: "response.output_audio.delta",  # decoded on the fast path, not in _EVENTS
+    **{cls: name for name, cls, _ in _EVENTS},
 }
 
 

@@ -244,8 +244,7 @@ class BargeIn(Feature):
 
     def mark_played(self, name: str) -> None:
         self.state.on_mark(name)
-        if not self.state.playing:
-            self._idle.set()
+        self._check_idle()
 
     async def on_openai(self, event: oai.OpenAIEvent) -> None:
         if isinstance(event, oai.AudioDone):
