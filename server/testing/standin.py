@@ -542,12 +542,7 @@ class StandinSession:
                          "transcript": transcript})
         await self.send({"type": "response.content_part.done", **base,
                          "part": {"type": "audio", "transcript": transcript}})
-        message = {**message, "status": "completed",
-                   "content": [{"type": "output_audio", "transcript": transcript}]}
-        await self.send({"type": "response.output_item.done", "response_id": response_id,
-                         "output_index": 0, "item": message})
-        await self.send({"type": "conversation.item.done", "item": message,
-                         "previous_item_id": previous})
+        message = await self._close_message(response_id, message, transcript, previous)
         self._response = self._response_id = self._reply = None
         await self.send({"type": "response.done", "response": {
             "id": response_id, "object": "realtime.response", "status": "completed",
@@ -604,6 +599,18 @@ class StandinSession:
                          "previous_item_id": previous})
         return message, previous
 
+    async def _close_message(self, response_id: str, message: dict[str, Any], transcript: str,
+                             previous: str | None) -> dict[str, Any]:
+        """The assistant message item is complete: done in the response and the conversation.
+        Returns the completed item."""
+        message = {**message, "status": "completed",
+                   "content": [{"type": "output_audio", "transcript": transcript}]}
+        await self.send({"type": "response.output_item.done", "response_id": response_id,
+                         "output_index": 0, "item": message})
+        await self.send({"type": "conversation.item.done", "item": message,
+                         "previous_item_id": previous})
+        return message
+
     async def _say(self, response_id: str, audio: bytes) -> dict[str, Any]:
         """One spoken message item inside a response; returns the completed item."""
         item = self._id("item")
@@ -622,12 +629,7 @@ class StandinSession:
         await self.send({"type": "response.output_audio.done", **base})
         await self.send({"type": "response.output_audio_transcript.done", **base,
                          "transcript": transcript})
-        message = {**message, "status": "completed",
-                   "content": [{"type": "output_audio", "transcript": transcript}]}
-        await self.send({"type": "response.output_item.done", "response_id": response_id,
-                         "output_index": 0, "item": message})
-        await self.send({"type": "conversation.item.done", "item": message,
-                         "previous_item_id": previous})
+        message = await self._close_message(response_id, message, transcript, previous)
         self._reply = None
         return message
 
