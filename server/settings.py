@@ -123,6 +123,13 @@ class Settings:
     reconnect_attempts: int = 2
     reconnect_within: float = 3.0  # seconds for all attempts together
     reconnect_buffer_seconds: float = 10.0  # caller audio kept during the gap
+    # --- limits that keep one process healthy under faults ---
+    max_call_seconds: float = 14400.0  # the assistant says goodbye and the call ends
+    tool_threads: int = 8  # sync tools run on their own pool of this many threads
+    records_pending_max: int = 10000  # final records kept in memory while the store is down
+    # unsaved records at shutdown go here, and are loaded into the store at the next start
+    records_spool: Path = Path("records-spool.jsonl")
+    shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -160,7 +167,8 @@ class Settings:
             vad_silence_ms=r.number("VAD_SILENCE_MS", int, cls.vad_silence_ms, 0, 10_000),
             vad_eagerness=r.choice("VAD_EAGERNESS", EAGERNESS, cls.vad_eagerness),
             noise_reduction=r.choice("NOISE_REDUCTION", NOISE_REDUCTION, cls.noise_reduction),
-            transcription_model=r.text_or_off("TRANSCRIPTION_MODEL", cls.transcription_model),
+            transcription_model=_off_text(
+                r.text_or_off("TRANSCRIPTION_MODEL", cls.transcription_model)),
             host=r.text("HOST") or cls.host,
             port=r.number("PORT", int, cls.port, 0, 65535),
             public_url=public_url,
@@ -220,6 +228,14 @@ class Settings:
                 "RECONNECT_WITHIN", float, cls.reconnect_within, 0.1, 60.0),
             reconnect_buffer_seconds=r.number(
                 "RECONNECT_BUFFER_SECONDS", float, cls.reconnect_buffer_seconds, 0.0, 60.0),
+            max_call_seconds=r.number(
+                "MAX_CALL_SECONDS", float, cls.max_call_seconds, 10.0, 7 * 86400.0),
+            tool_threads=r.number("TOOL_THREADS", int, cls.tool_threads, 1, 256),
+            records_pending_max=r.number(
+                "RECORDS_PENDING_MAX", int, cls.records_pending_max, 1, 10_000_000),
+            records_spool=Path(r.text("RECORDS_SPOOL") or cls.records_spool),
+            shutdown_action_grace=r.number(
+                "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
         )
 
     @property
@@ -352,6 +368,11 @@ def _tools_file(value: str | None) -> Path | None:
     if value == "":
         return DEFAULT_TOOLS_FILE if DEFAULT_TOOLS_FILE.is_file() else None
     return None if value.lower() == "off" else Path(value)
+
+
+def _off_text(value: str | None) -> str | None:
+    """A value where `off` (any case) or blank turns the feature off."""
+    return None if value is None or value.lower() == "off" else value
 
 
 def _off_path(value: str | None) -> Path | None:
