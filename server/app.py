@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -14,19 +16,19 @@ from aiohttp import web
 from server import NAME, __version__
 from server import twilio_protocol as tw
 from server.call import Call, CallDeps, FeatureFactory
-from server.features import greeting, keypad
+from server.features import greeting, keypad, time_limit
 from server.features import tools as tools_feature
-from server.features.base import Ending
+from server.features.base import CAPACITY, DRAINING, Ending
 from server.logs import mask_number
 from server.metrics import Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
 from server.prompts import Prompt, load_prompt
 from server.records.service import Records
 from server.registry import CallObserver, CallRegistry
-from server.settings import Settings
+from server.settings import ConfigError, Settings
 from server.shared_state import SharedState, open_state
 from server.stream_tokens import StreamTokens
-from server.toolbox import load_toolbox
+from server.toolbox import Toolbox, load_toolbox
 
 log = logging.getLogger("server.app")
 
@@ -43,6 +45,10 @@ TOOLS_DESCRIPTION = web.AppKey("tools_description", str)
 
 TWILIO_MAX_MSG = 64 * 1024  # a 20 ms media frame is ~300 bytes; anything near this is not Twilio
 ACTION_PATH = "/connect-action"
+STREAM_PATH = "/media-stream"
+# A handed-over call's new stream: told apart before the upgrade (the start frame, with its
+# `resume` parameter, comes after it), so a draining instance can still take it.
+RESUME_PATH = "/media-stream/resume"
 _SHUTDOWN_GRACE = 2.0
 DECISION_WAIT = 3.0  # the action request may arrive before the call's clean-up has finished
 
@@ -63,16 +69,20 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
         else None
     )
     toolbox = load_toolbox(settings)
+    if settings.record_calls:
+        check_writable(settings.recordings_dir, "RECORDINGS_DIR")
     records = app[RECORDS] = Records(settings)
     metrics = app[METRICS] = Metrics()
     app[FEATURES] = [f for f in (
         greeting.factory(settings),
         keypad.factory(settings),
         tools_feature.factory(settings, toolbox),
+        time_limit.factory(settings),
         *records.features(),
         metrics.feature,
     ) if f is not None]
     app[TOOLS_DESCRIPTION] = toolbox.describe()
+    app.on_cleanup.append(lambda _app: _close_toolbox(toolbox))
     records.add_routes(app)
     add_metric_routes(app, metrics, token=settings.metrics_token,
                       draining=lambda: REGISTRY in app and app[REGISTRY].draining,
@@ -85,7 +95,8 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
     app.router.add_route("GET", "/incoming-call", incoming_call)
     app.router.add_route("POST", "/incoming-call", incoming_call)
     app.router.add_route("POST", ACTION_PATH, connect_action)
-    app.router.add_get("/media-stream", media_stream)
+    app.router.add_get(STREAM_PATH, media_stream)
+    app.router.add_get(RESUME_PATH, media_stream)
     if settings.admin_token:
         app.router.add_post("/calls/{call_sid}/hangup", hang_up)
     return app
@@ -136,6 +147,25 @@ class _RecordsObserver(CallObserver):
 
     def call_refused(self, call: Call, ending: Ending) -> None:
         self._metrics.call_ended(call.record, ending.kind)  # counted, never stored
+        if call.refusal is not None:
+            self._metrics.call_refused(call.refusal.reason)
+
+
+def check_writable(directory: Path, variable: str) -> None:
+    """Create the directory if needed and write a file in it: a setting that names a place the
+    server cannot write stops startup now, not at the end of the first call."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(variable, f"{directory} is not a writable directory "
+                                    f"({e.strerror or e})") from None
+
+
+async def _close_toolbox(toolbox: Toolbox) -> None:
+    """After the calls: sync tools still running are logged and left behind."""
+    toolbox.close()
 
 
 async def _ready(app: web.Application) -> bool:
@@ -195,10 +225,10 @@ def public_base(request: web.Request, settings: Settings) -> str:
     return f"{proto}://{host}"
 
 
-def stream_url(request: web.Request, settings: Settings) -> str:
+def stream_url(request: web.Request, settings: Settings, path: str = STREAM_PATH) -> str:
     base = public_base(request, settings)
     scheme, _, rest = base.partition("://")
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/media-stream"
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
 
 
 async def _signed_form(request: web.Request, what: str) -> dict[str, str]:
@@ -211,10 +241,13 @@ async def _signed_form(request: web.Request, what: str) -> dict[str, str]:
         url = public_base(request, settings) + request.raw_path
         signature = request.headers.get("X-Twilio-Signature")
         if not tw.signature_valid(settings.twilio_auth_token, url, params, signature):
+            # The query string is left out: a GET webhook carries the caller's number in it.
+            shown = public_base(request, settings) + request.path + (
+                "?…" if request.query_string else "")
             log.warning(
                 "rejected %s from %s: %s X-Twilio-Signature (checked against %s; "
                 "set PUBLIC_URL to the URL configured in Twilio)",
-                what, request.remote, "invalid" if signature else "missing", url,
+                what, request.remote, "invalid" if signature else "missing", shown,
             )
             raise web.HTTPForbidden(text="invalid Twilio signature\n")
     return {**request.query, **params}
@@ -230,7 +263,8 @@ def _stream_twiml(request: web.Request, call_sid: str, caller: str, called: str,
     if tokens is not None:
         parameters["token"] = tokens.mint(call_sid)
     action = public_base(request, settings) + ACTION_PATH
-    return tw.connect_twiml(stream_url(request, settings), parameters, action)
+    path = RESUME_PATH if resume else STREAM_PATH
+    return tw.connect_twiml(stream_url(request, settings, path), parameters, action)
 
 
 async def incoming_call(request: web.Request) -> web.Response:
@@ -241,8 +275,10 @@ async def incoming_call(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="CallSid is required\n")
     registry = request.app[REGISTRY]
     if not await registry.reserve(call_sid or f"anonymous-{id(request)}"):
+        reason = DRAINING if registry.draining else CAPACITY
+        request.app[METRICS].call_refused(reason)
         log.warning("refused call %s: %s", call_sid or "?",
-                    "draining" if registry.draining else f"at MAX_CALLS={settings.max_calls}")
+                    "shutting down" if reason == DRAINING else f"at MAX_CALLS={settings.max_calls}")
         return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
     caller, called = str(fields.get("From", "")), str(fields.get("To", ""))
     log.info("incoming call %s from %s", call_sid or "?", mask_number(caller, settings.log_pii))
@@ -265,9 +301,14 @@ async def connect_action(request: web.Request) -> web.Response:
         decision = tw.Decision.from_dict(data)
     log.info("connect action for %s: %s", call_sid or "?", decision.action)
     if decision.action == "reconnect":
-        return _twiml(_stream_twiml(request, call_sid, str(fields.get("From", "")),
-                                    str(fields.get("To", "")), resume=True))
-    return _twiml(tw.decision_twiml(decision))
+        body = _stream_twiml(request, call_sid, str(fields.get("From", "")),
+                             str(fields.get("To", "")), resume=True)
+    else:
+        body = tw.decision_twiml(decision)
+    if data is not None:  # a stopping instance waits for this before it exits
+        request.app[REGISTRY].action_fetched(call_sid)
+        await state.mark_fetched(call_sid)
+    return _twiml(body)
 
 
 async def hang_up(request: web.Request) -> web.Response:
@@ -275,12 +316,13 @@ async def hang_up(request: web.Request) -> web.Response:
     fleet it is (the shared state delivers it to the instance that holds it)."""
     token = request.app[SETTINGS].admin_token
     if token is None or not bearer_ok(request, token):
-        raise web.HTTPUnauthorized(text="a valid Authorization: Bearer <ADMIN_TOKEN> is needed\n",
-                                   headers={"WWW-Authenticate": "Bearer"})
+        return web.json_response(
+            {"error": "a valid Authorization: Bearer <ADMIN_TOKEN> is needed"}, status=401,
+            headers={"WWW-Authenticate": "Bearer"})
     call_sid = request.match_info["call_sid"]
     delivered = await request.app[STATE].publish(call_sid, {"action": "hangup"})
     if not delivered:
-        raise web.HTTPNotFound(text=f"no live call {call_sid}\n")
+        return web.json_response({"error": f"no live call {call_sid}"}, status=404)
     log.info("admin hang-up requested for %s", call_sid)
     return web.json_response({"call_sid": call_sid, "hangup": "requested"}, status=202)
 
@@ -291,9 +333,17 @@ def _twiml(body: str) -> web.Response:
 
 async def media_stream(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
+    registry = request.app[REGISTRY]
+    if registry.draining and request.path != RESUME_PATH:
+        # Refused before the upgrade, so a load balancer can retry it on another instance; a
+        # handed-over call's stream (RESUME_PATH) is not a new call and is still taken.
+        request.app[METRICS].call_refused(DRAINING)
+        log.warning("refused a new media stream from %s: shutting down", request.remote)
+        return web.json_response({"error": "shutting down"}, status=503,
+                                 headers={"Retry-After": "1"})
     signature = request.headers.get("X-Twilio-Signature")
     if settings.twilio_auth_token and signature:
-        url = stream_url(request, settings)
+        url = stream_url(request, settings, request.path)
         if not tw.signature_valid(settings.twilio_auth_token, url, {}, signature):
             log.warning("rejected media stream from %s: invalid X-Twilio-Signature for %s",
                         request.remote, url)
@@ -306,7 +356,6 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     call = Call(request.app[DEPS], ws, peer=request.remote or "?")
-    registry = request.app[REGISTRY]
     registry.add(call)
     try:
         await call.run()

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -28,6 +28,8 @@ from server.features import base
 from server.features.barge_in import BargeIn
 from server.features.base import Ending, Feature
 from server.features.reconnect import GapBuffer, conversation_items
+from server.features.response_gate import ResponseGate
+from server.latency import FRAME_MS, TurnLatency
 from server.logs import CallLog, mask_number
 from server.model_socket import ModelUnavailable, OpenAISocket, open_model_socket
 from server.prompts import Prompt
@@ -43,13 +45,15 @@ T = TypeVar("T")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
+WARNINGS_SHOWN = 3  # of each warning a call's input causes; the rest are counted
+MAX_WARNING_KINDS = 32
 
 
 class CallHooks(Protocol):
     """What the app does around a call (the registry implements it)."""
 
-    async def admit(self, call: Call, token: str | None) -> str | None:
-        """The stream started: claim its token and capacity. A reason to refuse, or None."""
+    async def admit(self, call: Call, token: str | None) -> base.Refusal | None:
+        """The stream started: claim its token, capacity and call. Why to refuse, or None."""
 
     async def resume(self, call: Call) -> dict[str, Any] | None:
         """A call handed over from another instance: its saved context (restores the record),
@@ -118,6 +122,7 @@ class Call:
         "__weakref__",
         "_deps",
         "_ending",
+        "_frames_base",
         "_gap",
         "_logged",
         "_lost_because",
@@ -133,6 +138,7 @@ class Call:
         "_session_ready",
         "_twilio",
         "_twilio_dispatch",
+        "_warnings",
         "barge_in",
         "call_sid",
         "called",
@@ -141,9 +147,12 @@ class Call:
         "features",
         "features_built",
         "finished",
+        "gate",
         "http",
+        "latency",
         "log",
         "record",
+        "refusal",
         "settings",
         "started",
         "stream_sid",
@@ -176,13 +185,18 @@ class Call:
         self._session_ready = False
         self.finished = asyncio.Event()
         self.barge_in = BargeIn(self)
-        self.features: list[Feature] = [self.barge_in]
+        self.gate = ResponseGate(self)
+        self.features: list[Feature] = [self.barge_in, self.gate]
         self._twilio_dispatch: dict[type, list[Feature]] = {}
         self._openai_dispatch: dict[type, list[Feature]] = {}
         self._notice_dispatch: dict[type, list[Feature]] = {}
         self._logged = deps.settings.log_event_types
         self.ending: Ending | None = None
         self.features_built = False
+        self.refusal: base.Refusal | None = None  # why the stream was not admitted
+        self._warnings: dict[str, int] = {}  # warning -> times seen (see `warn`)
+        self.latency = TurnLatency()
+        self._frames_base = 0  # record.frames_in when the model session's audio began
 
     # --- CallControl ---
 
@@ -216,6 +230,22 @@ class Call:
             except Exception:
                 self.log.exception("feature %s failed on %s", feature.name,
                                    type(notice).__name__)
+
+    def warn(self, message: str) -> None:
+        """A warning caused by this call's input: the first few are logged, the rest counted
+        and reported once when the call ends (a peer repeating a fault cannot flood the log)."""
+        seen = self._warnings.get(message, 0) + 1
+        self._warnings[message] = seen
+        if seen <= WARNINGS_SHOWN:
+            self.log.warning("%s", message)
+        elif len(self._warnings) > MAX_WARNING_KINDS:  # distinct messages are bounded too
+            self._warnings.pop(message)
+
+    async def request_response(self, reason: str, instructions: str | None = None) -> None:
+        await self.gate.request(reason, instructions)
+
+    def reply_latency(self) -> float | None:
+        return self.latency.reply_started()
 
     @property
     def playback_idle(self) -> bool:
@@ -353,6 +383,9 @@ class Call:
             "input_tokens": int(rec.usage.get("input_tokens", 0)),
             "output_tokens": int(rec.usage.get("output_tokens", 0)),
         }
+        for message, seen in self._warnings.items():
+            if seen > WARNINGS_SHOWN:
+                self.log.warning("%s (%d more times)", message, seen - WARNINGS_SHOWN)
         self.log.log(
             ending.level,
             "call ended: %(reason)s (%(seconds).1f s, %(frames_in)d frames in, "
@@ -408,14 +441,17 @@ class Call:
         if tokens is not None:
             problem = tokens.verify(token, start.call_sid)
             if problem:
-                raise _fail(base.REJECTED, f"rejected stream: {problem}",
-                            WSCloseCode.POLICY_VIOLATION, logging.WARNING)
+                self._refuse(base.Refusal(base.BAD_TOKEN, problem))
         hooks = self._deps.hooks
-        problem = await hooks.admit(self, token if tokens is not None else None) \
-            if hooks is not None else None
-        if problem:
-            raise _fail(base.REJECTED, f"rejected stream: {problem}",
-                        WSCloseCode.POLICY_VIOLATION, logging.WARNING)
+        if hooks is not None:
+            refusal = await hooks.admit(self, token if tokens is not None else None)
+            if refusal is not None:
+                self._refuse(refusal)
+
+    def _refuse(self, refusal: base.Refusal) -> NoReturn:
+        self.refusal = refusal
+        raise _fail(base.REJECTED, f"rejected stream: {refusal.message}",
+                    WSCloseCode.POLICY_VIOLATION, logging.WARNING)
 
     def _build_features(self) -> None:
         self.features_built = True
@@ -483,7 +519,7 @@ class Call:
                 raise _End(Ending(base.CALLER_HUNG_UP, "Twilio stopped the stream (call over)",
                                   tw.HANGUP))
             if isinstance(event, (tw.Connected, tw.Start)):
-                self.log.warning("ignored a repeated %r event", type(event).__name__.lower())
+                self.warn(f"ignored a repeated {type(event).__name__.lower()!r} event")
             for feature in dispatch.get(type(event), ()):
                 await feature.on_twilio(event)
 
@@ -566,8 +602,9 @@ class Call:
                 raise _fail(base.OPENAI_ERROR, f"malformed event from OpenAI: {e}") from None
             if type(event) is delta_type:
                 try:
-                    if await play(event):
-                        record.frames_out += 1
+                    sent = await play(event)
+                    # 20 ms frames of audio (160 bytes), however the service cuts deltas
+                    record.frames_out += (sent + 159) // 160
                 except ConnectionError:  # the caller's side went away mid-send: a hang-up
                     raise _End(Ending(base.CALLER_HUNG_UP, "Twilio stream closed (caller gone)",
                                       tw.HANGUP)) from None
@@ -590,6 +627,8 @@ class Call:
             self.log.info("openai %s %s", kind, oai.describe(event))
         if isinstance(event, oai.SessionUpdated):
             await self._on_session_updated(event)
+        elif isinstance(event, oai.SpeechStopped):
+            self._speech_stopped(event.audio_end_ms)
         for feature in self._openai_dispatch.get(type(event), ()):
             await feature.on_openai(event)
         if isinstance(event, oai.Error):  # after the features saw it (metrics, the record)
@@ -614,11 +653,24 @@ class Call:
         for feature in self.features:
             await feature.on_session_ready(first)
 
+    def _speech_stopped(self, audio_end_ms: int | None) -> None:
+        """Where the caller really stopped speaking: `audio_end_ms` is on the session's audio
+        timeline, which the bridge fed in real time (Twilio sends a 20 ms frame every 20 ms),
+        so that audio reached the bridge as long ago as the audio appended since then lasts.
+        The VAD's silence window is thus counted, as the caller lives it."""
+        now = time.monotonic()
+        if audio_end_ms is None:
+            self.latency.speech_ended(now)
+            return
+        appended_ms = (self.record.frames_in - self._frames_base) * FRAME_MS
+        self.latency.speech_ended(now - max(appended_ms - audio_end_ms, 0) / 1000)
+
     # --- model sessions: the first, and new ones that continue the conversation ---
 
     async def _start_session(self, openai: OpenAISocket) -> None:
         """session.update first, then the conversation so far (a new session starts empty)."""
         self._session_ready = False
+        self._frames_base = self.record.frames_in - (len(self._gap) if self._gap else 0)
         await openai.send_frame(self._session_update(), TEXT)
         if self.record.timeline:
             for item in conversation_items(self.record.timeline):
@@ -653,6 +705,7 @@ class Call:
         if old is not None:
             self.spawn(_close_quietly(old), "close-old-session")
         self.barge_in.forget()  # the old session's items are gone: nothing left to truncate
+        self.gate.reset()
         failures: list[str] = []
         deadline = lost_at + s.reconnect_within
         for _ in range(s.reconnect_attempts):

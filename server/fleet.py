@@ -42,6 +42,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from server.shared_state import (
+    FETCHED_TTL,
     ControlHandler,
     Dispatcher,
     MemoryState,
@@ -108,12 +109,18 @@ _HEARTBEAT = _PRELUDE + """
 return redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
 """
 
-# KEYS: instances, owners, reserved. ARGV: prefix, id, sid. -> 1 if the instance is registered
-_CLAIM = """
+# KEYS: instances, owners, reserved. ARGV: prefix, id, sid.
+# -> 1 claimed, 0 claimed but this instance is not registered (re-sync), -1 a live stream on a
+#    live instance already holds the call (a duplicate: nothing changed)
+_CLAIM = _PRELUDE + """
 local sid, id = ARGV[3], ARGV[2]
-redis.call('ZREM', KEYS[3], sid)
 local prev = redis.call('HGET', KEYS[2], sid)
-if prev and prev ~= id then redis.call('SREM', ARGV[1] .. 'slots:' .. prev, sid) end
+if prev then
+  local expiry = redis.call('ZSCORE', KEYS[1], prev)
+  if expiry and tonumber(expiry) >= now_ms() then return -1 end
+  redis.call('SREM', ARGV[1] .. 'slots:' .. prev, sid)
+end
+redis.call('ZREM', KEYS[3], sid)
 redis.call('HSET', KEYS[2], sid, id)
 redis.call('SADD', ARGV[1] .. 'slots:' .. id, sid)
 if redis.call('ZSCORE', KEYS[1], id) then return 1 end
@@ -332,18 +339,23 @@ class RedisState:
             await self._local.reserve(call_sid, 0, ttl)
         return bool(ok)
 
-    async def claim(self, call_sid: str) -> None:
-        await self._local.claim(call_sid)
+    async def claim(self, call_sid: str) -> bool:
+        if self._local.holds(call_sid):
+            return False
         try:
-            registered = await self._run(self._claim, self._keys3,
-                                         [self._prefix, self.instance_id, call_sid])
+            result = await self._run(self._claim, self._keys3,
+                                     [self._prefix, self.instance_id, call_sid])
         except _ERRORS as e:
             self._failed("claim", e)
             self._dirty = True
-            return
+            return await self._local.claim(call_sid)  # checked on this instance only
         self._ok()
-        if not registered:  # our lease lapsed and we were buried: restore every slot now
+        if int(result) < 0:
+            return False
+        await self._local.claim(call_sid)
+        if not int(result):  # our lease lapsed and we were buried: restore every slot now
             await self._resync()
+        return True
 
     async def release(self, call_sid: str) -> None:
         held = self._local.holds(call_sid)
@@ -405,6 +417,27 @@ class RedisState:
                 return None
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.1)
+
+    async def mark_fetched(self, call_sid: str) -> None:
+        await self._local.mark_fetched(call_sid)
+        try:
+            await self._client().set(self._prefix + "fetched:" + call_sid, b"1",
+                                      px=round(FETCHED_TTL * 1000))
+        except _ERRORS as e:
+            self._failed("decision", e)
+            return
+        self._ok()
+
+    async def fetched(self, call_sid: str) -> bool:
+        if await self._local.fetched(call_sid):
+            return True
+        try:
+            found = await self._client().exists(self._prefix + "fetched:" + call_sid)
+        except _ERRORS as e:
+            self._failed("decision", e)
+            return False
+        self._ok()
+        return bool(found)
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         raw = to_json(context)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from dotenv import load_dotenv
@@ -24,7 +25,9 @@ log = logging.getLogger("server")
 
 
 def main() -> None:
-    load_dotenv()
+    # From the working directory (where `make run`, the Docker image and a pip-installed bridge
+    # are started), never from beside the source; real environment variables win.
+    load_dotenv(Path.cwd() / ".env")
     try:
         settings = Settings.from_env(os.environ)
         setup_logging(settings.log_level, settings.log_format, settings.secrets)
@@ -68,8 +71,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def serve(app: web.Application, settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; then stop listening, drain live calls, shut down.
+    """Serve until SIGTERM/SIGINT; then stop taking new calls, drain or hand over the live
+    ones, wait for Twilio to fetch what happens next, and shut down.
 
+    The listener stays open until the very end: Twilio's `<Connect action>` request comes after
+    each stream closes, and a transfer or the spoken fallback is lost if it finds no server.
     A second signal during the drain ends the remaining calls at once."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -89,13 +95,16 @@ async def serve(app: web.Application, settings: Settings) -> None:
     try:
         await site.start()
         await stop.wait()
+        registry = app[REGISTRY]
+        # From now on /readyz answers 503, new calls hear the busy message and new streams get
+        # 503 before their upgrade (a load balancer retries them elsewhere).
+        registry.draining = True
         log.info("signal received: no longer accepting calls")
-        app[REGISTRY].draining = True  # /readyz says 503 from now on
-        await site.stop()
         if settings.shutdown_mode == "handover":
-            log.info("handing %d live call(s) over to other instances", len(app[REGISTRY]))
+            log.info("handing %d live call(s) over to other instances", len(registry))
         else:
             await drain(app, settings.shutdown_drain_seconds, hurry)
+        await registry.finish(settings.shutdown_action_grace, hurry)
     finally:
         await runner.cleanup()
 
@@ -109,8 +118,9 @@ def _announce(settings: Settings, prompt: str, hosted: bool) -> None:
         log.info("Twilio voice webhook: https://<your public host>/incoming-call "
                  "(set PUBLIC_URL to print it)")
     if not settings.twilio_auth_token:
-        log.warning("TWILIO_AUTH_TOKEN is not set: webhooks and streams are NOT authenticated; "
-                    "anyone who finds this server can run calls on your OpenAI key")
+        log.warning("*** UNAUTHENTICATED: TWILIO_AUTH_TOKEN is not set, so webhooks and streams "
+                    "are NOT checked: anyone who finds this server can place calls on your OpenAI "
+                    "key (MAX_CALLS still holds). Set TWILIO_AUTH_TOKEN before exposing it. ***")
     if hosted:
         log.warning("PROMPT_ID %s is an OpenAI hosted prompt: hosted prompts are deprecated and "
                     "their API shuts down at the end of November 2026; move it to "

@@ -53,6 +53,10 @@ class Metrics:
                                      "OpenAI error events, by code", ["code"], registry=r)
         self.tool_calls = Counter("bridge_tool_calls_total", "Function calls run, by outcome",
                                   ["tool", "outcome"], registry=r)
+        self.calls_refused = Counter(
+            "bridge_calls_refused_total",
+            "Calls turned away before they started, by reason (capacity, bad_token, "
+            "duplicate_stream, draining)", ["reason"], registry=r)
         self.call_setup = Histogram(
             "bridge_call_setup_seconds",
             "Stream opened to the model session ready (session.updated)",
@@ -74,6 +78,9 @@ class Metrics:
             self.finished_frames["in"] += record.frames_in
             self.finished_frames["out"] += record.frames_out
         self.calls_total.labels(end=kind).inc()
+
+    def call_refused(self, reason: str) -> None:
+        self.calls_refused.labels(reason=reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -386,8 +386,11 @@ def truncate(item_id: str, audio_end_ms: int) -> bytes:
     )
 
 
-def response_create(instructions: str | None = None) -> bytes:
+def response_create(instructions: str | None = None, event_id: str | None = None) -> bytes:
+    """`event_id` comes back in an `error` that refuses it (the response gate retries on it)."""
     event: dict[str, Any] = {"type": "response.create"}
+    if event_id:
+        event["event_id"] = event_id
     if instructions:
         event["response"] = {"instructions": instructions}
     return orjson.dumps(event)

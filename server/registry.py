@@ -8,7 +8,9 @@ observers (records, metrics) when a call starts and ends, and writes the call's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,7 @@ from aiohttp import WSCloseCode
 
 from server import twilio_protocol as tw
 from server.features import base
-from server.features.base import Ending
+from server.features.base import BAD_TOKEN, CAPACITY, DUPLICATE_STREAM, Ending, Refusal
 from server.record import iso, utc_now
 from server.shared_state import SharedState
 from server.stream_tokens import StreamTokens
@@ -29,6 +31,8 @@ log = logging.getLogger("server.registry")
 
 DECISION_TTL = 600.0  # Twilio asks for the action within seconds of the stream closing
 CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it
+_CLOSE_GRACE = 2.0  # for live calls' sockets to close once ended
+ACTION_WINDOW = 30.0  # an ended call's decision not fetched by then never will be
 
 
 class CallObserver:
@@ -57,6 +61,10 @@ class CallRegistry:
         self.draining = False
         # What a call's shutdown ending should be (drain: the fallback; handover: reconnect).
         self.shutdown_ending: Callable[[Call], Awaitable[Ending]] | None = None
+        # Calls that ended with a decision Twilio will ask for, and when (monotonic): a stopping
+        # process waits for those to be fetched. Ordered by time; older than ACTION_WINDOW
+        # ones are dropped (Twilio asks within seconds, or never: the caller is gone).
+        self._awaiting: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -90,12 +98,21 @@ class CallRegistry:
         if not self.calls:
             self._idle.set()
 
-    async def admit(self, call: Call, token: str | None) -> str | None:
+    async def admit(self, call: Call, token: str | None) -> Refusal | None:
+        """Claim the stream token (single use, fleet-wide), the call's slot (MAX_CALLS, also
+        when webhooks are not authenticated) and the call itself (one live stream per call).
+        Nothing of the call is touched when the stream is refused."""
         if token is not None and not await self.state.claim_token(
                 token, StreamTokens.expires_at(token)):
-            return "stream token already used"
+            return Refusal(BAD_TOKEN, "stream token already used")
+        s = self._settings
+        # A webhook reserved the slot already (then this counts nothing twice); a stream that
+        # no webhook announced (no TWILIO_AUTH_TOKEN) must find a free slot here.
+        if not await self.state.reserve(call.call_sid, s.max_calls, s.stream_token_ttl):
+            return Refusal(CAPACITY, f"at MAX_CALLS={s.max_calls}")
+        if not await self.state.claim(call.call_sid):
+            return Refusal(DUPLICATE_STREAM, "another stream is live for this call")
         self._admitted.add(call)
-        await self.state.claim(call.call_sid)
         return None
 
     async def resume(self, call: Call) -> dict[str, Any] | None:
@@ -120,6 +137,9 @@ class CallRegistry:
             record["sessions"] = [*record["sessions"][:-1], {
                 **record["sessions"][-1], "ended_at": iso(utc_now()), "ended_because": reason}]
         await self.state.put_context(call.call_sid, {"record": record}, CONTEXT_TTL)
+        # The new stream's slot, held from now: the old stream's release must not let another
+        # caller take it in between (no limit check: the call holds a slot already).
+        await self.state.reserve(call.call_sid, 0, CONTEXT_TTL)
         return Ending(base.HANDOVER, reason, tw.Decision("reconnect"))
 
     def started(self, call: Call) -> None:
@@ -144,10 +164,14 @@ class CallRegistry:
         decision = ending.decision
         if decision is None:
             decision = tw.say(self._settings.fallback_message)
+        if ending.kind != base.CALLER_HUNG_UP:  # Twilio asks what next: wait for it at exit
+            self._expect_action(call.call_sid)
         try:
+            # Released before the decision is readable: Twilio opens a handover's new stream
+            # only after reading it, and that stream must not look like a duplicate.
+            await self.state.release(call.call_sid)
             await self.state.put_decision(call.call_sid, decision.to_dict(), DECISION_TTL)
         finally:
-            await self.state.release(call.call_sid)
             for observer in self.observers:
                 try:
                     observer.call_ended(call, ending)
@@ -167,6 +191,52 @@ class CallRegistry:
             call.log.warning("ignored unknown control action %r", action.get("action"))
 
     # --- shutdown ---
+
+    async def finish(self, grace: float, interrupt: asyncio.Event) -> None:
+        """End every live call (the fallback, or a handover) and wait until Twilio has fetched
+        each ended call's decision, or `grace` seconds after the last call ended. The listener
+        stays open meanwhile, so `<Connect action>` requests are still answered."""
+        for _ in range(3):  # handed-over streams may land here again while we wait
+            await self.close_all(_CLOSE_GRACE)
+            await self.wait_actions(grace, interrupt)
+            if not self.calls or interrupt.is_set():
+                return
+
+    def _expect_action(self, call_sid: str) -> None:
+        now = time.monotonic()
+        awaiting = self._awaiting
+        awaiting.pop(call_sid, None)
+        awaiting[call_sid] = now
+        while awaiting:
+            oldest = next(iter(awaiting))
+            if now - awaiting[oldest] < ACTION_WINDOW:
+                break
+            del awaiting[oldest]
+
+    def action_fetched(self, call_sid: str) -> None:
+        """This instance answered the call's `<Connect action>`."""
+        self._awaiting.pop(call_sid, None)
+
+    async def wait_actions(self, grace: float, interrupt: asyncio.Event) -> None:
+        """Until every recently ended call's decision was fetched (here or on another instance)
+        or `grace` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._awaiting:
+            log.info("waiting up to %g s for Twilio to ask what next for %d ended call(s)",
+                     grace, len(self._awaiting))
+        while self._awaiting and not interrupt.is_set():
+            for call_sid in list(self._awaiting):
+                if await self.state.fetched(call_sid):
+                    self._awaiting.pop(call_sid, None)
+            remaining = deadline - loop.time()
+            if not self._awaiting or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupt.wait(), min(0.05, remaining))
+        if self._awaiting:
+            log.warning("exiting with %d call decision(s) not fetched by Twilio",
+                        len(self._awaiting))
 
     async def wait_idle(self, seconds: float, interrupt: asyncio.Event) -> None:
         """Let live calls finish on their own, for up to `seconds` or until `interrupt`."""

@@ -129,6 +129,7 @@ class Settings:
     records_pending_max: int = 10000  # final records kept in memory while the store is down
     # unsaved records at shutdown go here, and are loaded into the store at the next start
     records_spool: Path = Path("records-spool.jsonl")
+    prices_file: Path = Path("config") / "prices.json"  # USD per 1M tokens, for cost_usd
     shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
 
     @classmethod
@@ -234,6 +235,7 @@ class Settings:
             records_pending_max=r.number(
                 "RECORDS_PENDING_MAX", int, cls.records_pending_max, 1, 10_000_000),
             records_spool=Path(r.text("RECORDS_SPOOL") or cls.records_spool),
+            prices_file=Path(r.text("PRICES_FILE") or cls.prices_file),
             shutdown_action_grace=r.number(
                 "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
         )

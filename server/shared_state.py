@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("server.shared_state")
 
+FETCHED_TTL = 120.0  # a fetched decision is remembered this long (for a stopping instance)
+
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 """Receives `(call_sid, action)` for a call this instance holds."""
 
@@ -61,9 +63,10 @@ class SharedState(Protocol):
         """Reserve a slot for a call (0 = unlimited); False when `max_calls` are active.
         Reserving a call that already holds a slot succeeds without counting it twice."""
 
-    async def claim(self, call_sid: str) -> None:
+    async def claim(self, call_sid: str) -> bool:
         """The call's stream arrived here: its slot now belongs to this instance (no limit check:
-        the webhook admitted it)."""
+        `reserve` admitted it). False, and nothing changed, when a live stream (here or on another
+        live instance) already holds the call: one stream per call, fleet-wide."""
 
     async def release(self, call_sid: str) -> None:
         """The call ended here: free this instance's slot, or its reservation if none was held."""
@@ -73,6 +76,13 @@ class SharedState(Protocol):
 
     async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
         """Record what Twilio should do after the stream (read by the `<Connect action>`)."""
+
+    async def mark_fetched(self, call_sid: str) -> None:
+        """Twilio has fetched the call's decision (a `<Connect action>` was answered)."""
+
+    async def fetched(self, call_sid: str) -> bool:
+        """True once the call's decision was fetched, on any instance (a stopping instance waits
+        for this before it exits)."""
 
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
         """The call's decision; waits up to `wait` seconds for one to appear."""
@@ -217,6 +227,7 @@ class MemoryState:
         self._held: set[str] = set()
         self._decisions: Expiring[bytes] = Expiring(clock)
         self._contexts: Expiring[bytes] = Expiring(clock)
+        self._fetched: Expiring[bool] = Expiring(clock)
         self._decided: asyncio.Condition | None = None
         self._dispatcher = Dispatcher()
 
@@ -250,9 +261,12 @@ class MemoryState:
         self._reserved.put(call_sid, True, ttl)
         return True
 
-    async def claim(self, call_sid: str) -> None:
+    async def claim(self, call_sid: str) -> bool:
+        if call_sid in self._held:
+            return False
         self._reserved.discard(call_sid)
         self._held.add(call_sid)
+        return True
 
     async def release(self, call_sid: str) -> None:
         # A held call keeps any reservation made meanwhile: a handover's new stream is coming.
@@ -291,6 +305,12 @@ class MemoryState:
                     return None
             raw = self._decisions.get(call_sid)
         return None if raw is None else from_json(raw)
+
+    async def mark_fetched(self, call_sid: str) -> None:
+        self._fetched.put(call_sid, True, FETCHED_TTL)
+
+    async def fetched(self, call_sid: str) -> bool:
+        return call_sid in self._fetched
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         self._contexts.put(call_sid, to_json(context), ttl)

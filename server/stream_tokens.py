@@ -14,6 +14,8 @@ import secrets
 import time
 from collections.abc import Callable
 
+MAX_TOKEN_CHARS = 128  # ours are ~70; anything longer is not one
+
 
 class StreamTokens:
     def __init__(
@@ -37,8 +39,10 @@ class StreamTokens:
         Single use is the shared state's job (`claim_token`), so it holds across a fleet."""
         if not token:
             return "no stream token"
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+            return "malformed stream token"
         expires_text, nonce, mac = [*token.split(".", 2), "", ""][:3]
-        if not expires_text.isdigit() or not nonce or not mac:
+        if not (expires_text.isdigit() and len(expires_text) <= 12) or not nonce or not mac:
             return "malformed stream token"
         expires = int(expires_text)
         if not hmac.compare_digest(mac, self._mac(call_sid, expires, nonce)):

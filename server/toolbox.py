@@ -36,6 +36,7 @@ import orjson
 
 from server.openai_protocol import ToolSpec
 from server.settings import ConfigError, Settings
+from server.tool_threads import ToolThreads
 from server.tools import (
     CallContext,
     ToolError,
@@ -77,22 +78,31 @@ class _Failed(Exception):
         self.outcome, self.message, self.detail = outcome, message, detail or message
 
 
+Invoke = Callable[[dict[str, Any], CallContext, aiohttp.ClientSession | None, ToolThreads],
+                  Awaitable[Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Tool:
     spec: ToolSpec
     source: str  # where it came from, for log lines and error messages
-    invoke: Callable[[dict[str, Any], CallContext, aiohttp.ClientSession | None],
-                     Awaitable[Any]]
+    invoke: Invoke
 
 
 class Toolbox:
-    """The tools every call offers (besides the built-ins), by name."""
+    """The tools every call offers (besides the built-ins), by name, and the threads that sync
+    tools run on (`close()` them at shutdown)."""
 
     def __init__(self, tools: Mapping[str, _Tool] | None = None, timeout: float = 10.0,
-                 log_pii: bool = False) -> None:
+                 log_pii: bool = False, threads: int = 8) -> None:
         self._tools = dict(tools or {})
         self.timeout = timeout
         self._log_pii = log_pii
+        self.threads = ToolThreads(threads)
+
+    def close(self) -> None:
+        """Shutdown: sync tools still running are logged and left behind (never waited for)."""
+        self.threads.close()
 
     def __len__(self) -> int:
         return len(self._tools)
@@ -135,7 +145,7 @@ class Toolbox:
         timeout = asyncio.timeout(self.timeout)
         try:
             async with timeout:
-                result = await tool.invoke(args, context, http)
+                result = await tool.invoke(args, context, http, self.threads)
         except TimeoutError:
             if not timeout.expired():
                 raise _Failed(ERROR, f"{name} failed", "raised TimeoutError") from None
@@ -255,7 +265,7 @@ def load_toolbox(settings: Settings) -> Toolbox:
                                               f"in {settings.tools_file}")
         for tool in http_tools:
             add(tool, "TOOLS_FILE")
-    return Toolbox(tools, settings.tool_timeout, getattr(settings, "log_pii", False))
+    return Toolbox(tools, settings.tool_timeout, settings.log_pii, settings.tool_threads)
 
 
 def import_tools_module(spec: str) -> ModuleType:
@@ -321,13 +331,14 @@ def python_tool(fn: Callable[..., Any], source: str = "") -> _Tool:
     is_async = inspect.iscoroutinefunction(fn)
 
     async def invoke(args: dict[str, Any], context: CallContext,
-                     http: aiohttp.ClientSession | None) -> Any:
+                     http: aiohttp.ClientSession | None, threads: ToolThreads) -> Any:
         kwargs = {**args, **{n: context for n in context_names}}
         if is_async:
             return await fn(**kwargs)
-        # A thread cannot be cancelled: on a timeout or hang-up the call stops waiting for it,
-        # but the function runs to its end. Sync tools should bound their own I/O.
-        return await asyncio.to_thread(functools.partial(fn, **kwargs))
+        # On the tools' own threads (TOOL_THREADS), never the loop's default executor. A thread
+        # cannot be cancelled: on a timeout or hang-up the call stops waiting for it, but the
+        # function runs to its end. Sync tools should bound their own I/O.
+        return await threads.run(functools.partial(fn, **kwargs), name)
 
     return _Tool(ToolSpec(name, description, parameters), f"module {source or fn.__module__}",
                  invoke)
@@ -375,10 +386,9 @@ def _http_tool(entry: Any, where: str, secret: str) -> _Tool:
                  _http_invoke(name, url, secret))
 
 
-def _http_invoke(name: str, url: str, secret: str) -> Callable[
-        [dict[str, Any], CallContext, aiohttp.ClientSession | None], Awaitable[Any]]:
+def _http_invoke(name: str, url: str, secret: str) -> Invoke:
     async def invoke(args: dict[str, Any], context: CallContext,
-                     http: aiohttp.ClientSession | None) -> Any:
+                     http: aiohttp.ClientSession | None, threads: ToolThreads) -> Any:
         if http is None:
             raise _Failed(ERROR, f"{name} is not available", "no HTTP session for HTTP tools")
         body = orjson.dumps({"call_sid": context.call_sid, "caller": context.caller,

@@ -3,6 +3,8 @@ stream client, all over real sockets."""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +28,9 @@ from server.testing.standin import (
     next_session,
 )
 from tests.redis_server import redis_prefix, redis_server  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "config" / "prompts"
 
 API_KEY = "sk-test-0123456789abcdef"
 AUTH_TOKEN = "twilio-auth-token-0123456789"
@@ -88,6 +93,31 @@ class Rig:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
+def setting_names() -> set[str]:
+    """Every environment variable `Settings.from_env` reads (from its source: one place)."""
+    source = (ROOT / "server" / "settings.py").read_text()
+    return set(re.findall(r'r\.\w+\(\s*"([A-Z][A-Z0-9_]+)"', source))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """A clean environment for `python -m server` in a test: nothing of the developer's
+    (no .env is read either: the process runs in the test's own working directory)."""
+    return {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
+            "PROMPTS_DIR": str(PROMPTS), "PRICES_FILE": str(ROOT / "config" / "prices.json"),
+            "HOST": "127.0.0.1", **extra}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory,
+              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in an empty working directory of its own (a `.env`, `calls.db` or
+    recordings there are the test's, never the repository's) and without any bridge setting
+    from the developer's environment."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    for name in setting_names():
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_sdk_checker() -> None:
     """Build the SDK's validators once, before any test's loop is timing a handshake (the
@@ -122,6 +152,8 @@ async def make_rig(
             openai_connect_timeout=5.0,
             stream_start_timeout=2.0,
             database_url=f"sqlite:///{tmp_path}/calls-{len(rigs)}.db",
+            prompts_dir=PROMPTS,
+            prices_file=ROOT / "config" / "prices.json",
             recordings_dir=tmp_path / "recordings",
         )
         settings = replace(settings, **overrides)

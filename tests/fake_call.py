@@ -12,6 +12,7 @@ import orjson
 
 from server import openai_protocol as oai
 from server.features.base import Ending, Feature
+from server.features.response_gate import ResponseGate
 from server.logs import CallLog
 from server.record import CallRecord
 from server.settings import Settings
@@ -40,6 +41,10 @@ class FakeCall:
         self.played = asyncio.Event()  # cleared by a test: playback still going
         self.played.set()
         self.changed = asyncio.Condition()
+        self.warnings: list[str] = []
+        self.requests: list[tuple[str, str | None]] = []
+        self.gate = ResponseGate(self)  # the call's own feature: sees events before the others
+        self.latency: float | None = None  # what the next reply_latency() gives
 
     def add(self, feature: Feature) -> Feature:
         self.features.append(feature)
@@ -73,6 +78,18 @@ class FakeCall:
             if isinstance(notice, feature.notices):
                 feature.on_notice(notice)
 
+    async def request_response(self, reason: str, instructions: str | None = None) -> None:
+        """Through a real response gate, as the call does."""
+        self.requests.append((reason, instructions))
+        await self.gate.request(reason, instructions)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def reply_latency(self) -> float | None:
+        latency, self.latency = self.latency, None
+        return latency
+
     @property
     def playback_idle(self) -> bool:
         return self.played.is_set()
@@ -88,12 +105,12 @@ class FakeCall:
     # --- what the call does ---
 
     async def openai(self, event: oai.OpenAIEvent) -> None:
-        for feature in self.features:
+        for feature in (self.gate, *self.features):
             if isinstance(event, feature.openai_events):
                 await feature.on_openai(event)
 
     async def session_ready(self) -> None:
-        for feature in self.features:
+        for feature in (self.gate, *self.features):
             await feature.on_session_ready(True)
 
     async def finish(self, ending: Ending) -> None:

@@ -11,6 +11,14 @@ import pytest
 from server.testing.demo import run_demo, sum_metrics, verdict
 from server.testing.scenarios import SALES, SCENARIOS, Env, Outcome
 from server.testing.simulator import CallResult
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _from_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` runs from the repository root (its config/ holds the prompt and the price
+    table); everything it writes goes to the test's own out directory."""
+    monkeypatch.chdir(ROOT)
 
 
 async def test_greeting_tool_and_end_call(tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ def make_tools(call: FakeCall, *fns: Any, settings: Settings = SETTINGS,
                                     hold_after=hold_after, goodbye_wait=goodbye_wait)
     feature = factory(call)
     assert isinstance(feature, tools_feature.ToolsFeature)
+    call.add(feature)
     return feature
 
 
@@ -132,16 +133,16 @@ def test_declares_tools_and_builtins() -> None:
 async def test_output_then_one_response_create_after_done(result_first: bool) -> None:
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(oai.ResponseCreated("resp_1"))
-    await feature.on_openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
+    await call.openai(oai.ResponseCreated("resp_1"))
+    await call.openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
     await gate.entered.wait()
     if result_first:
         gate.opened.set()
         await call.wait(lambda c: c.outputs())
         assert "response.create" not in call.kinds()  # the response that made it is not done
-        await feature.on_openai(done())
+        await call.openai(done())
     else:
-        await feature.on_openai(done())
+        await call.openai(done())
         assert call.kinds() == []
         gate.opened.set()
     await call.wait(count("response.create"))
@@ -157,11 +158,11 @@ async def test_no_response_create_before_done_even_unseen_response() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
+    await call.openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
     await call.wait(lambda c: c.outputs())
     await asyncio.sleep(0.05)
     assert "response.create" not in call.kinds()
-    await feature.on_openai(done())
+    await call.openai(done())
     assert call.kinds()[-1] == "response.create"
     await call.close(feature)
 
@@ -169,11 +170,11 @@ async def test_no_response_create_before_done_even_unseen_response() -> None:
 async def test_several_calls_in_one_response_one_create() -> None:
     call, first, second = FakeCall(), Gate(), Gate()
     feature = make_tools(call, gated(first, "one"), gated(second, "two"))
-    await feature.on_openai(oai.ResponseCreated("resp_1"))
-    await feature.on_openai(fc("c1", "one", '{"order_id": "1"}'))
-    await feature.on_openai(fc("c2", "two", '{"order_id": "2"}'))
-    await feature.on_openai(fc("c3", "nope"))  # unknown: an error output, at once
-    await feature.on_openai(done())
+    await call.openai(oai.ResponseCreated("resp_1"))
+    await call.openai(fc("c1", "one", '{"order_id": "1"}'))
+    await call.openai(fc("c2", "two", '{"order_id": "2"}'))
+    await call.openai(fc("c3", "nope"))  # unknown: an error output, at once
+    await call.openai(done())
     first.opened.set()
     await call.wait(lambda c: len(c.outputs()) == 2)
     assert "response.create" not in call.kinds()
@@ -184,7 +185,7 @@ async def test_several_calls_in_one_response_one_create() -> None:
     assert kinds[-1] == "response.create" and kinds.count("response.create") == 1
     assert call.outputs()["c3"] == {"error": "there is no tool named 'nope'"}
     # the same call again (e.g. response.done repeating it) is not run twice
-    await feature.on_openai(oai.ResponseDone("resp_1", "completed", None, {},
+    await call.openai(oai.ResponseDone("resp_1", "completed", None, {},
                                              (fc("c1", "one", '{"order_id": "1"}'),)))
     assert call.kinds().count("conversation.item.create:function_call_output") == 3
     await call.close(feature)
@@ -194,7 +195,7 @@ async def test_calls_found_only_in_response_done_are_run() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(oai.ResponseDone("resp_9", "completed", None, {},
+    await call.openai(oai.ResponseDone("resp_9", "completed", None, {},
                                              (fc("c9", "lookup", '{"order_id": "9"}', "resp_9"),)))
     await call.wait(count("response.create"))
     assert list(call.outputs()) == ["c9"]
@@ -206,14 +207,14 @@ async def test_caller_turn_answers_instead_of_a_second_request() -> None:
     would collide, so the bridge only sends the output."""
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await feature.on_openai(done())
-    await feature.on_openai(oai.SpeechStarted("item_u", 0))
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(done())
+    await call.openai(oai.SpeechStarted("item_u", 0))
     gate.opened.set()
     await call.wait(lambda c: c.outputs())
-    await feature.on_openai(oai.SpeechStopped("item_u", 900))
-    await feature.on_openai(oai.ResponseCreated("resp_2"))  # the service's own answer
-    await feature.on_openai(done("resp_2"))
+    await call.openai(oai.SpeechStopped("item_u", 900))
+    await call.openai(oai.ResponseCreated("resp_2"))  # the service's own answer
+    await call.openai(done("resp_2"))
     await asyncio.sleep(0.05)
     assert "response.create" not in call.kinds()
     await call.close(feature)
@@ -223,12 +224,13 @@ async def test_refused_request_is_sent_again() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(done())
     await call.wait(count("response.create"))
-    await feature.on_openai(oai.Error("conversation_already_has_active_response", "busy", None,
-                                      False))
-    await feature.on_openai(done("resp_other"))
+    (create,) = [e for side, e in call.sent if e.get("type") == "response.create"]
+    await call.openai(oai.Error("conversation_already_has_active_response", "busy",
+                                create["event_id"], False))
+    await call.openai(done("resp_other"))
     await call.wait(lambda c: c.kinds().count("response.create") == 2)
     await call.close(feature)
 
@@ -236,7 +238,7 @@ async def test_refused_request_is_sent_again() -> None:
 async def test_hang_up_cancels_running_tools() -> None:
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
     await gate.entered.wait()
     await call.close(feature)
     assert gate.cancelled
@@ -251,9 +253,9 @@ async def test_hold_audio_then_clear_before_the_model_speaks() -> None:
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.05)
     call.played.clear()  # the model's "let me check" is still playing
-    await feature.on_openai(oai.ResponseCreated("resp_1"))
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await feature.on_openai(done())
+    await call.openai(oai.ResponseCreated("resp_1"))
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(done())
     await asyncio.sleep(0.15)
     assert "twilio:media" not in call.kinds()  # never over the model's own words
     call.played.set()
@@ -274,10 +276,10 @@ async def test_hold_stops_when_the_caller_talks() -> None:
     call, gate = FakeCall(), Gate()
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.01)
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(done())
     await call.wait(count("twilio:media"))
-    await feature.on_openai(oai.SpeechStarted("item_u", 0))
+    await call.openai(oai.SpeechStarted("item_u", 0))
     assert call.kinds()[-1] == "twilio:clear"
     sent = len(call.sent)
     await asyncio.sleep(0.05)
@@ -290,8 +292,8 @@ async def test_fast_tool_gets_no_hold_audio() -> None:
     gate.opened.set()
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.2)
-    await feature.on_openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.openai(done())
     await call.wait(count("response.create"))
     await asyncio.sleep(0.3)
     assert not [k for k in call.kinds() if k.startswith("twilio")]
@@ -302,8 +304,8 @@ async def test_end_call_after_the_goodbye_played() -> None:
     call = FakeCall()
     feature = make_tools(call)
     call.played.clear()  # the goodbye is still playing
-    await feature.on_openai(fc("c1", "end_call"))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "end_call"))
+    await call.openai(done())
     await asyncio.sleep(0.05)
     assert call.endings == []
     call.played.set()
@@ -319,8 +321,8 @@ async def test_end_call_bounded_wait() -> None:
     call = FakeCall()
     feature = make_tools(call, goodbye_wait=0.05)
     call.played.clear()  # marks never come back
-    await feature.on_openai(fc("c1", "end_call"))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "end_call"))
+    await call.openai(done())
     await asyncio.wait_for(call.ended.wait(), 3)
     assert [e.kind for e in call.endings] == [ASSISTANT_ENDED]
     await call.close(feature)
@@ -329,8 +331,8 @@ async def test_end_call_bounded_wait() -> None:
 async def test_end_call_interrupted_goes_on() -> None:
     call = FakeCall()
     feature = make_tools(call)
-    await feature.on_openai(fc("c1", "end_call"))
-    await feature.on_openai(done(status="cancelled"))
+    await call.openai(fc("c1", "end_call"))
+    await call.openai(done(status="cancelled"))
     await asyncio.sleep(0.05)
     assert call.endings == []
     assert "error" in call.outputs()["c1"]
@@ -341,8 +343,8 @@ async def test_transfer() -> None:
     settings = replace(SETTINGS, transfer_targets=(("sales", "+15550009999"),))
     call = FakeCall(settings)
     feature = make_tools(call, settings=settings)
-    await feature.on_openai(fc("c1", "transfer_call", '{"target": "sales"}'))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "transfer_call", '{"target": "sales"}'))
+    await call.openai(done())
     await asyncio.wait_for(call.ended.wait(), 3)
     [ending] = call.endings
     assert (ending.kind, ending.reason) == (TRANSFERRED, "transferred to sales")
@@ -354,8 +356,8 @@ async def test_transfer_to_an_unknown_target_is_an_error_output() -> None:
     settings = replace(SETTINGS, transfer_targets=(("sales", "+15550009999"),))
     call = FakeCall(settings)
     feature = make_tools(call, settings=settings)
-    await feature.on_openai(fc("c1", "transfer_call", '{"target": "ceo"}'))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "transfer_call", '{"target": "ceo"}'))
+    await call.openai(done())
     await call.wait(count("response.create"))
     assert call.outputs() == {"c1": {"error": "target must be one of sales"}}
     assert call.endings == []
@@ -373,8 +375,8 @@ async def test_tool_gets_the_call_context() -> None:
 
     call = FakeCall()
     feature = make_tools(call, who)
-    await feature.on_openai(fc("c1", "who"))
-    await feature.on_openai(done())
+    await call.openai(fc("c1", "who"))
+    await call.openai(done())
     await call.wait(count("response.create"))
     assert call.outputs() == {"c1": "+15550001111"}
     assert (seen[0].call_sid, seen[0].called) == ("CA1", "+15550002222")
@@ -389,6 +391,7 @@ def make_keypad(call: FakeCall, timeout: float = 0.05) -> keypad.KeypadFeature:
     assert factory is not None
     feature = factory(call)
     assert isinstance(feature, keypad.KeypadFeature)
+    call.add(feature)
     return feature
 
 
@@ -415,11 +418,11 @@ async def test_keypad_pause_ends_an_entry(caplog: pytest.LogCaptureFixture) -> N
 async def test_keypad_hash_ends_an_entry_and_waits_for_the_response() -> None:
     call = FakeCall(replace(SETTINGS, log_pii=True))
     feature = make_keypad(call, timeout=5.0)
-    await feature.on_openai(oai.ResponseCreated("resp_1"))  # the assistant is talking
+    await call.openai(oai.ResponseCreated("resp_1"))  # the assistant is talking
     for digit in "42#":
         await feature.on_twilio(tw.Dtmf(digit))
     assert call.kinds() == ["conversation.item.create:message"]  # text now, answer later
-    await feature.on_openai(done())
+    await call.openai(done())
     assert call.kinds() == ["conversation.item.create:message", "response.create"]
     assert texts(call) == ["The caller typed 4 2 on the keypad."]
     await call.close(feature)

@@ -65,11 +65,11 @@ async def test_handover_moves_a_live_call_to_another_instance(make_rig: MakeRig)
     # whose answer is a new stream (with a fresh token) to the public URL.
     again = await signed_post(new, public, "/connect-action",
                               {**form, "CallStatus": "in-progress"})
-    assert again.stream_url == "ws://fleet.example/media-stream"
+    assert again.stream_url == "ws://fleet.example/media-stream/resume"
     assert again.parameters["resume"] == "1"
     assert again.parameters["token"] != twiml.parameters["token"]
 
-    resumed = await TwilioStream.connect(http, str(new.bridge.make_url("/media-stream")))
+    resumed = await TwilioStream.connect(http, str(new.bridge.make_url("/media-stream/resume")))
     new.streams.append(resumed)
     await resumed.send_connected()
     await resumed.send_start(call_sid, "MZ" + "2" * 32, again.parameters)

@@ -79,7 +79,7 @@ async def test_metrics_move_as_a_call_happens(aiohttp_client: MakeClient) -> Non
     call.record.frames_in += 150  # what the relay does per frame
     call.record.frames_out += 40
     await call.openai(oai.SpeechStopped("item_U1", 3000))
-    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    call.notify(ReplyAudioStarted("resp_1", "item_A1", 0.42))
     call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # same turn: one latency
     call.notify(BargedIn("item_A1", 500))
     call.notify(ToolFinished("lookup_order", "c1", "{}", "ok", "{}", 0.1))

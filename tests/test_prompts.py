@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from server.prompts import load_prompt, versions
-from server.settings import DEFAULT_PROMPTS_DIR, ConfigError, Settings
+from server.settings import ConfigError, Settings
+from tests.conftest import PROMPTS
 
 
 def settings(tmp: Path | None = None, **kw: object) -> Settings:
-    return Settings(openai_api_key="k", prompts_dir=tmp or DEFAULT_PROMPTS_DIR, **kw)  # type: ignore[arg-type]
+    """The repository's shipped prompts unless `tmp` says otherwise."""
+    return Settings(openai_api_key="k", prompts_dir=tmp or PROMPTS, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -239,7 +239,7 @@ async def test_kill_9_of_an_instance_frees_its_capacity_within_the_lease(
     calls = [sid(), sid()]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHILD, redis_server.url, redis_prefix, str(LEASE), *calls,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         assert await asyncio.wait_for(proc.stdout.readline(), 20.0) == b"ready\n"

@@ -69,7 +69,7 @@ async def test_sigterm_exits_cleanly(
         "SHUTDOWN_DRAIN_SECONDS": str(drain_seconds),
         "VAD_SILENCE_MS": "100",
     }
-    async with server_process(env, cwd=ROOT) as bridge, aiohttp.ClientSession() as http:
+    async with server_process(env) as bridge, aiohttp.ClientSession() as http:
         stream = (await dial(http, bridge.url)).stream  # unsigned: no TWILIO_AUTH_TOKEN
         try:
             session = await next_session(standin.app)
@@ -98,8 +98,8 @@ async def test_a_server_that_never_comes_up_fails_loudly() -> None:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1",
            "PORT": str(free_port()), "OPENAI_API_KEY": "sk-x", "VOICE": "no-such-voice"}
     with pytest.raises(ServerFailed, match=r"(?s)exited with status 2 .*configuration error"):
-        async with server_process(env, cwd=ROOT):
+        async with server_process(env):
             pass
     with pytest.raises(ServerFailed, match=r"did not answer .* within"):
-        async with server_process({**env, "VOICE": "alloy"}, cwd=ROOT, ready_timeout=0.0):
+        async with server_process({**env, "VOICE": "alloy"}, ready_timeout=0.0):
             pass

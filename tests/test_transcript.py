@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from server import openai_protocol as oai
-from server.features import transcript as transcript_module
 from server.features.base import (
     CALLER_HUNG_UP,
     BargedIn,
@@ -27,7 +26,7 @@ PRICES = PriceTable({"gpt-realtime": ModelPrice(text_input=4, audio_input=32, te
 
 
 class Clock:
-    """Drives both the record's clock and the latency clock."""
+    """Drives the record's clock."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -37,10 +36,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    monkeypatch.setattr(transcript_module, "_now", clock)
-    return clock
+def clock() -> Clock:
+    return Clock()
 
 
 def usage(inp: int, out: int) -> dict[str, Any]:
@@ -71,7 +68,7 @@ async def test_turns_in_order_with_latency_usage_and_cost(clock: Clock) -> None:
     clock.now += 2
     await call.openai(oai.SpeechStopped("item_U1", 5000))
     clock.now += 0.8
-    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
+    call.notify(ReplyAudioStarted("resp_1", "item_A1", 0.8))
     clock.now += 1
     call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # a second item: not a new turn
     await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "Sure, let me check."))

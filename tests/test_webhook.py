@@ -16,6 +16,7 @@ from server import app as app_module
 from server.app import STATE, create_app
 from server.settings import Settings
 from server.twilio_protocol import HANGUP, compute_signature, dial
+from tests.conftest import PROMPTS
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -33,7 +34,8 @@ def _database_in_tmp(tmp_path: Path) -> None:
 
 
 def settings(**kw: Any) -> Settings:
-    return Settings(openai_api_key="sk-test", database_url=DATABASE["url"], **kw)
+    return Settings(openai_api_key="sk-test", database_url=DATABASE["url"],
+                    prompts_dir=PROMPTS, **kw)
 
 
 def stream_of(body: str) -> tuple[str, dict[str, str], str]:

@@ -65,7 +65,7 @@ async def supervisor() -> AsyncIterator[list[asyncio.subprocess.Process]]:
 async def start(procs: list[asyncio.subprocess.Process], port: int, workers: int,
                 failing: int = -1) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SUPERVISOR, str(port), str(failing), str(workers), cwd=ROOT)
+        sys.executable, "-c", SUPERVISOR, str(port), str(failing), str(workers))
     procs.append(proc)
     return proc
 

@@ -202,11 +202,12 @@ class BargeIn(Feature):
             return False
         return True
 
-    async def play(self, event: oai.AudioDelta) -> bool:
-        """Send one delta to the caller (split and marked); False if it was dropped."""
+    async def play(self, event: oai.AudioDelta) -> int:
+        """Send one delta to the caller (split and marked); the bytes of audio sent (0: it was
+        dropped)."""
         state = self.state
         if state.dropped(event.response_id):
-            return False
+            return 0
         send = self._send
         assert send is not None
         sid = self.call.stream_sid
@@ -216,16 +217,20 @@ class BargeIn(Feature):
             key = event.response_id or item_id
             if key not in self._started:
                 self._started.add(key)
-                self.call.notify(ReplyAudioStarted(event.response_id, item_id))
+                self.call.notify(ReplyAudioStarted(event.response_id, item_id,
+                                                   self.call.reply_latency()))
         self._idle.clear()
+        sent = 0
         for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
-            mark = state.add(item_id, decoded_length(piece))
+            nbytes = decoded_length(piece)
+            mark = state.add(item_id, nbytes)
             if mark is not None:
                 await send(tw.mark_frame(sid, mark), TEXT)
             await send(tw.media_frame(sid, piece), TEXT)
+            sent += nbytes
             for hook in self.audio_hooks:
                 hook(piece)
-        return True
+        return sent
 
     def forget(self) -> None:
         self.state.forget()

@@ -45,6 +45,19 @@ INTERNAL_ERROR = "internal_error"
 ADMIN_HUNG_UP = "admin_hung_up"
 
 
+# Why a call was refused before it started: the `reason` label of bridge_calls_refused_total.
+CAPACITY, BAD_TOKEN, DUPLICATE_STREAM, DRAINING = (
+    "capacity", "bad_token", "duplicate_stream", "draining")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A webhook or stream turned away: the metric's reason and a line for the log."""
+
+    reason: str
+    message: str
+
+
 @dataclass(frozen=True, slots=True)
 class BargedIn:
     """Notice: the caller talked over the assistant; playback was cleared and `item_id`
@@ -56,10 +69,13 @@ class BargedIn:
 
 @dataclass(frozen=True, slots=True)
 class ReplyAudioStarted:
-    """Notice: the first audio of a response went to the caller (the end of a turn's latency)."""
+    """Notice: the first audio of a response went to the caller. `latency`: seconds since the
+    caller stopped speaking, once per caller turn (None for a greeting, or a reply's second
+    item)."""
 
     response_id: str | None
     item_id: str
+    latency: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +143,19 @@ class CallControl(Protocol):
 
     async def wait_played(self, timeout: float) -> bool:
         """Wait until everything sent to the caller has played; False on timeout."""
+
+    async def request_response(self, reason: str, instructions: str | None = None) -> None:
+        """Ask the model to respond, through the call's one response gate: sent when no
+        response is active and the caller is not speaking, else queued; retried once if the
+        service refuses it as colliding. Plain requests are answered by any later response."""
+
+    def warn(self, message: str) -> None:
+        """Log a warning this call's input caused (bad keys, repeated frames): the first few
+        are logged, the rest counted in one line at the end of the call."""
+
+    def reply_latency(self) -> float | None:
+        """Called once per reply, as its first audio goes out: seconds since the caller stopped
+        speaking (None when no caller turn is waiting for an answer)."""
 
 
 class Feature:

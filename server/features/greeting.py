@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from server import openai_protocol as oai
 from server.features.base import CallControl, Feature
 from server.prompts import Prompt, template
 from server.settings import Settings
@@ -53,4 +52,4 @@ class GreetingFeature(Feature):
         text = self._template.render({"caller": call.caller or "unknown",
                                       "called": call.called or "unknown",
                                       "call_sid": call.call_sid})
-        await call.send_to_model(oai.response_create(instructions(text)))
+        await call.request_response("greeting", instructions(text))

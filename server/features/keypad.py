@@ -2,9 +2,8 @@
 
 Twilio sends one `dtmf` event per key. Digits are collected until `#` or a pause of
 KEYPAD_TIMEOUT (2 s), then sent as a user text item ("The caller typed 1 2 3 4 on the keypad.")
-and answered with `response.create` — after the response in progress, if any, is done (sooner,
-the service answers `conversation_already_has_active_response`). Digits can be account numbers or
-PINs: they are never logged unless LOG_PII=true.
+and answered through the call's response gate (after the response in progress, if any). Digits
+can be account numbers or PINs: they are never logged unless LOG_PII=true.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ def message(digits: str) -> str:
 class KeypadFeature(Feature):
     name = "keypad"
     twilio_events: ClassVar[tuple[type, ...]] = (tw.Dtmf,)
-    openai_events: ClassVar[tuple[type, ...]] = (oai.ResponseCreated, oai.ResponseDone)
 
     def __init__(self, call: CallControl, timeout: float = 2.0) -> None:
         super().__init__(call)
@@ -47,15 +45,13 @@ class KeypadFeature(Feature):
         self._digits: list[str] = []
         self._timer: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time at which the entry ends, unless another key comes
-        self._active: str | None = None  # the response in progress ("" = requested by us)
-        self._reply_due = False
         self._show = bool(getattr(call.settings, "log_pii", False))
 
     async def on_twilio(self, event: tw.TwilioEvent) -> None:
         if not isinstance(event, tw.Dtmf):
             return
         if event.digit not in KEYS:
-            self.call.log.warning("keypad: ignored an unknown key")
+            self.call.warn("keypad: ignored an unknown key")
             return
         if event.digit == "#":
             await self._send(self._take() or "#")
@@ -68,15 +64,6 @@ class KeypadFeature(Feature):
         self._deadline = asyncio.get_running_loop().time() + self._timeout
         if self._timer is None:
             self._timer = self.call.spawn(self._after_pause(), "keypad-pause")
-
-    async def on_openai(self, event: oai.OpenAIEvent) -> None:
-        if isinstance(event, oai.ResponseCreated):
-            self._active = event.response_id
-            self._reply_due = False  # it started after our message: it answers it
-        elif isinstance(event, oai.ResponseDone):
-            if self._active in (event.response_id, ""):
-                self._active = None
-            await self._maybe_reply()
 
     def _take(self) -> str:
         digits, self._digits = "".join(self._digits), []
@@ -96,11 +83,4 @@ class KeypadFeature(Feature):
         self.call.log.info("keypad: the caller typed %d key(s)%s", len(digits), shown)
         self.call.notify(KeypadEntry(digits))
         await self.call.send_to_model(oai.user_text(message(digits)))
-        self._reply_due = True
-        await self._maybe_reply()
-
-    async def _maybe_reply(self) -> None:
-        if self._reply_due and self._active is None:
-            self._reply_due = False
-            self._active = ""
-            await self.call.send_to_model(oai.response_create())
+        await self.call.request_response("keypad")

@@ -14,7 +14,6 @@ from server.features.base import (
     ReplyAudioStarted,
     ToolFinished,
 )
-from server.features.transcript import TurnLatency
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -22,13 +21,12 @@ if TYPE_CHECKING:
 
 class CallMetrics(Feature):
     name = "metrics"
-    openai_events: ClassVar[tuple[type, ...]] = (oai.SpeechStopped, oai.Error)
+    openai_events: ClassVar[tuple[type, ...]] = (oai.Error,)
     notices: ClassVar[tuple[type, ...]] = (BargedIn, ReplyAudioStarted, ToolFinished)
 
     def __init__(self, call: CallControl, metrics: Metrics) -> None:
         super().__init__(call)
         self.metrics = metrics
-        self.latency = TurnLatency()
         metrics.call_started(call.record)
 
     async def on_session_ready(self, first: bool) -> None:
@@ -39,16 +37,13 @@ class CallMetrics(Feature):
             self.metrics.call_setup.observe(seconds)
 
     async def on_openai(self, event: oai.OpenAIEvent) -> None:
-        if isinstance(event, oai.SpeechStopped):
-            self.latency.speech_stopped()
-        elif isinstance(event, oai.Error):
+        if isinstance(event, oai.Error):
             self.metrics.openai_errors.labels(code=event.code[:64]).inc()
 
     def on_notice(self, notice: object) -> None:
         if isinstance(notice, ReplyAudioStarted):
-            seconds = self.latency.reply_started()
-            if seconds is not None:
-                self.metrics.response_latency.observe(seconds)
+            if notice.latency is not None:
+                self.metrics.response_latency.observe(notice.latency)
         elif isinstance(notice, BargedIn):
             self.metrics.barge_ins.inc()
         elif isinstance(notice, ToolFinished):

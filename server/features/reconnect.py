@@ -65,6 +65,9 @@ class GapBuffer:
         self._frames.append(frame)
         self.received += 1
 
+    def __len__(self) -> int:
+        return len(self._frames)
+
     def drain(self) -> list[bytes]:
         frames = list(self._frames)
         self._frames.clear()

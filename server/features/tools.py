@@ -3,10 +3,9 @@
 The model's calls arrive as `response.function_call_arguments.done` while its response is still
 going (it may be saying "let me check"). Each call runs in its own call-owned task, so the caller
 can keep talking and a hang-up cancels it. Each output goes back as a `function_call_output` as
-soon as it is ready; exactly one `response.create` follows, once the response that made the calls
-is done and every one of its calls has an output (sooner, the service answers
-`conversation_already_has_active_response`). If the caller is talking or the service already
-started a response of its own, that response sees the outputs and none is requested.
+soon as it is ready; once the response that made the calls is done and every one of its calls has
+an output, the call's response gate is asked for one response (it waits while another response
+is active or the caller talks; a response the service starts on its own sees the outputs too).
 
 A slow tool (over 1.5 s) gets hold audio once the model's own words have played; it is cleared
 before the model speaks again. Built-ins: `end_call` (the goodbye plays out, then `<Hangup/>`)
@@ -50,7 +49,6 @@ HOLD_AFTER = 1.5  # seconds a tool may take before the caller hears hold audio
 HOLD_CHUNK_MS = 500  # hold audio is sent in pieces this long...
 HOLD_AHEAD_MS = 1000  # ...staying at most this far ahead of real time (a clear stops it fast)
 GOODBYE_WAIT = 5.0  # longest wait for the goodbye / hand-off sentence to finish playing
-AUTO_RESPONSE_WAIT = 2.0  # after the caller's turn, how long to wait for the service's response
 
 END_CALL = oai.ToolSpec(
     "end_call",
@@ -134,18 +132,15 @@ class ToolsFeature(Feature):
     name = "tools"
     openai_events: ClassVar[tuple[type, ...]] = (
         oai.FunctionCall, oai.ResponseCreated, oai.ResponseDone, oai.SpeechStarted,
-        oai.SpeechStopped, oai.Error)
+        oai.SpeechStopped)
 
     def __init__(self, call: CallControl, config: ToolsConfig) -> None:
         super().__init__(call)
         self._config = config
         self._batches: dict[str, _Batch] = {}
         self._started: set[str] = set()  # call_ids already run
-        self._active: str | None = None  # the response in progress ("" = requested by us)
-        self._reply_due = False  # outputs are in; the model has not been asked to answer yet
+        self._active: str | None = None  # the response in progress (no hold audio meanwhile)
         self._speaking = False
-        self._auto_until = 0.0  # until then, expect the service's own response to a turn
-        self._retry: asyncio.Task[None] | None = None
         self._ending = False
         self._hold_stop: asyncio.Event | None = None  # set: the hold audio stops
         self._holding = False  # hold audio was sent and not cleared yet
@@ -161,11 +156,9 @@ class ToolsFeature(Feature):
             await self._on_call(event)
         elif isinstance(event, oai.ResponseCreated):
             self._active = event.response_id
-            self._reply_due = False  # a response that starts now sees every output sent so far
-            self._auto_until = 0.0
             await self._stop_hold()  # the model is about to speak
         elif isinstance(event, oai.ResponseDone):
-            if self._active in (event.response_id, ""):
+            if self._active == event.response_id:
                 self._active = None
             if event.status == "completed":  # calls whose `.done` event we did not see
                 for call in event.function_calls:
@@ -176,20 +169,11 @@ class ToolsFeature(Feature):
                 await self._progress(batch)
                 if not batch.finished:
                     self._start_hold(batch)
-            await self._maybe_reply()
         elif isinstance(event, oai.SpeechStarted):
             self._speaking = True
             await self._stop_hold()
         elif isinstance(event, oai.SpeechStopped):
             self._speaking = False
-            # With create_response the service answers the turn itself: asking too would
-            # collide. Give it a moment before asking.
-            self._auto_until = asyncio.get_running_loop().time() + AUTO_RESPONSE_WAIT
-            await self._maybe_reply()
-        elif (isinstance(event, oai.Error) and self._active == ""
-              and event.code == "conversation_already_has_active_response"):
-            self._active = None  # ours was refused: ask again when the active one is done
-            self._reply_due = True
 
     async def on_end(self, ending: Ending) -> None:
         self._ending = True  # running tools and hold audio are cancelled by the call
@@ -254,7 +238,6 @@ class ToolsFeature(Feature):
         self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, outcome, output,
                                       time.monotonic() - started))
         await self._progress(batch)
-        await self._maybe_reply()
 
     async def _progress(self, batch: _Batch) -> None:
         """Once the response is done and every call has its output: end the call (end_call /
@@ -275,33 +258,13 @@ class ToolsFeature(Feature):
                                   "continues")
             self.call.log.info("%s: not done, the caller interrupted", fc.name)
             await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
-        self._reply_due = True
+        await self.call.request_response("tool results")
 
     async def _end_after_playback(self, ending: Ending) -> None:
         if not await self.call.wait_played(self._config.goodbye_wait):
             self.call.log.info("the last words did not finish playing within %g s; ending anyway",
                                self._config.goodbye_wait)
         self.call.end(ending)
-
-    # --- asking the model to answer ---
-
-    async def _maybe_reply(self) -> None:
-        """Send the one `response.create` that is due, when nothing else is answering."""
-        if not self._reply_due or self._ending or self._active is not None or self._speaking:
-            return
-        wait = self._auto_until - asyncio.get_running_loop().time()
-        if wait > 0:
-            if self._retry is None:
-                self._retry = self.call.spawn(self._reply_later(wait), "tools-reply-later")
-            return
-        self._reply_due = False
-        self._active = ""  # requested: no second request before response.created
-        await self.call.send_to_model(oai.response_create())
-
-    async def _reply_later(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        self._retry = None
-        await self._maybe_reply()
 
     # --- hold audio ---
 

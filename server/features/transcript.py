@@ -9,7 +9,6 @@ turns are placed where their first audio went to the caller, and marked `interru
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -30,33 +29,11 @@ if TYPE_CHECKING:
 
     from server.records.pricing import PriceTable
 
-_now = time.monotonic  # one name for tests to replace
-
-
-class TurnLatency:
-    """Caller's end of speech (when the bridge heard of it) -> first reply audio sent.
-
-    Shared by the transcript and the metrics features, which each keep their own."""
-
-    __slots__ = ("_stopped",)
-
-    def __init__(self) -> None:
-        self._stopped: float | None = None
-
-    def speech_stopped(self) -> None:
-        self._stopped = _now()
-
-    def reply_started(self) -> float | None:
-        """Seconds for this turn, once per turn; None for audio no caller turn asked for
-        (the greeting, a second item of the same reply)."""
-        stopped, self._stopped = self._stopped, None
-        return None if stopped is None else _now() - stopped
-
 
 class Transcript(Feature):
     name = "transcript"
     openai_events: ClassVar[tuple[type, ...]] = (
-        oai.SpeechStarted, oai.SpeechStopped, oai.CallerTranscript, oai.AssistantTranscript,
+        oai.SpeechStarted, oai.CallerTranscript, oai.AssistantTranscript,
         oai.ResponseDone, oai.Error)
     notices: ClassVar[tuple[type, ...]] = (BargedIn, ReplyAudioStarted, ToolFinished,
                                            KeypadEntry)
@@ -64,7 +41,6 @@ class Transcript(Feature):
     def __init__(self, call: CallControl, prices: PriceTable | None = None) -> None:
         super().__init__(call)
         self.prices = prices
-        self.latency = TurnLatency()
         self._speech_at: dict[str, float] = {}  # caller item -> when they started speaking
         self._reply_at: dict[str, float] = {}  # assistant item -> when its audio started
         self._reply_latency: dict[str, float] = {}
@@ -77,9 +53,7 @@ class Transcript(Feature):
 
     async def on_openai(self, event: oai.OpenAIEvent) -> None:
         record = self.call.record
-        if isinstance(event, oai.SpeechStopped):
-            self.latency.speech_stopped()
-        elif isinstance(event, oai.SpeechStarted):
+        if isinstance(event, oai.SpeechStarted):
             self._speech_at[event.item_id] = record.elapsed()
         elif isinstance(event, oai.CallerTranscript):
             text = event.transcript.strip()
@@ -122,9 +96,8 @@ class Transcript(Feature):
         record = self.call.record
         if isinstance(notice, ReplyAudioStarted):
             self._reply_at[notice.item_id] = record.elapsed()
-            seconds = self.latency.reply_started()
-            if seconds is not None:
-                ms = round(seconds * 1000, 1)
+            if notice.latency is not None:
+                ms = round(notice.latency * 1000, 1)
                 record.latencies_ms.append(ms)
                 self._reply_latency[notice.item_id] = ms
                 record.touch()

@@ -40,8 +40,8 @@ class Records:
         except StoreError as e:
             raise ConfigError("DATABASE_URL", str(e)) from None
         self.enabled = not isinstance(self.store, NullStore)  # DATABASE_URL=off: False
-        self.prices = prices if prices is not None else (
-            PriceTable.load(prices_path) if prices_path else PriceTable.load())
+        self.prices = prices if prices is not None else PriceTable.load(
+            prices_path or settings.prices_file)
         self.recorder = Recorder(settings.recordings_dir) if settings.record_calls else None
         self.webhook: CallWebhook | None = None
         self.writer = RecordWriter(self.store, interval=save_interval,
@@ -97,11 +97,13 @@ class Records:
             self.webhook.send(snapshot)
 
     def features(self) -> list[Callable[[CallControl], Feature]]:
-        """Factories for each call's feature list: the transcript, and the recording when on."""
-        if not self.enabled:
-            return []  # DATABASE_URL=off: no transcript kept either
+        """Factories for each call's feature list: the transcript, and the recording when on.
+
+        The transcript is the call's conversation: kept whatever the records configuration (a
+        new model session, after a reconnect or a handover, is given it), stored only when
+        records are on."""
         factories = [Transcript.factory(self.prices)]
-        if self.recorder is not None:
+        if self.enabled and self.recorder is not None:
             factories.append(self.recorder.feature())
         return factories
 

@@ -415,7 +415,8 @@ class StandinSession:
             self._turn += window
             self._silent_ms = 0 if loud else self._silent_ms + 20
             if self._silent_ms >= int(detection.get("silence_duration_ms", 500)):
-                await self._end_turn(received_ms, detection)
+                # audio_end_ms: where the speech itself stopped, before the silence window
+                await self._end_turn(received_ms - self._silent_ms, detection)
 
     async def _end_turn(self, end_ms: int, detection: dict[str, Any]) -> None:
         self._speaking = False

@@ -1,0 +1,74 @@
+"""MAX_CALL_SECONDS: no call runs forever. At the limit the assistant says a short goodbye and
+the call ends (Twilio hangs up), whatever the conversation is doing.
+
+One timer task per call (not per frame), measured from the call's start (a handed-over call
+keeps its start). The goodbye is asked for as a response; the call ends once it has played, or
+after GOODBYE_WAIT if the model does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import ClassVar
+
+from server import openai_protocol as oai
+from server import twilio_protocol as tw
+from server.features.base import CallControl, Ending, Feature
+from server.record import utc_now
+from server.settings import Settings
+
+TIME_LIMIT = "time_limit"  # the ending's kind
+GOODBYE_WAIT = 15.0  # longest wait for the goodbye to be said and played
+GOODBYE = ("The call has reached its time limit. Tell the caller, in one short sentence, "
+           "that you have to end the call now, and say goodbye.")
+
+FeatureFactory = Callable[[CallControl], Feature | None]
+
+
+def factory(settings: Settings) -> FeatureFactory:
+    return functools.partial(TimeLimit, seconds=settings.max_call_seconds)
+
+
+class TimeLimit(Feature):
+    name = "time_limit"
+    openai_events: ClassVar[tuple[type, ...]] = (oai.ResponseCreated, oai.ResponseDone)
+
+    def __init__(self, call: CallControl, seconds: float) -> None:
+        super().__init__(call)
+        self._seconds = seconds
+        self._timer: asyncio.Task[None] | None = None
+        self._goodbye: str | None = None  # "" asked for; then the response id
+        self._said = asyncio.Event()
+
+    async def on_session_ready(self, first: bool) -> None:
+        if self._timer is None:
+            self._timer = self.call.spawn(self._run(), "time-limit")
+
+    async def on_openai(self, event: oai.OpenAIEvent) -> None:
+        if self._goodbye is None:
+            return
+        if isinstance(event, oai.ResponseCreated) and self._goodbye == "":
+            self._goodbye = event.response_id
+        elif isinstance(event, oai.ResponseDone) and event.response_id == self._goodbye:
+            self._said.set()
+
+    async def _run(self) -> None:
+        elapsed = (utc_now() - self.call.record.started_at).total_seconds()
+        await asyncio.sleep(max(self._seconds - elapsed, 0.0))
+        call = self.call
+        call.log.info("the call reached MAX_CALL_SECONDS (%g s): saying goodbye", self._seconds)
+        self._goodbye = ""
+        await call.request_response("time limit", GOODBYE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GOODBYE_WAIT
+        try:
+            async with asyncio.timeout(GOODBYE_WAIT):
+                await self._said.wait()
+        except TimeoutError:
+            call.log.warning("no goodbye within %g s: ending the call", GOODBYE_WAIT)
+        else:
+            await call.wait_played(max(deadline - loop.time(), 0.1))
+        call.end(Ending(TIME_LIMIT, f"the call reached its time limit ({self._seconds:g} s)",
+                        tw.HANGUP))
