@@ -18,7 +18,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=5050 \
     DATABASE_URL=sqlite:////data/calls.db \
-    RECORDINGS_DIR=/data/recordings
+    RECORDINGS_DIR=/data/recordings \
+    RECORDS_SPOOL=/data/records-spool.jsonl
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /app \
         --shell /usr/sbin/nologin bridge \
     && mkdir -p /data \
@@ -29,7 +30,8 @@ WORKDIR /app
 COPY config ./config
 USER bridge
 EXPOSE 5050
-# Writable state of a single container (SQLite records, recordings); a fleet uses PostgreSQL.
+# Writable state (/app is root-owned): SQLite records and recordings of a single container (a
+# fleet uses PostgreSQL), and the records spool (call records kept through a database outage).
 VOLUME ["/data"]
 # No curl in slim images: the standard library asks /healthz (any non-2xx raises: unhealthy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \

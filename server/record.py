@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -19,6 +19,22 @@ def utc_now() -> datetime:
 
 def iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
+
+
+def stamp(moment: datetime) -> str:
+    """A snapshot's `updated_at`: microseconds, so two snapshots of one call order strictly."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_stamp(value: Any) -> datetime | None:
+    """A record's `updated_at` (or None when it has none, or not one this code wrote)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
@@ -60,6 +76,9 @@ class CallRecord:
     recording: str | None = None
     _t0: float = field(default_factory=time.monotonic, repr=False)
     version: int = 0  # bumped on every change a store should write
+    # The wall-clock time of the latest snapshot (`to_dict`): stores keep the newest state of a
+    # call, so a retried or spooled old snapshot never replaces a newer one (handover).
+    _updated_at: datetime | None = field(default=None, repr=False)
 
     def elapsed(self) -> float:
         """Seconds since the call started (monotonic)."""
@@ -115,7 +134,19 @@ class CallRecord:
                 setattr(self, key, value)
         if isinstance(saved.get("session_ready_ms"), (int, float)):
             self.session_ready_ms = float(saved["session_ready_ms"])
+        # Our snapshots are newer than the one we continue, even if our clock is a little behind.
+        before = parse_stamp(saved.get("updated_at"))
+        if before is not None and (self._updated_at is None or before > self._updated_at):
+            self._updated_at = before
         self.version += 1
+
+    def _stamp(self) -> str:
+        """Now, but never earlier than (and always after) the previous snapshot's time."""
+        now = utc_now()
+        if self._updated_at is not None and now <= self._updated_at:
+            now = self._updated_at + timedelta(microseconds=1)
+        self._updated_at = now
+        return stamp(now)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,4 +173,5 @@ class CallRecord:
             "timeline": self.timeline,
             "sessions": self.sessions,
             "recording": self.recording,
+            "updated_at": self._stamp(),
         }

@@ -35,6 +35,13 @@ log = logging.getLogger("server.workers")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _Handler = Callable[[int, FrameType | None], Any] | int | None
+_worker: int | None = None  # in a worker process: its index
+
+
+def current_worker() -> int | None:
+    """This process's index with WORKERS=N (0..N-1), or None when it is the only process: what
+    names a worker's own files (its records spool)."""
+    return _worker
 
 
 def run_workers(n: int, serve_one: Callable[[int], object]) -> int:
@@ -120,6 +127,8 @@ def _child(
 ) -> None:
     """The child's whole life: restore signal handling, serve, and exit without returning into
     the parent's stack (os._exit: no parent clean-up runs twice)."""
+    global _worker
+    _worker = index
     code = 1
     try:
         for sig, handler in previous.items():

@@ -35,7 +35,8 @@ HOOK_SECRET = "hook-secret-abcdef"
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"openai_api_key": "sk-test",
                               "database_url": f"sqlite:///{tmp_path}/calls.db",
-                              "admin_token": ADMIN, "recordings_dir": tmp_path / "recordings"}
+                              "admin_token": ADMIN, "recordings_dir": tmp_path / "recordings",
+                              "records_spool": tmp_path / "records-spool.jsonl"}
     values.update(overrides)
     return Settings(**values)
 

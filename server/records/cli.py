@@ -1,4 +1,5 @@
-"""`python -m server calls`: recent calls; `python -m server calls CA…`: one transcript.
+"""`python -m server calls`: recent calls; `python -m server calls CA…`: one transcript (a unique
+prefix of the call SID is enough).
 
 Reads the database named by DATABASE_URL (from .env or the environment) directly: the server
 need not be running, and no OpenAI key is needed.
@@ -25,12 +26,15 @@ from server.records.store import (
     sqlite_path,
 )
 
+SHOW_MATCHES = 10  # an ambiguous prefix lists at most this many calls
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m server calls",
         description="List recent calls, or print one call's transcript (reads DATABASE_URL).")
-    p.add_argument("call_sid", nargs="?", help="a call SID (CA…): print that call")
+    p.add_argument("call_sid", nargs="?",
+                   help="a call SID (CA…), or a unique prefix of one: print that call")
     p.add_argument("--limit", type=int, default=20, help="calls to list (default 20)")
     p.add_argument("--number", help="only calls from or to this number")
     p.add_argument("--since", help="only calls started at or after (2025-01-31 or ISO time)")
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """0 done, 1 not found or database unusable, 2 bad arguments."""
+    """0 done, 1 not found (or an ambiguous prefix) or database unusable, 2 bad arguments."""
     args = _parser().parse_args(argv)
     try:
         from dotenv import load_dotenv
@@ -71,9 +75,8 @@ async def _run(store: RecordStore, call_sid: str | None, query: CallQuery, as_js
     await store.open()
     try:
         if call_sid:
-            record = await store.get(call_sid)
+            record = await _find(store, call_sid)
             if record is None:
-                print(f"no call {call_sid} in {store.description}", file=sys.stderr)
                 return 1
             _out(record if as_json else transcript_text(record), as_json)
             return 0
@@ -82,6 +85,26 @@ async def _run(store: RecordStore, call_sid: str | None, query: CallQuery, as_js
         return 0
     finally:
         await store.close()
+
+
+async def _find(store: RecordStore, sid: str) -> dict[str, Any] | None:
+    """The call with this SID, or else the one call whose SID starts with it; None (and why on
+    stderr) when there is no such call or the prefix fits several."""
+    record = await store.get(sid)
+    if record is not None:
+        return record
+    matches = await store.find_prefix(sid, SHOW_MATCHES + 1)
+    if not matches:
+        print(f"no call {sid} in {store.description}", file=sys.stderr)
+        return None
+    if len(matches) > 1:
+        more = " (and more)" if len(matches) > SHOW_MATCHES else ""
+        print(f"{sid} is ambiguous: it starts these calls{more}; give more of the SID:",
+              file=sys.stderr)
+        for match in matches[:SHOW_MATCHES]:
+            print(f"  {match}", file=sys.stderr)
+        return None
+    return await store.get(matches[0])
 
 
 def _out(value: Any, as_json: bool) -> None:

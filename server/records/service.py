@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from server.features.recording import Recorder
 from server.features.transcript import Transcript
-from server.records import api, retention
+from server.records import api, retention, spool
 from server.records.pricing import PriceTable
 from server.records.store import NullStore, RecordStore, StoreError, open_store
 from server.records.webhook import CallWebhook
 from server.records.writer import RecordWriter
 from server.settings import ConfigError
+from server.workers import current_worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -45,7 +46,10 @@ class Records:
         self.recorder = Recorder(settings.recordings_dir) if settings.record_calls else None
         self.webhook: CallWebhook | None = None
         self.writer = RecordWriter(self.store, interval=save_interval,
-                                   on_final=self._call_ended)
+                                   on_final=self._call_ended,
+                                   pending_max=settings.records_pending_max,
+                                   spool_path=settings.records_spool if self.enabled else None,
+                                   worker=current_worker())
         self._retention: asyncio.Task[None] | None = None
 
     async def open(self, http: aiohttp.ClientSession) -> None:
@@ -63,6 +67,14 @@ class Records:
             # kept in memory and their writes retried; /readyz says 503 meanwhile.
             log.error("records database unavailable (%s): serving anyway, saving records "
                       "once it answers", e)
+        if self.writer.spool_path is not None:
+            own = spool.own_spool(self.writer.spool_path, current_worker())
+            problem = spool.unwritable(own)
+            if problem:
+                log.warning("RECORDS_SPOOL %s cannot be written (%s): records still unsaved at "
+                            "shutdown (records store down) would be lost; point RECORDS_SPOOL "
+                            "at a writable directory", own, problem)
+            await self.writer.load_spool()
         self.writer.start()
         if s.call_webhook_url:
             self.webhook = CallWebhook(s.call_webhook_url, s.call_webhook_secret, http)

@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
+from server.record import parse_stamp, stamp
+
 log = logging.getLogger("server.records")
 
 DEFAULT_DATABASE_URL = "sqlite:///calls.db"
@@ -69,10 +71,14 @@ class RecordStore(Protocol):
 
     async def schema_version(self) -> int: ...
 
-    async def save(self, record: Mapping[str, Any]) -> None:
-        """Insert or replace one record (`CallRecord.to_dict()`), keyed by call_sid.
+    async def save(self, record: Mapping[str, Any]) -> bool:
+        """Insert or replace one record (`CallRecord.to_dict()`), keyed by call_sid; False when
+        the stored state is newer (its `updated_at` is later) and was kept instead.
 
         Serializes before it awaits: the caller may go on changing its objects."""
+
+    async def find_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Call SIDs that start with `prefix` (case-sensitive), sorted, at most `limit`."""
 
     async def get(self, call_sid: str) -> dict[str, Any] | None: ...
 
@@ -116,8 +122,11 @@ class NullStore:
     async def schema_version(self) -> int:
         return 0
 
-    async def save(self, record: Mapping[str, Any]) -> None:
-        pass
+    async def save(self, record: Mapping[str, Any]) -> bool:
+        return True
+
+    async def find_prefix(self, prefix: str, limit: int) -> list[str]:
+        return []
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         return None
@@ -171,6 +180,12 @@ def _row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
             text("end_kind"), text("end_reason"), number("cost_usd"), text("recording"))
 
 
+def _state_at(record: Mapping[str, Any]) -> datetime | None:
+    """When the record's snapshot was taken (None for a record without one: it always replaces
+    and is always replaced, as before schema version 3)."""
+    return parse_stamp(record.get("updated_at"))
+
+
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
     out = {
         "call_sid": row["call_sid"],
@@ -216,11 +231,17 @@ def encode_cursor(started_at: str, call_sid: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
-    """StoreError (a 400 to an API caller) when it is not a cursor this server made."""
+    """(started_at in the records' own UTC form, call_sid); StoreError (a 400 to an API caller)
+    when it is not a cursor this server made."""
     started_at, sep, call_sid = cursor.partition("|")
-    if not sep or not call_sid or _parse_time(started_at) is None:
+    moment = _parse_time(started_at)
+    try:
+        iso = _iso(moment) if moment is not None else None
+    except OverflowError:  # a time UTC cannot hold: 9999-12-31T23:00-05:00
+        iso = None
+    if not sep or not call_sid or iso is None:
         raise StoreError("cursor is not one this server returned")
-    return started_at, call_sid
+    return iso, call_sid
 
 
 def _limit(query: CallQuery) -> int:
@@ -253,6 +274,9 @@ SQLITE_MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX calls_caller ON calls (caller, started_at DESC)",
         "CREATE INDEX calls_called ON calls (called, started_at DESC)",
     ],
+    # When the stored state was taken (the record's `updated_at`): a save of an older state of
+    # the same call (a retried or spooled record, a handed-over call's first instance) is refused.
+    3: ["ALTER TABLE calls ADD COLUMN state_at TEXT"],
 }
 SCHEMA_VERSION = max(SQLITE_MIGRATIONS)
 
@@ -337,30 +361,43 @@ class SQLiteStore:
     async def schema_version(self) -> int:
         return await self._run(_sqlite_version)
 
-    async def save(self, record: Mapping[str, Any]) -> None:
+    async def save(self, record: Mapping[str, Any]) -> bool:
         body = orjson.dumps(record).decode()
+        state_at = _state_at(record)
         values = (str(record.get("call_sid") or ""), *_row_values(record), body,
-                  _sql_time(datetime.now(UTC)))
+                  _sql_time(datetime.now(UTC)), stamp(state_at) if state_at else None)
         if not values[0]:
             raise StoreError("a record without a call_sid cannot be stored")
 
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
+        def write(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 """INSERT INTO calls (call_sid, caller, called, direction, started_at, ended_at,
                        duration_seconds, end_kind, end_reason, cost_usd, recording, body,
-                       updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       updated_at, state_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (call_sid) DO UPDATE SET
                        caller = excluded.caller, called = excluded.called,
                        direction = excluded.direction, started_at = excluded.started_at,
                        ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds,
                        end_kind = excluded.end_kind, end_reason = excluded.end_reason,
                        cost_usd = excluded.cost_usd, recording = excluded.recording,
-                       body = excluded.body, updated_at = excluded.updated_at""",
+                       body = excluded.body, updated_at = excluded.updated_at,
+                       state_at = excluded.state_at
+                   WHERE calls.state_at IS NULL OR excluded.state_at IS NULL
+                       OR excluded.state_at >= calls.state_at""",
                 values,
             )
+            return cursor.rowcount > 0
 
-        await self._run(write)
+        return await self._run(write)
+
+    async def find_prefix(self, prefix: str, limit: int) -> list[str]:
+        def read(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute("SELECT call_sid FROM calls WHERE substr(call_sid, 1, ?) = ? "
+                              "ORDER BY call_sid LIMIT ?", (len(prefix), prefix, limit))
+            return [str(r[0]) for r in rows]
+
+        return await self._run(read)
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         def read(db: sqlite3.Connection) -> str | None:
@@ -477,6 +514,7 @@ PG_MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX calls_caller ON calls (caller, started_at DESC)",
         "CREATE INDEX calls_called ON calls (called, started_at DESC)",
     ],
+    3: ["ALTER TABLE calls ADD COLUMN state_at TIMESTAMPTZ"],
 }
 assert max(PG_MIGRATIONS) == SCHEMA_VERSION
 _PG_MIGRATION_LOCK = 0x6272_6467_6563_6473  # an advisory lock id: one migrating instance
@@ -573,26 +611,37 @@ class PostgresStore:
         return int(await (await self._ready()).fetchval(
             "SELECT coalesce(max(version), 0) FROM schema_version"))
 
-    async def save(self, record: Mapping[str, Any]) -> None:
+    async def save(self, record: Mapping[str, Any]) -> bool:
         body = orjson.dumps(record).decode()
         call_sid = str(record.get("call_sid") or "")
         if not call_sid:
             raise StoreError("a record without a call_sid cannot be stored")
         (caller, called, direction, started_at, ended_at, duration, end_kind, end_reason,
          cost, recording) = _row_values(record)
-        await (await self._ready()).execute(
+        status = await (await self._ready()).execute(
             """INSERT INTO calls (call_sid, caller, called, direction, started_at, ended_at,
-                   duration_seconds, end_kind, end_reason, cost_usd, recording, body, updated_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::json, now())
+                   duration_seconds, end_kind, end_reason, cost_usd, recording, body, updated_at,
+                   state_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::json, now(), $13)
                ON CONFLICT (call_sid) DO UPDATE SET
                    caller = excluded.caller, called = excluded.called,
                    direction = excluded.direction, started_at = excluded.started_at,
                    ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds,
                    end_kind = excluded.end_kind, end_reason = excluded.end_reason,
                    cost_usd = excluded.cost_usd, recording = excluded.recording,
-                   body = excluded.body, updated_at = excluded.updated_at""",
+                   body = excluded.body, updated_at = excluded.updated_at,
+                   state_at = excluded.state_at
+               WHERE calls.state_at IS NULL OR excluded.state_at IS NULL
+                   OR excluded.state_at >= calls.state_at""",
             call_sid, caller, called, direction, _parse_time(started_at), _parse_time(ended_at),
-            duration, end_kind, end_reason, cost, recording, body)
+            duration, end_kind, end_reason, cost, recording, body, _state_at(record))
+        return str(status).rsplit(" ", 1)[-1] != "0"
+
+    async def find_prefix(self, prefix: str, limit: int) -> list[str]:
+        rows = await (await self._ready()).fetch(
+            "SELECT call_sid FROM calls WHERE starts_with(call_sid, $1) "
+            "ORDER BY call_sid COLLATE \"C\" LIMIT $2", prefix, limit)
+        return [str(r["call_sid"]) for r in rows]
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         body = await (await self._ready()).fetchval(
