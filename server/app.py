@@ -173,9 +173,15 @@ async def _end_calls(app: web.Application) -> None:
 
 
 async def status(request: web.Request) -> web.Response:
+    """GET /: `{"ok": true}` for anyone (load balancers, uptime checks); the details (model,
+    prompt, live calls, whether webhooks are authenticated) only with the admin token, since
+    they tell an attacker where to aim."""
     settings = request.app[SETTINGS]
+    if settings.admin_token is None or not bearer_ok(request, settings.admin_token):
+        return web.json_response({"ok": True})
     return web.json_response(
         {
+            "ok": True,
             "name": NAME,
             "version": __version__,
             "active_calls": len(request.app[REGISTRY]),
