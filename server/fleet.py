@@ -548,7 +548,7 @@ class RedisState:
         the circuit is open, unless it is the probe; otherwise bounded by `timeout` as a whole,
         its failure counted. Raises what it failed with; callers fall back on `_ERRORS`."""
         if self._open and not probe:
-            raise _CircuitOpen(what)
+            raise _CircuitOpen(f"{what} skipped: Redis is not answering")
         try:
             async with asyncio.timeout(self._timeout):
                 result = await op()
