@@ -18,9 +18,9 @@ from server import twilio_protocol as tw
 from server.call import Call, CallDeps, FeatureFactory
 from server.features import greeting, keypad, time_limit
 from server.features import tools as tools_feature
-from server.features.base import CAPACITY, DRAINING, Ending
+from server.features.base import Ending
 from server.logs import mask_number
-from server.metrics import Metrics, bearer_ok
+from server.metrics import REFUSED_CAPACITY, REFUSED_DRAINING, Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
 from server.prompts import Prompt, load_prompt
 from server.records.service import Records
@@ -203,9 +203,15 @@ async def _end_calls(app: web.Application) -> None:
 
 
 async def status(request: web.Request) -> web.Response:
+    """GET /: `{"ok": true}` for anyone (load balancers, uptime checks); the details (model,
+    prompt, live calls, whether webhooks are authenticated) only with the admin token, since
+    they tell an attacker where to aim."""
     settings = request.app[SETTINGS]
+    if settings.admin_token is None or not bearer_ok(request, settings.admin_token):
+        return web.json_response({"ok": True})
     return web.json_response(
         {
+            "ok": True,
             "name": NAME,
             "version": __version__,
             "active_calls": len(request.app[REGISTRY]),
@@ -275,10 +281,10 @@ async def incoming_call(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="CallSid is required\n")
     registry = request.app[REGISTRY]
     if not await registry.reserve(call_sid or f"anonymous-{id(request)}"):
-        reason = DRAINING if registry.draining else CAPACITY
+        reason = REFUSED_DRAINING if registry.draining else REFUSED_CAPACITY
         request.app[METRICS].call_refused(reason)
-        log.warning("refused call %s: %s", call_sid or "?",
-                    "shutting down" if reason == DRAINING else f"at MAX_CALLS={settings.max_calls}")
+        log.warning("refused call %s: %s", call_sid or "?", "shutting down"
+                    if reason == REFUSED_DRAINING else f"at MAX_CALLS={settings.max_calls}")
         return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
     caller, called = str(fields.get("From", "")), str(fields.get("To", ""))
     log.info("incoming call %s from %s", call_sid or "?", mask_number(caller, settings.log_pii))
@@ -337,7 +343,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     if registry.draining and request.path != RESUME_PATH:
         # Refused before the upgrade, so a load balancer can retry it on another instance; a
         # handed-over call's stream (RESUME_PATH) is not a new call and is still taken.
-        request.app[METRICS].call_refused(DRAINING)
+        request.app[METRICS].call_refused(REFUSED_DRAINING)
         log.warning("refused a new media stream from %s: shutting down", request.remote)
         return web.json_response({"error": "shutting down"}, status=503,
                                  headers={"Retry-After": "1"})

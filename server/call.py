@@ -31,6 +31,7 @@ from server.features.reconnect import GapBuffer, conversation_items
 from server.features.response_gate import ResponseGate
 from server.latency import FRAME_MS, TurnLatency
 from server.logs import CallLog, mask_number
+from server.metrics import REFUSED_BAD_TOKEN
 from server.model_socket import ModelUnavailable, OpenAISocket, open_model_socket
 from server.prompts import Prompt
 from server.record import CallRecord, iso, utc_now
@@ -441,7 +442,7 @@ class Call:
         if tokens is not None:
             problem = tokens.verify(token, start.call_sid)
             if problem:
-                self._refuse(base.Refusal(base.BAD_TOKEN, problem))
+                self._refuse(base.Refusal(REFUSED_BAD_TOKEN, problem))
         hooks = self._deps.hooks
         if hooks is not None:
             refusal = await hooks.admit(self, token if tokens is not None else None)

@@ -16,9 +16,13 @@ cannot both take the last slot): expired reservations are dropped, dead instance
 counted. So a `kill -9` frees its calls' capacity within one lease, with no one cleaning up.
 Times come from Redis's own clock (TIME), so instances' clocks need not agree.
 
-If Redis stops answering mid-run nothing raises into a call: each operation logs (once per
-outage), falls back to this instance's own memory, and `ping()` turns False so /readyz can
-report it. When Redis answers again, the heartbeat re-asserts the slots this instance holds.
+If Redis stops answering mid-run nothing raises into a call, and no call waits long for it.
+Every operation is bounded (`timeout`, 0.5 s) and falls back to this instance's own memory when
+Redis fails. A circuit breaker stops the waiting: after `trip_after` (2) failures in a row the
+instance goes local (logged once) and calls no longer touch Redis at all, so a frozen Redis costs
+any one request at most about `trip_after * timeout` (1 s). The heartbeat then probes with one
+PING per beat; when Redis answers, it re-asserts the slots this instance holds and the instance
+uses Redis again (logged once). `ping()` is False meanwhile; readiness does not depend on it.
 Needs Redis >= 5 (a single primary; Redis Cluster is not supported: scripts touch keys they
 compute).
 """
@@ -26,11 +30,13 @@ compute).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
@@ -39,6 +45,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.shared_state import (
@@ -56,8 +63,15 @@ log = logging.getLogger("server.fleet")
 
 DEFAULT_PREFIX = "phone-bridge:"
 DEFAULT_LEASE = 5.0
+DEFAULT_TIMEOUT = 0.5  # one operation, all of it (reconnect, health check, reply)
+TRIP_AFTER = 2  # failures in a row that open the circuit: a request waits at most this many
 TOKEN_MARGIN = 60.0  # keep spent tokens this much longer: another instance's clock may lag
 _ERRORS = (RedisError, OSError, TimeoutError)
+T = TypeVar("T")
+
+
+class _CircuitOpen(RedisError):
+    """Raised instead of calling Redis while the breaker is open: the caller falls back."""
 
 _PRELUDE = """
 local function now_ms()
@@ -189,7 +203,8 @@ class RedisState:
 
     `lease` is how long a silent instance keeps its slots (kill -9 frees them within it);
     the heartbeat runs every lease/3.3 seconds unless `heartbeat` is given. `timeout` bounds
-    each Redis operation, so an outage costs a call at most that long per operation."""
+    each Redis operation; after `trip_after` failures in a row Redis is left alone (the circuit
+    is open) until the heartbeat's probe finds it answering."""
 
     def __init__(
         self,
@@ -198,11 +213,12 @@ class RedisState:
         prefix: str = DEFAULT_PREFIX,
         lease: float = DEFAULT_LEASE,
         heartbeat: float | None = None,
-        timeout: float = 2.0,
+        timeout: float = DEFAULT_TIMEOUT,
+        trip_after: int = TRIP_AFTER,
         instance_id: str | None = None,
     ) -> None:
-        if lease <= 0:
-            raise ValueError("lease must be positive")
+        if lease <= 0 or timeout <= 0 or trip_after < 1:
+            raise ValueError("lease and timeout must be positive, trip_after at least 1")
         self.url = url
         self.instance_id = instance_id or uuid4().hex
         self._prefix = prefix
@@ -210,12 +226,21 @@ class RedisState:
         self._beat = heartbeat if heartbeat is not None else lease / 3.3
         self._local = MemoryState()  # this instance's view: held calls, fallbacks
         self._dispatcher = Dispatcher()
+        self._timeout = timeout
+        self._trip_after = trip_after
+        self._failures = 0  # in a row
+        self._open = False  # the breaker: True while this instance runs without Redis
         try:
+            # A socket read or connect gives up a little before the whole operation does, so
+            # the common case (one command, no reply) fails inside redis-py, cleanly; the
+            # operation's own bound (`_call`) catches reconnects and health checks on top.
+            # Only a dropped connection is retried (once): a timeout is not retried.
             self._redis = Redis.from_url(
                 url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+                socket_timeout=timeout * 0.8,
+                socket_connect_timeout=timeout * 0.8,
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1,
+                            supported_errors=(RedisConnectionError,)),
                 health_check_interval=15,
                 client_name=f"phone-bridge-{self.instance_id[:12]}",
             )
@@ -231,7 +256,6 @@ class RedisState:
         self._publish = self._redis.register_script(_PUBLISH)
         self._pubsub: PubSub | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._healthy = True
         self._dirty = False  # a write was lost: re-assert our slots on the next heartbeat
         self._k_instances = prefix + "instances"
         self._k_owners = prefix + "owners"
@@ -277,11 +301,11 @@ class RedisState:
         await self._dispatcher.close()
         if not self._closed:
             try:
-                await self._run(self._sync_script, self._keys2,
-                                [self._prefix, self.instance_id, 0])
+                await self._call("leave", lambda: self._run(
+                    self._sync_script, self._keys2, [self._prefix, self.instance_id, 0]))
             except _ERRORS as e:
                 log.warning("could not remove instance %s from Redis (its slots lapse with its "
-                            "lease): %s", self.instance_id, e)
+                            "lease): %s", self.instance_id, str(e) or type(e).__name__)
         await self._close_clients()
         await self._local.close()
 
@@ -299,13 +323,19 @@ class RedisState:
             log.warning("Redis connections did not close within %g s; dropped", _CLOSE_WITHIN)
 
     async def ping(self) -> bool:
+        """True when Redis answers; while the circuit is open this is the probe."""
+        if self._open:
+            return await self._probe()
         try:
-            await self._client().ping()
-        except _ERRORS as e:
-            self._failed("ping", e)
+            await self._call("ping", lambda: self._client().ping())
+        except _ERRORS:
             return False
-        self._ok()
         return True
+
+    @property
+    def circuit_open(self) -> bool:
+        """True while this instance runs on its own state, leaving Redis alone."""
+        return self._open
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -314,27 +344,23 @@ class RedisState:
         if ttl <= 0 or not await self._local.claim_token(token, expires_at):
             return False
         key = self._prefix + "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        px = math.ceil((ttl + TOKEN_MARGIN) * 1000)
         try:
-            fresh = await self._client().set(
-                key, b"1", nx=True, px=math.ceil((ttl + TOKEN_MARGIN) * 1000)
-            )
-        except _ERRORS as e:
-            self._failed("stream token", e)
+            fresh = await self._call("stream token",
+                                     lambda: self._client().set(key, b"1", nx=True, px=px))
+        except _ERRORS:
             return True  # checked against this instance's memory only
-        self._ok()
         return bool(fresh)
 
     # -- capacity ----------------------------------------------------------------------------
 
     async def reserve(self, call_sid: str, max_calls: int, ttl: float) -> bool:
+        ttl_ms = max(1, round(ttl * 1000))
         try:
-            ttl_ms = max(1, round(ttl * 1000))
-            ok = await self._run(self._reserve, self._keys3,
-                                 [self._prefix, call_sid, max_calls, ttl_ms])
-        except _ERRORS as e:
-            self._failed("reserve", e)
+            ok = await self._call("reserve", lambda: self._run(
+                self._reserve, self._keys3, [self._prefix, call_sid, max_calls, ttl_ms]))
+        except _ERRORS:
             return await self._local.reserve(call_sid, max_calls, ttl)  # this instance alone
-        self._ok()
         if ok:
             await self._local.reserve(call_sid, 0, ttl)
         return bool(ok)
@@ -343,13 +369,11 @@ class RedisState:
         if self._local.holds(call_sid):
             return False
         try:
-            result = await self._run(self._claim, self._keys3,
-                                     [self._prefix, self.instance_id, call_sid])
-        except _ERRORS as e:
-            self._failed("claim", e)
+            result = await self._call("claim", lambda: self._run(
+                self._claim, self._keys3, [self._prefix, self.instance_id, call_sid]))
+        except _ERRORS:
             self._dirty = True
             return await self._local.claim(call_sid)  # checked on this instance only
-        self._ok()
         if int(result) < 0:
             return False
         await self._local.claim(call_sid)
@@ -361,21 +385,18 @@ class RedisState:
         held = self._local.holds(call_sid)
         await self._local.release(call_sid)
         try:
-            await self._run(self._release, [self._k_owners, self._k_reserved],
-                            [self._prefix, self.instance_id, call_sid, 1 if held else 0])
-        except _ERRORS as e:
-            self._failed("release", e)
+            await self._call("release", lambda: self._run(
+                self._release, [self._k_owners, self._k_reserved],
+                [self._prefix, self.instance_id, call_sid, 1 if held else 0]))
+        except _ERRORS:
             self._dirty = held or self._dirty
-            return
-        self._ok()
 
     async def active(self) -> int:
         try:
-            n = await self._run(self._count, self._keys3, [self._prefix])
-        except _ERRORS as e:
-            self._failed("count", e)
+            n = await self._call("count", lambda: self._run(
+                self._count, self._keys3, [self._prefix]))
+        except _ERRORS:
             return await self._local.active()
-        self._ok()
         return int(n)
 
     # -- decisions and handover context ------------------------------------------------------
@@ -383,30 +404,23 @@ class RedisState:
     async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
         raw = to_json(decision)
         await self._local.put_decision(call_sid, decision, ttl)  # a copy for Redis outages
-        try:
-            await self._client().set(self._prefix + "decision:" + call_sid, raw,
-                                      px=max(1, round(ttl * 1000)))
-        except _ERRORS as e:
-            self._failed("decision", e)
-            return
-        self._ok()
+        key, px = self._prefix + "decision:" + call_sid, max(1, round(ttl * 1000))
+        with contextlib.suppress(*_ERRORS):
+            await self._call("decision", lambda: self._client().set(key, raw, px=px))
 
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
         """Polls with a short backoff (10 ms doubling to 100 ms) until `wait` has passed.
         Redis comes first (the latest decision, from any instance, wins); this instance's own
-        copies answer when Redis cannot."""
+        copies answer when Redis cannot. With the circuit open, only those are polled."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         delay = 0.01
         key = self._prefix + "decision:" + call_sid
         while True:
             try:
-                raw = await self._client().get(key)
-            except _ERRORS as e:
-                self._failed("decision", e)
+                raw = await self._call("decision", lambda: self._client().get(key))
+            except _ERRORS:
                 raw = None
-            else:
-                self._ok()
             if raw is not None:
                 return from_json(raw, "decision")
             local = await self._local.get_decision(call_sid)
@@ -420,49 +434,46 @@ class RedisState:
 
     async def mark_fetched(self, call_sid: str) -> None:
         await self._local.mark_fetched(call_sid)
-        try:
-            await self._client().set(self._prefix + "fetched:" + call_sid, b"1",
-                                      px=round(FETCHED_TTL * 1000))
-        except _ERRORS as e:
-            self._failed("decision", e)
-            return
-        self._ok()
+        key = self._prefix + "fetched:" + call_sid
+        with contextlib.suppress(*_ERRORS):
+            await self._call("decision", lambda: self._client().set(
+                key, b"1", px=round(FETCHED_TTL * 1000)))
 
     async def fetched(self, call_sid: str) -> bool:
         if await self._local.fetched(call_sid):
             return True
+        key = self._prefix + "fetched:" + call_sid
         try:
-            found = await self._client().exists(self._prefix + "fetched:" + call_sid)
-        except _ERRORS as e:
-            self._failed("decision", e)
+            found = await self._call("decision", lambda: self._client().exists(key))
+        except _ERRORS:
             return False
-        self._ok()
         return bool(found)
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         raw = to_json(context)
+        key, px = self._prefix + "context:" + call_sid, max(1, round(ttl * 1000))
         try:
-            await self._client().set(self._prefix + "context:" + call_sid, raw,
-                                      px=max(1, round(ttl * 1000)))
-        except _ERRORS as e:
-            self._failed("context", e)
+            await self._call("context", lambda: self._client().set(key, raw, px=px))
+        except _ERRORS:
             await self._local.put_context(call_sid, context, ttl)  # only this instance sees it
-            return
-        self._ok()
 
     async def take_context(self, call_sid: str) -> dict[str, Any] | None:
         local = await self._local.take_context(call_sid)
         if local is not None:
             return local
-        try:
+        key = self._prefix + "context:" + call_sid
+
+        async def take() -> Any:
             async with self._client().pipeline(transaction=True) as pipe:
-                pipe.get(self._prefix + "context:" + call_sid)
-                pipe.delete(self._prefix + "context:" + call_sid)
+                pipe.get(key)
+                pipe.delete(key)
                 raw, _ = await pipe.execute()
-        except _ERRORS as e:
-            self._failed("context", e)
+                return raw
+
+        try:
+            raw = await self._call("context", take)
+        except _ERRORS:
             return None
-        self._ok()
         return None if raw is None else from_json(raw, "handover context")
 
     # -- control -----------------------------------------------------------------------------
@@ -472,12 +483,10 @@ class RedisState:
             return await self._local_deliver(call_sid, action)
         payload = to_json({"call_sid": call_sid, "action": action})
         try:
-            receivers = await self._run(self._publish, self._keys2,
-                                        [self._prefix, call_sid, payload])
-        except _ERRORS as e:
-            self._failed("publish", e)
+            receivers = await self._call("publish", lambda: self._run(
+                self._publish, self._keys2, [self._prefix, call_sid, payload]))
+        except _ERRORS:
             return False
-        self._ok()
         return int(receivers) > 0
 
     def on_control(self, handler: ControlHandler) -> None:
@@ -494,20 +503,22 @@ class RedisState:
     # -- background --------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        """Renew the lease every beat; while the circuit is open, probe instead."""
         while True:
             await asyncio.sleep(self._beat)
+            if self._open:
+                await self._probe()
+                continue
             try:
-                missing = await self._run(self._heartbeat, [self._k_instances],
-                                          [self.instance_id, self._lease_ms])
+                missing = await self._call("heartbeat", lambda: self._run(
+                    self._heartbeat, [self._k_instances], [self.instance_id, self._lease_ms]))
                 if missing or self._dirty:
                     if missing:
                         log.warning("instance %s had lost its lease; restoring its %d slot(s)",
                                     self.instance_id, len(self._local.held_calls()))
-                    await self._sync()
-            except _ERRORS as e:
-                self._failed("heartbeat", e)
+                    await self._call("heartbeat", self._sync)
+            except _ERRORS:
                 continue
-            self._ok()
 
     async def _listen_loop(self) -> None:
         delay = 0.05
@@ -518,8 +529,9 @@ class RedisState:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except _ERRORS as e:
-                # The next get_message reconnects and re-subscribes.
-                self._failed("control channel", e)
+                # The next get_message reconnects and re-subscribes. Not counted by the
+                # breaker: this socket idles by design, and no request waits on it.
+                log.debug("Redis control channel: %s", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -545,9 +557,8 @@ class RedisState:
 
     async def _resync(self) -> None:
         try:
-            await self._sync()
-        except _ERRORS as e:
-            self._failed("heartbeat", e)
+            await self._call("claim", self._sync)
+        except _ERRORS:
             self._dirty = True
 
     # -- health ------------------------------------------------------------------------------
@@ -560,16 +571,46 @@ class RedisState:
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         return await script(keys=keys, args=args, client=self._client())
 
-    def _failed(self, what: str, error: BaseException) -> None:
-        if self._healthy:
-            self._healthy = False
-            log.warning("Redis unavailable (%s: %s); calls continue on this instance's own "
-                        "state until it is back", what, str(error) or type(error).__name__)
-        else:
-            log.debug("Redis still unavailable (%s: %s)", what, error)
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]], *,
+                    probe: bool = False) -> T:
+        """One Redis operation through the breaker: refused at once (`_CircuitOpen`) while
+        the circuit is open, unless it is the probe; otherwise bounded by `timeout` as a whole,
+        its failure counted. Raises what it failed with; callers fall back on `_ERRORS`."""
+        if self._open and not probe:
+            raise _CircuitOpen(f"{what} skipped: Redis is not answering")
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await op()
+        except _ERRORS as e:
+            self._failed(what, e)
+            raise
+        if not probe:
+            self._failures = 0
+        return result
 
-    def _ok(self) -> None:
-        if not self._healthy:
-            self._healthy = True
-            self._dirty = True
-            log.info("Redis reachable again at %s", mask_url(self.url))
+    async def _probe(self) -> bool:
+        """One PING; if Redis answers, put this instance's lease and slots back (the outage
+        may have outlived the lease) and close the circuit."""
+        try:
+            await self._call("probe", lambda: self._client().ping(), probe=True)
+            await self._call("probe", self._sync, probe=True)
+        except _ERRORS:
+            return False
+        if self._open:
+            self._open, self._failures = False, 0
+            log.info("Redis answers again at %s: using it again (%d call(s) of this instance "
+                     "re-registered)", mask_url(self.url), len(self._local.held_calls()))
+        return True
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self._failures += 1
+        reason = str(error) or type(error).__name__
+        if self._open:
+            log.debug("Redis still not answering (%s: %s)", what, reason)
+        elif self._failures >= self._trip_after:
+            self._open = True
+            log.warning("Redis is not answering (%s: %s, %d failures in a row): this instance "
+                        "goes on with its own state (its calls, tokens and limits) and checks "
+                        "Redis every %g s", what, reason, self._failures, self._beat)
+        else:
+            log.info("Redis %s failed (%s): this instance's own state answered", what, reason)

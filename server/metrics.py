@@ -2,23 +2,32 @@
 
 Each app has its own CollectorRegistry, so several apps in one process (tests) never collide.
 Nothing here runs per audio frame: frames are counted by the call on its record (one int
-increment), and a custom collector sums live calls' counters plus finished calls' totals at
-scrape time.
+increment), and moved onto `bridge_frames_total` at a call's end, at each scrape, and every
+few seconds by a small task of the app's.
+
+With WORKERS>1 every scrape must show the whole machine, not the one worker the kernel handed
+the connection to: the supervisor (server.workers) gives its workers a fresh directory in
+PROMETHEUS_MULTIPROC_DIR, each worker's metrics live in files there (prometheus-client's
+multiprocess mode), and /metrics sums them. That mode has no callback gauges and no custom
+collectors, hence a live-sum gauge moved by inc/dec and frame counters moved in steps.
+One process (WORKERS=1, tests) keeps its metrics in memory, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
     from server.features.base import CallControl, Feature
@@ -29,20 +38,61 @@ log = logging.getLogger("server.metrics")
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0)
 SETUP_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 READY_PING_TIMEOUT = 2.0
+FRAMES_EVERY = 5.0  # seconds between moves of bridge_frames_total for live calls
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# bridge_calls_refused_total{reason}: a call turned away before it could start
+REFUSED_CAPACITY = "capacity"  # MAX_CALLS reached (the webhook answered busy)
+REFUSED_BAD_TOKEN = "bad_token"  # a stream with a missing, forged, expired or spent token
+REFUSED_DUPLICATE = "duplicate_stream"  # a second live stream for one CallSid
+REFUSED_DRAINING = "draining"  # the instance is shutting down
+REFUSED_REASONS = (REFUSED_CAPACITY, REFUSED_BAD_TOKEN, REFUSED_DUPLICATE, REFUSED_DRAINING)
+
+
+def multiprocess_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR when set (by the WORKERS supervisor), with prometheus-client
+    switched to its file-backed values: it chooses them once, at import, and the supervisor
+    imported it (checking the settings) before the directory existed."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    return path
+
+
+@dataclass(slots=True)
+class _Live:
+    """A live call's record and how many of its frames are already on the counter."""
+
+    record: CallRecord
+    frames_in: int = 0
+    frames_out: int = 0
 
 
 class Metrics:
     """Every metric of one app; the calls' metrics feature moves them."""
 
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.live: dict[int, CallRecord] = {}  # id(record): records are not hashable
-        self.finished_frames = {"in": 0, "out": 0}
-        self.calls_active = Gauge("bridge_calls_active", "Calls being relayed now", registry=r)
-        self.calls_active.set_function(lambda: len(self.live))
+        self.live: dict[int, _Live] = {}  # id(record): records are not hashable
+        # livesum: the sum over running workers (a dead worker's calls are not live)
+        self.calls_active = Gauge("bridge_calls_active", "Calls being relayed now",
+                                  registry=r, multiprocess_mode="livesum")
         self.calls_total = Counter("bridge_calls_total", "Calls ended, by kind of ending",
                                    ["end"], registry=r)
+        self.calls_refused = Counter(
+            "bridge_calls_refused_total",
+            "Calls turned away before they started, by reason", ["reason"], registry=r)
+        for reason in REFUSED_REASONS:
+            self.calls_refused.labels(reason=reason)  # shown at 0 before the first one
+        frames = Counter("bridge_frames_total",
+                         "Media frames relayed, 20 ms each (in: caller to model; out: model "
+                         "audio to the caller)", ["direction"], registry=r)
+        self.frames_in, self.frames_out = frames.labels(direction="in"), frames.labels(
+            direction="out")
         self.response_latency = Histogram(
             "bridge_response_latency_seconds",
             "Caller's end of speech to the first reply audio sent to Twilio",
@@ -53,15 +103,10 @@ class Metrics:
                                      "OpenAI error events, by code", ["code"], registry=r)
         self.tool_calls = Counter("bridge_tool_calls_total", "Function calls run, by outcome",
                                   ["tool", "outcome"], registry=r)
-        self.calls_refused = Counter(
-            "bridge_calls_refused_total",
-            "Calls turned away before they started, by reason (capacity, bad_token, "
-            "duplicate_stream, draining)", ["reason"], registry=r)
         self.call_setup = Histogram(
             "bridge_call_setup_seconds",
             "Stream opened to the model session ready (session.updated)",
             buckets=SETUP_BUCKETS, registry=r)
-        r.register(_FramesCollector(self))
 
     @property
     def feature(self) -> Callable[[CallControl], Feature]:
@@ -71,42 +116,71 @@ class Metrics:
         return lambda call: CallMetrics(call, self)
 
     def call_started(self, record: CallRecord) -> None:
-        self.live[id(record)] = record
+        if id(record) not in self.live:
+            self.live[id(record)] = _Live(record)
+            self.calls_active.inc()
 
     def call_ended(self, record: CallRecord, kind: str) -> None:
-        if self.live.pop(id(record), None) is not None:
-            self.finished_frames["in"] += record.frames_in
-            self.finished_frames["out"] += record.frames_out
+        live = self.live.pop(id(record), None)
+        if live is not None:
+            self._count_frames(live)
+            self.calls_active.dec()
         self.calls_total.labels(end=kind).inc()
 
     def call_refused(self, reason: str) -> None:
-        self.calls_refused.labels(reason=reason).inc()
+        """A call turned away before it started (one of REFUSED_REASONS)."""
+        if reason not in REFUSED_REASONS:
+            log.warning("refused-call reason %r is not one of %s; counted as is",
+                        reason[:32], ", ".join(REFUSED_REASONS))
+        self.calls_refused.labels(reason=reason[:32]).inc()
+
+    def count_frames(self) -> None:
+        """Move bridge_frames_total up to what the live calls have relayed so far."""
+        for live in self.live.values():
+            self._count_frames(live)
+
+    def _count_frames(self, live: _Live) -> None:
+        record = live.record
+        if record.frames_in > live.frames_in:
+            self.frames_in.inc(record.frames_in - live.frames_in)
+            live.frames_in = record.frames_in
+        if record.frames_out > live.frames_out:
+            self.frames_out.inc(record.frames_out - live.frames_out)
+            live.frames_out = record.frames_out
+
+    async def count_frames_every(self, seconds: float) -> None:
+        """Runs for the app's life: with WORKERS>1 a scrape reaches one worker, and the
+        others' live calls must reach the shared files without waiting for their end."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.count_frames()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _FramesCollector(Collector):
-    """bridge_frames_total{direction}: read at scrape time, never counted per frame."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        m = self._metrics
-        live = list(m.live.values())
-        family = CounterMetricFamily("bridge_frames_total",
-                                     "Media frames relayed (in: caller to model; out: model "
-                                     "audio pieces to the caller)", labels=["direction"])
-        family.add_metric(["in"], m.finished_frames["in"] + sum(r.frames_in for r in live))
-        family.add_metric(["out"], m.finished_frames["out"] + sum(r.frames_out for r in live))
-        yield family
+        """The text format: this process's metrics, or every worker's summed."""
+        self.count_frames()
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        summed = CollectorRegistry()
+        MultiProcessCollector(summed, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(summed)
 
 
 def add_routes(app: web.Application, metrics: Metrics, *, token: str | None,
                draining: Callable[[], bool],
-               ping: Callable[[], Awaitable[bool]] | None = None) -> None:
-    """GET /metrics (bearer METRICS_TOKEN when set), /healthz, /readyz."""
+               ping: Callable[[], Awaitable[bool]] | None = None,
+               frames_every: float = FRAMES_EVERY) -> None:
+    """GET /metrics (bearer METRICS_TOKEN when set), /healthz, /readyz; and, for the app's
+    life, the task that moves live calls' frames onto the counter every `frames_every`."""
+
+    async def count_frames(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(
+            metrics.count_frames_every(frames_every), name="metrics-frames")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if token is not None and not bearer_ok(request, token):
@@ -132,6 +206,7 @@ def add_routes(app: web.Application, metrics: Metrics, *, token: str | None,
                 return web.Response(status=503, text="database unreachable\n")
         return web.Response(text="ready\n")
 
+    app.cleanup_ctx.append(count_frames)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

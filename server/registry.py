@@ -18,7 +18,8 @@ from aiohttp import WSCloseCode
 
 from server import twilio_protocol as tw
 from server.features import base
-from server.features.base import BAD_TOKEN, CAPACITY, DUPLICATE_STREAM, Ending, Refusal
+from server.features.base import Ending, Refusal
+from server.metrics import REFUSED_BAD_TOKEN, REFUSED_CAPACITY, REFUSED_DUPLICATE
 from server.record import iso, utc_now
 from server.shared_state import SharedState
 from server.stream_tokens import StreamTokens
@@ -104,14 +105,14 @@ class CallRegistry:
         Nothing of the call is touched when the stream is refused."""
         if token is not None and not await self.state.claim_token(
                 token, StreamTokens.expires_at(token)):
-            return Refusal(BAD_TOKEN, "stream token already used")
+            return Refusal(REFUSED_BAD_TOKEN, "stream token already used")
         s = self._settings
         # A webhook reserved the slot already (then this counts nothing twice); a stream that
         # no webhook announced (no TWILIO_AUTH_TOKEN) must find a free slot here.
         if not await self.state.reserve(call.call_sid, s.max_calls, s.stream_token_ttl):
-            return Refusal(CAPACITY, f"at MAX_CALLS={s.max_calls}")
+            return Refusal(REFUSED_CAPACITY, f"at MAX_CALLS={s.max_calls}")
         if not await self.state.claim(call.call_sid):
-            return Refusal(DUPLICATE_STREAM, "another stream is live for this call")
+            return Refusal(REFUSED_DUPLICATE, "another stream is live for this call")
         self._admitted.add(call)
         return None
 

@@ -15,6 +15,11 @@ Why SO_REUSEPORT and not gunicorn's aiohttp worker:
 
 This module only supervises: it forks, forwards SIGTERM/SIGINT to the children (which then
 drain or hand over), and waits. It works where SO_REUSEPORT does (Linux, BSDs, macOS).
+
+Metrics: a scrape of /metrics reaches one worker, so the supervisor makes a fresh directory
+for prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, under TMPDIR), where every
+worker keeps its metrics and from which any worker's /metrics sums them all; a worker that ends
+stops counting towards the live gauge, and the directory is removed once all have exited.
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from server.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("server.workers")
 
@@ -52,9 +63,24 @@ def run_workers(n: int, serve_one: Callable[[int], object]) -> int:
     once to every child (a second one too: it hurries the drain, as in one process). If a child
     fails, or exits without being asked to, the others are stopped and the status is non-zero.
     Children sit in their own process groups so a terminal's Ctrl-C reaches them once, through
-    here, and each one stops by itself if this process dies."""
+    here, and each one stops by itself if this process dies. The children share a metrics
+    directory (PROMETHEUS_MULTIPROC_DIR), made here and removed when they are all gone."""
     if n < 1:
         raise ValueError("n must be at least 1")
+    metrics_dir = tempfile.mkdtemp(prefix="phone-bridge-metrics-")
+    earlier = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        return _supervise(n, serve_one, metrics_dir)
+    finally:
+        if earlier is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = earlier
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(n: int, serve_one: Callable[[int], object], metrics_dir: str) -> int:
     children: dict[int, int] = {}  # pid -> index
     stopping = False
 
@@ -84,13 +110,13 @@ def run_workers(n: int, serve_one: Callable[[int], object]) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info("%d worker process(es) started: %s", len(children),
                  ", ".join(str(pid) for pid in children))
-        return _reap(children, lambda: stopping)
+        return _reap(children, lambda: stopping, metrics_dir)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _reap(children: dict[int, int], stopping: Callable[[], bool]) -> int:
+def _reap(children: dict[int, int], stopping: Callable[[], bool], metrics_dir: str) -> int:
     """Wait for every child; stop the rest when one ends unasked. The exit status."""
     status = 0
     while children:
@@ -101,6 +127,7 @@ def _reap(children: dict[int, int], stopping: Callable[[], bool]) -> int:
         index = children.pop(pid, None)
         if index is None:
             continue
+        mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]  # not live now
         code = os.waitstatus_to_exitcode(raw)
         if code == 0 and stopping():
             continue

@@ -154,6 +154,7 @@ async def make_rig(
             database_url=f"sqlite:///{tmp_path}/calls-{len(rigs)}.db",
             prompts_dir=PROMPTS,
             prices_file=ROOT / "config" / "prices.json",
+            records_spool=tmp_path / f"records-spool-{len(rigs)}.jsonl",
             recordings_dir=tmp_path / "recordings",
         )
         settings = replace(settings, **overrides)

@@ -7,12 +7,15 @@ Without `redis-server` on PATH (Debian package `redis-server`) the tests that as
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from uuid import uuid4
 
 import pytest
@@ -69,6 +72,18 @@ class RedisServer:
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    @contextmanager
+    def stalled(self) -> Iterator[None]:
+        """The server frozen with SIGSTOP (connections stay open, nothing answers: a hung
+        Redis), and always thawed with SIGCONT on the way out."""
+        proc = self._proc
+        assert proc is not None, "not running"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

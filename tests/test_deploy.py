@@ -11,14 +11,20 @@ from typing import Any
 
 import pytest
 
+from server.metrics import READY_PING_TIMEOUT
 from server.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install '.[test]')")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-ROUTES = ("/incoming-call", "/connect-action", "/media-stream", "/calls", "/calls/*",
-          "/healthz", "/readyz")
+# What the outside world may reach: Twilio's requests and the operators' routes (bearer
+# ADMIN_TOKEN in the bridge). Sample paths, as a client would send them.
+EXPOSED = ("/incoming-call", "/connect-action", "/media-stream", "/call-status", "/amd-status",
+           "/calls", "/calls/CA0123", "/calls/CA0123/hangup", "/calls/CA0123/recording.wav",
+           "/console", "/console/app.js", "/events")
+INTERNAL = ("/metrics", "/healthz", "/readyz", "/", "/metrics/", "/incoming-call/x",
+            "/callsx", "/anything")
 AIOHTTP_SHUTDOWN = 5  # server.main: runner shutdown_timeout after the drain
 
 
@@ -62,14 +68,40 @@ def test_compose_runs_two_bridges_behind_caddy_with_redis_and_postgres() -> None
     assert settings.redis_url and settings.shutdown_mode == "handover"
 
 
-def test_caddy_forwards_every_route_to_both_bridges() -> None:
+def caddy_matches(patterns: list[str], path: str) -> bool:
+    """Caddy's `path` matcher: exact, or a prefix when the pattern ends in `*`."""
+    return any(path.startswith(p[:-1]) if p.endswith("*") else path == p for p in patterns)
+
+
+def ingress_matches(paths: list[dict[str, Any]], path: str) -> bool:
+    """Kubernetes Ingress matching: Exact, or Prefix by whole path elements."""
+    for rule in paths:
+        want, kind = rule["path"], rule["pathType"]
+        if kind == "Exact" and path == want:
+            return True
+        if kind == "Prefix" and (want == "/" or path == want.rstrip("/")
+                                 or path.startswith(want.rstrip("/") + "/")):
+            return True
+    return False
+
+
+def test_caddy_exposes_only_twilio_and_operator_routes() -> None:
     caddyfile = (DEPLOY / "Caddyfile").read_text()
-    matcher = re.search(r"@bridge path (.+)", caddyfile)
+    code = "\n".join(line.split("#", 1)[0] for line in caddyfile.splitlines())
+    matcher = re.search(r"@bridge path (.+)", code)
     assert matcher, "no @bridge matcher"
-    assert set(ROUTES) <= set(matcher.group(1).split())
-    assert caddyfile.count("reverse_proxy bridge-1:5050 bridge-2:5050") == 2  # + /metrics
-    assert "health_uri /readyz" in caddyfile
-    assert re.search(r"@metrics \{\s*path /metrics\s*remote_ip private_ranges", caddyfile)
+    patterns = matcher.group(1).split()
+    for path in EXPOSED:
+        assert caddy_matches(patterns, path), f"{path} not forwarded"
+    for path in INTERNAL:
+        assert not caddy_matches(patterns, path), f"{path} reachable from outside"
+    # One proxy, behind that matcher; the rest is 404; nothing else mentions /metrics.
+    assert code.count("reverse_proxy") == 1
+    assert "handle @bridge {" in code and re.search(r"handle \{\s*respond 404", code)
+    assert "/metrics" not in code
+    assert "health_uri /readyz" in code
+    health = re.search(r"health_timeout (\d+)s", code)
+    assert health and int(health.group(1)) > READY_PING_TIMEOUT
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
@@ -88,6 +120,8 @@ def test_kubernetes_waits_for_the_drain_and_probes_the_right_endpoints() -> None
     (container,) = pod["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):  # never cut /readyz's database ping
+        assert container[probe]["timeoutSeconds"] > READY_PING_TIMEOUT, probe
     assert container["ports"][0]["containerPort"] == 5050
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
@@ -115,3 +149,29 @@ def test_dockerfile_is_slim_non_root_and_health_checked() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and ".venv" in ignored and ".git" in ignored
     assert not {"server", "config", "README.md", "setup.cfg", "pyproject.toml"} & set(ignored)
+
+
+def test_the_ingress_exposes_only_twilio_and_operator_routes() -> None:
+    ingress = manifests()["Ingress"]
+    (rule,) = ingress["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    for path in EXPOSED:
+        assert ingress_matches(paths, path), f"{path} not routed"
+    for path in INTERNAL:
+        assert not ingress_matches(paths, path), f"{path} reachable from outside"
+    service = manifests()["Service"]["metadata"]["name"]
+    assert {p["backend"]["service"]["name"] for p in paths} == {service}
+    # Prometheus scrapes the pods themselves.
+    annotations = manifests()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_docs_and_manifests_say_readiness_does_not_depend_on_redis() -> None:
+    deployment = (DEPLOY / "k8s" / "deployment.yaml").read_text()
+    above_probe = " ".join(deployment.split("readinessProbe:", 1)[0].splitlines()[-3:])
+    assert "does not depend on Redis" in above_probe
+    assert "Redis is unreachable" not in deployment
+    for doc in (ROOT / "README.md", DEPLOY / "README.md"):
+        text = " ".join(doc.read_text().split())
+        assert "Readiness does not depend on Redis" in text, doc
+        assert "(or Redis)" not in text, doc

@@ -57,11 +57,11 @@ class Seen(CallObserver):
 
     async def reasons(self) -> list[str]:
         """Why streams were refused, once one was (its socket closes first)."""
-        await wait_until(lambda: self.refused, WAIT, "a refused stream")
+        await wait_until(lambda: bool(self.refused), WAIT, "a refused stream")
         return [c.refusal.reason if c.refusal else "?" for c, _ in self.refused]
 
     async def endings(self) -> list[Ending]:
-        await wait_until(lambda: self.ended, WAIT, "an ended call")
+        await wait_until(lambda: bool(self.ended), WAIT, "an ended call")
         return [ending for _, ending in self.ended]
 
 
@@ -247,7 +247,7 @@ async def test_latency_is_measured_from_the_callers_end_of_speech(make_rig: Make
     first = next(t for m, t in zip(stream.received[before:], stream.arrivals[before:],
                                    strict=True) if m["event"] == "media")
     heard_by_caller_ms = (first - stopped) * 1000
-    await wait_until(lambda: call.record.latencies_ms, WAIT, "the turn's latency")
+    await wait_until(lambda: bool(call.record.latencies_ms), WAIT, "the turn's latency")
     [recorded] = call.record.latencies_ms
     # The VAD's 200 ms of silence is part of what the caller waits: counted.
     assert recorded >= 200

@@ -41,7 +41,7 @@ from server.testing.standin import (
 from server.testing.twiml import Twiml
 from server.twilio_protocol import compute_signature
 from tests.conftest import API_KEY, AUTH_TOKEN, CALLED, CALLER, heard, loud, speak
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, start_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = "http://fleet.test"  # what Twilio knows: the load balancer in front of the fleet
@@ -360,3 +360,77 @@ async def test_admin_hang_up_reaches_the_instance_holding_the_call(fleet: Fleet)
     for instance in (b, a):
         after = await fleet.action(instance, sid)
         assert after.hangs_up and after.stream_url is None and not after.says, after
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to freeze without touching other tests."""
+    server = start_or_skip()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def test_a_stalled_redis_costs_a_call_about_a_second(fleet: Fleet,
+                                                           own_redis: RedisServer) -> None:
+    """Redis frozen (SIGSTOP: connections open, nothing answers). The webhook, the stream's
+    start and the `<Connect action>` each spend at most about a second on Redis, then the
+    instance goes on alone; once Redis answers again it is used again, the calls held through
+    the stall counted fleet-wide."""
+    config = {"REDIS_URL": own_redis.url, "MAX_CALLS": "1", "FLEET_LEASE_SECONDS": "1"}
+    a, b = await fleet.start(config, config)
+
+    sid = new_sid()
+    with own_redis.stalled():
+        started = time.monotonic()
+        twiml = await fleet.webhook(a, sid)
+        webhook = time.monotonic() - started
+        assert twiml.stream_url == PUBLIC_STREAM, twiml  # admitted on A's own count
+
+        started = time.monotonic()
+        stream = await fleet.stream(a, sid, twiml)
+        session = await next_session(fleet.standin.app, WAIT)
+        await session.wait_for("session.update", timeout=WAIT)
+        setup = fleet.watch.updates[-1] - started
+        await a.wait_for_line("call started", WAIT)
+
+        # B goes local too (its heartbeat finds Redis frozen); the frozen server then sees
+        # every lease lapse, so recovery must re-assert A's slot.
+        for instance in (a, b):
+            await instance.wait_for_line("Redis is not answering", WAIT)
+
+        ending = new_sid()  # a second call, ended during the stall: its <Connect action>
+        other = await fleet.webhook(b, ending)
+        other_stream = await fleet.stream(b, ending, other)
+        await next_session(fleet.standin.app, WAIT)
+        await other_stream.send_stop()
+        await asyncio.wait_for(other_stream.closed.wait(), WAIT)
+        started = time.monotonic()
+        after = await fleet.action(b, ending)
+        action = time.monotonic() - started
+        assert after.hangs_up and after.stream_url is None, after
+
+    report(f"Redis stalled: webhook {webhook * 1000:.0f} ms, stream start to session.update "
+           f"{setup * 1000:.0f} ms, <Connect action> {action * 1000:.0f} ms")
+    assert webhook < 1.5, f"the webhook took {webhook:.2f} s with Redis stalled"
+
+    for instance in (a, b):  # each probes, finds Redis answering and re-registers
+        await instance.wait_for_line("Redis answers again", WAIT)
+    # The call held through the stall counts fleet-wide again: MAX_CALLS=1 is reached.
+    busy = await fleet.webhook(b, new_sid())
+    assert busy.stream_url is None and busy.hangs_up, busy
+    await stream.send_stop()
+    await asyncio.wait_for(stream.closed.wait(), WAIT)
+
+    # Tokens are fleet-wide again: claimed on A, refused when replayed on B.
+    fresh = new_sid()
+    answer = await accepted_within(fleet, b, fresh, WAIT)
+    live = await fleet.stream(a, fresh, answer)
+    await next_session(fleet.standin.app, WAIT)
+    replay = await fleet.stream(b, fresh, answer)
+    await asyncio.wait_for(replay.closed.wait(), WAIT)
+    assert replay.close_code == WSCloseCode.POLICY_VIOLATION
+    await b.wait_for_line("stream token already used", WAIT)
+    await live.send_stop()
+    await asyncio.wait_for(live.closed.wait(), WAIT)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import metrics as metrics_module
 from server import openai_protocol as oai
+from server.features import base
 from server.features.base import (
     CALLER_HUNG_UP,
     OPENAI_ERROR,
@@ -22,7 +25,8 @@ from server.features.base import (
     ReplyAudioStarted,
     ToolFinished,
 )
-from server.metrics import Metrics, add_routes
+from server.metrics import REFUSED_REASONS, Metrics, add_routes
+from server.testing.inbox import wait_until
 from tests.fake_call import FakeCall
 
 Client = TestClient[web.Request, web.Application]
@@ -62,11 +66,12 @@ class Flags:
         return self.db_ok
 
 
-async def make_app(aiohttp_client: MakeClient, token: str | None = None
-                   ) -> tuple[Client, Metrics, Flags]:
+async def make_app(aiohttp_client: MakeClient, token: str | None = None,
+                   frames_every: float = 5.0) -> tuple[Client, Metrics, Flags]:
     app = web.Application()
     metrics, flags = Metrics(), Flags()
-    add_routes(app, metrics, token=token, draining=lambda: flags.draining, ping=flags.ping)
+    add_routes(app, metrics, token=token, draining=lambda: flags.draining, ping=flags.ping,
+               frames_every=frames_every)
     return await aiohttp_client(app), metrics, flags
 
 
@@ -156,3 +161,57 @@ async def test_health_and_readiness(aiohttp_client: MakeClient,
     flags.db_ok, flags.slow = True, True
     monkeypatch.setattr(metrics_module, "READY_PING_TIMEOUT", 0.05)
     assert await status("/readyz") == (503, "database unreachable")
+
+
+async def test_refused_calls_are_counted_by_reason(aiohttp_client: MakeClient) -> None:
+    client, metrics, _ = await make_app(aiohttp_client)
+    text = await scrape(client)
+    assert set(REFUSED_REASONS) == {"capacity", "bad_token", "duplicate_stream", "draining"}
+    for reason in REFUSED_REASONS:  # every reason is there from the start, at 0
+        assert ("bridge_calls_refused_total", (("reason", reason),)) in samples(text)
+    metrics.call_refused("capacity")
+    metrics.call_refused("capacity")
+    metrics.call_refused("bad_token")
+    text = await scrape(client)
+    assert value(text, "bridge_calls_refused_total", reason="capacity") == 2
+    assert value(text, "bridge_calls_refused_total", reason="bad_token") == 1
+    assert value(text, "bridge_calls_refused_total", reason="draining") == 0
+    assert value(text, "bridge_calls_total", end="rejected") == 0  # a refusal is not an end
+
+
+async def test_live_calls_frames_reach_the_counter_without_a_scrape(
+    aiohttp_client: MakeClient,
+) -> None:
+    """With several workers a scrape reaches another process: this one's live calls must
+    reach the counter on their own, a few times a minute (never per frame)."""
+    _, metrics, _ = await make_app(aiohttp_client, frames_every=0.05)
+    call = FakeCall("CAm3")
+    call.add(metrics.feature(call))
+    call.record.frames_in += 30
+    call.record.frames_out += 4
+
+    def counted(direction: str, n: int) -> bool:
+        return metrics.registry.get_sample_value(
+            "bridge_frames_total", {"direction": direction}) == n
+
+    await wait_until(lambda: counted("in", 30) and counted("out", 4), 5.0, "frames counted")
+    call.record.frames_in += 5
+    await wait_until(lambda: counted("in", 35), 5.0, "more frames counted")
+    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    assert metrics.registry.get_sample_value("bridge_calls_active") == 0
+
+
+def test_the_readme_documents_every_metric_and_label_value() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(bridge_\w+)[^`]*` \|(.*)$",
+                                                       section, re.M)}
+    names = {metric.name + ("_total" if metric.type == "counter" else "")
+             for metric in Metrics().registry.collect()}
+    assert names == set(rows)
+    ends = {v for k, v in vars(base).items() if isinstance(v, str) and v == k.lower()}
+    assert "admin_hung_up" in ends
+    for end in ends:
+        assert f"`{end}`" in rows["bridge_calls_total"], f"end label {end} not in the README"
+    for reason in REFUSED_REASONS:
+        assert f"`{reason}`" in rows["bridge_calls_refused_total"]

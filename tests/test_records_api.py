@@ -21,6 +21,7 @@ from server.record import CallRecord
 from server.records.service import Records
 from server.records.webhook import SIGNATURE_HEADER, CallWebhook, sign, verify
 from server.settings import ConfigError, Settings
+from tests.conftest import ROOT
 from tests.fake_call import FakeCall
 from tests.test_records import T0, make_record
 
@@ -36,7 +37,8 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"openai_api_key": "sk-test",
                               "database_url": f"sqlite:///{tmp_path}/calls.db",
                               "admin_token": ADMIN, "recordings_dir": tmp_path / "recordings",
-                              "records_spool": tmp_path / "records-spool.jsonl"}
+                              "records_spool": tmp_path / "records-spool.jsonl",
+                              "prices_file": ROOT / "config" / "prices.json"}
     values.update(overrides)
     return Settings(**values)
 

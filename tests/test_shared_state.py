@@ -399,6 +399,65 @@ async def test_redis_outage_degrades_and_recovers(redis_prefix: str) -> None:
         server.cleanup()
 
 
+async def test_a_stalled_redis_opens_the_circuit_and_a_probe_closes_it(
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis frozen (SIGSTOP): the first failures are bounded by the timeout, then the
+    circuit opens (one warning) and nothing waits on Redis any more; once it answers, the
+    heartbeat's probe re-registers this instance's calls and Redis is used again."""
+    server = start_or_skip()
+    timeout = 0.5
+    a = RedisState(server.url, prefix=redis_prefix, lease=LEASE, timeout=timeout)
+    observer = RedisState(server.url, prefix=redis_prefix, lease=30.0)
+    caplog.set_level("INFO", logger="server.fleet")
+    try:
+        await a.start()
+        await observer.start()
+        held = sid()
+        await a.claim(held)
+        loop = asyncio.get_running_loop()
+        with server.stalled():
+            started = loop.time()
+            # What one call does from its webhook to its <Connect action>, all on this instance.
+            assert await a.reserve(held, max_calls=5, ttl=30)
+            assert await a.claim_token("tok-stall", time.time() + 60) is True
+            await a.claim(held)
+            await a.put_decision(held, {"kind": "hangup"}, ttl=30)
+            assert await a.get_decision(held, wait=1.0) == {"kind": "hangup"}
+            assert await a.get_decision(sid(), wait=0.2) is None
+            assert await a.take_context(sid()) is None
+            await a.release(held)
+            await a.claim(held)
+            took = loop.time() - started
+            assert took < 2 * timeout + 0.2 + 0.5, f"{took:.2f} s spent with Redis frozen"
+            assert a.circuit_open
+
+            started = loop.time()  # open: Redis is not even asked
+            for _ in range(20):
+                assert not await a.reserve(sid(), max_calls=1, ttl=30)  # counted here: held
+            assert await a.claim_token("tok-stall", time.time() + 60) is False
+            assert loop.time() - started < timeout
+            warnings = [r for r in caplog.records
+                        if r.name == "server.fleet" and r.levelname == "WARNING"]
+            assert len(warnings) == 1 and "not answering" in warnings[0].getMessage()
+
+        async def recovered() -> bool:
+            return not a.circuit_open  # the heartbeat's probe closes it
+
+        await eventually(recovered, within=LEASE + 2 * timeout + 2.0)
+        assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
+        # The frozen server saw every lease lapse; the probe put this instance's call back.
+        assert await observer.active() == 1
+        assert await observer.publish(held, {"action": "hangup"}) is True
+        # Used again: a token claimed now is seen by the rest of the fleet.
+        assert await a.claim_token("tok-after", time.time() + 60) is True
+        assert await observer.claim_token("tok-after", time.time() + 60) is False
+    finally:
+        await observer.close()
+        await a.close()
+        server.cleanup()
+
+
 async def test_unreachable_redis_at_startup_is_a_clear_error() -> None:
     url = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
     state = RedisState(url, timeout=1.0)

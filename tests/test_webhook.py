@@ -144,10 +144,20 @@ async def test_connect_action_follows_the_decision(
     assert (await action("CA2", status="completed")).endswith("<Hangup /></Response>")
 
 
-async def test_status(aiohttp_client: MakeClient) -> None:
-    client = await aiohttp_client(create_app(settings()))
-    body = await (await client.get("/")).json()
+async def test_status_tells_details_only_to_the_admin(aiohttp_client: MakeClient) -> None:
+    admin = "admin-token-0123456789abcdef"
+    client = await aiohttp_client(create_app(settings(admin_token=admin)))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {admin}"}):
+        resp = await client.get("/", headers=headers)
+        assert resp.status == 200  # a load balancer's or uptime check's "alive"
+        assert await resp.json() == {"ok": True}
+    body = await (await client.get("/", headers={"Authorization": f"Bearer {admin}"})).json()
+    assert body["ok"] is True
     assert body["name"] == "phone-bridge"
     assert body["active_calls"] == 0
     assert body["prompt"].startswith("default version 1")
-    assert "sk-test" not in str(body)
+    assert body["model"] and body["authenticated_webhooks"] is False
+    assert "sk-test" not in str(body) and admin not in str(body)
+    # Without ADMIN_TOKEN nobody gets the details.
+    bare = await aiohttp_client(create_app(settings()))
+    assert await (await bare.get("/")).json() == {"ok": True}

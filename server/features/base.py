@@ -43,16 +43,13 @@ SHUTDOWN = "shutdown"
 HANDOVER = "handover"
 INTERNAL_ERROR = "internal_error"
 ADMIN_HUNG_UP = "admin_hung_up"
-
-
-# Why a call was refused before it started: the `reason` label of bridge_calls_refused_total.
-CAPACITY, BAD_TOKEN, DUPLICATE_STREAM, DRAINING = (
-    "capacity", "bad_token", "duplicate_stream", "draining")
+TIME_LIMIT = "time_limit"  # MAX_CALL_SECONDS reached
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A webhook or stream turned away: the metric's reason and a line for the log."""
+    """A webhook or stream turned away: the reason label of bridge_calls_refused_total
+    (server.metrics.REFUSED_REASONS) and a line for the log."""
 
     reason: str
     message: str

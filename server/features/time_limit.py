@@ -15,11 +15,10 @@ from typing import ClassVar
 
 from server import openai_protocol as oai
 from server import twilio_protocol as tw
-from server.features.base import CallControl, Ending, Feature
+from server.features.base import TIME_LIMIT, CallControl, Ending, Feature
 from server.record import utc_now
 from server.settings import Settings
 
-TIME_LIMIT = "time_limit"  # the ending's kind
 GOODBYE_WAIT = 15.0  # longest wait for the goodbye to be said and played
 GOODBYE = ("The call has reached its time limit. Tell the caller, in one short sentence, "
            "that you have to end the call now, and say goodbye.")
