@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import DEFAULT_LOG_EVENT_TYPES, ConfigError, Settings
+from tests.conftest import ROOT, setting_names, subprocess_env
 
 BASE = {"OPENAI_API_KEY": "sk-test-secret-value"}
 
@@ -88,3 +90,33 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "configuration error: PORT: 'nope' is not an integer"
     assert "sk-never-printed" not in proc.stdout + proc.stderr
+
+
+def test_every_setting_is_in_env_example_and_the_readme() -> None:
+    """A setting the code reads but nobody can find is a setting nobody can use."""
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    names = setting_names()
+    assert len(names) > 50  # the reader found them
+    missing_example = sorted(n for n in names if not re.search(rf"^#?{n}=", example, re.M))
+    missing_readme = sorted(n for n in names if f"`{n}`" not in readme)
+    assert missing_example == [] and missing_readme == []
+
+
+def test_env_example_leaves_public_url_unset() -> None:
+    """A placeholder PUBLIC_URL breaks the first run (signatures, stream URLs)."""
+    example = (ROOT / ".env.example").read_text()
+    assert not re.search(r"^PUBLIC_URL=", example, re.M)
+    values = dict(line.split("=", 1) for line in example.splitlines()
+                  if line and not line.startswith("#"))
+    Settings.from_env({**values, "OPENAI_API_KEY": "sk-x"})  # what is set is valid
+
+
+def test_dotenv_is_read_from_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-from-dotenv\nVOICE=robot\n")
+    env = subprocess_env(PORT="0")
+    result = subprocess.run([sys.executable, "-m", "server"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "configuration error: VOICE: 'robot'" in result.stderr
+    assert "sk-from-dotenv" not in result.stderr

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sys
 import textwrap
 import threading
@@ -22,6 +23,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from server.settings import ConfigError, Settings, parse_transfer_targets
+from server.testing.inbox import wait_until
+from server.tool_threads import ToolThreads
 from server.toolbox import (
     INVALID_ARGUMENTS,
     MAX_OUTPUT_CHARS,
@@ -452,3 +455,59 @@ async def test_http_tool_unreachable_and_slow(
             "error", '{"error":"down could not be reached"}')
         box.timeout = 0.2
         assert (await box.run("slow", '{"code": "1"}', CONTEXT, http))[0] == TIMEOUT
+
+
+# --- sync tools on their own threads ---
+
+
+async def test_hung_sync_tools_starve_neither_other_tools_nor_the_default_executor() -> None:
+    """As many hung sync tools as asyncio's default executor has threads: other sync tools
+    still run (TOOL_THREADS is larger), and so does everything else on the default executor
+    (recordings, the records writer)."""
+    release = threading.Event()
+    hung = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+
+    @tool
+    def stuck() -> str:
+        """Never answers (until the test ends)."""
+        release.wait()
+        return "late"
+
+    @tool
+    def quick() -> str:
+        """Answers at once."""
+        return "fine"
+
+    box = Toolbox({t.spec.name: t for t in (python_tool(stuck), python_tool(quick))}, 1.0,
+                  threads=hung + 2)
+    ctx = CallContext("+1", "+2", "CA1", logging.getLogger("test"))
+    try:
+        stuck_calls = [asyncio.ensure_future(box.run("stuck", "{}", ctx))
+                       for _ in range(hung)]
+        await wait_until(lambda: len(box.threads.busy) == hung, 5.0, "every stuck tool running")
+        assert await box.run("quick", "{}", ctx) == (OK, '"fine"')
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5.0) == 42
+        assert [outcome for outcome, _ in await asyncio.gather(*stuck_calls)] == \
+            [TIMEOUT] * hung
+    finally:
+        release.set()
+        box.close()
+
+
+async def test_tool_threads_are_bounded_and_left_behind_at_close(
+        caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    threads = ToolThreads(2)
+    try:
+        running = [asyncio.ensure_future(threads.run(release.wait, f"stuck{i}"))
+                   for i in range(3)]
+        await wait_until(lambda: len(threads.busy) == 2, 5.0, "two threads busy")
+        assert not running[2].done()  # the third waits for a free thread: the pool is bounded
+        threads.close()
+        assert "2 tool thread(s) still running at shutdown, left behind: stuck" in caplog.text
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("tool-"))
+    finally:
+        release.set()
+    for task in running[:2]:
+        assert await asyncio.wait_for(task, 5.0) is True
+    running[2].cancel()

@@ -11,9 +11,11 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
+from dotenv import load_dotenv
 
 from server.records.api import parse_moment
 from server.records.render import calls_table, transcript_text
@@ -46,12 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """0 done, 1 not found (or an ambiguous prefix) or database unusable, 2 bad arguments."""
     args = _parser().parse_args(argv)
-    try:
-        from dotenv import load_dotenv
-
-        load_dotenv()
-    except ImportError:  # pragma: no cover - a dependency, but the CLI can live without it
-        pass
+    load_dotenv(Path.cwd() / ".env")  # as the server does: from the working directory
     url = os.environ.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL
     try:
         if url.startswith("sqlite:") and not sqlite_path(url).exists():
