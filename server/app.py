@@ -14,21 +14,21 @@ import aiohttp
 from aiohttp import web
 
 from server import NAME, __version__
-from server import twilio_protocol as tw
-from server.call import Call, CallDeps, FeatureFactory
-from server.features import greeting, keypad, time_limit
-from server.features import tools as tools_feature
-from server.features.base import Ending
+from server.call.call import Call, CallDeps, FeatureFactory
+from server.call.features import greeting, keypad, time_limit
+from server.call.features import tools as tools_feature
+from server.call.features.base import Ending
+from server.fleet.registry import CallObserver, CallRegistry
+from server.fleet.state import SharedState, open_state
+from server.fleet.tokens import StreamTokens
 from server.logs import mask_number
 from server.metrics import REFUSED_CAPACITY, REFUSED_DRAINING, Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
 from server.prompts import Prompt, load_prompt
 from server.records.service import Records
-from server.registry import CallObserver, CallRegistry
 from server.settings import ConfigError, Settings
-from server.shared_state import SharedState, open_state
-from server.stream_tokens import StreamTokens
 from server.toolbox import Toolbox, load_toolbox
+from server.wire import twilio as tw
 
 log = logging.getLogger("server.app")
 

@@ -15,10 +15,10 @@ from dotenv import load_dotenv
 
 from server import __version__
 from server.app import PROMPT, REGISTRY, TOOLS_DESCRIPTION, create_app, drain
+from server.fleet.state import SharedStateError
 from server.logs import setup_logging
 from server.records.store import StoreError
 from server.settings import ConfigError, Settings
-from server.shared_state import SharedStateError
 from server.workers import run_workers
 
 log = logging.getLogger("server")

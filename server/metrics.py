@@ -30,8 +30,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
-    from server.features.base import CallControl, Feature
-    from server.record import CallRecord
+    from server.call.features.base import CallControl, Feature
+    from server.call.record import CallRecord
 
 log = logging.getLogger("server.metrics")
 
@@ -111,7 +111,7 @@ class Metrics:
     @property
     def feature(self) -> Callable[[CallControl], Feature]:
         """The factory to put in each call's feature list."""
-        from server.features.metrics import CallMetrics
+        from server.call.features.metrics import CallMetrics
 
         return lambda call: CallMetrics(call, self)
 

@@ -34,7 +34,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from server.openai_protocol import ToolSpec
 from server.settings import ConfigError, Settings
 from server.tool_threads import ToolThreads
 from server.tools import (
@@ -46,6 +45,7 @@ from server.tools import (
     is_tool,
     tool_schema,
 )
+from server.wire.realtime import ToolSpec
 
 log = logging.getLogger("server.toolbox")
 

@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import REGISTRY, create_app
-from server.call import Call
+from server.call.call import Call
+from server.fleet.state import SharedState
 from server.settings import Settings
-from server.shared_state import SharedState
 from server.testing.dial import call_form, dial, post_webhook
 from server.testing.sdk_check import EventChecker, problems
 from server.testing.simulator import TwilioStream

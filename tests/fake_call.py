@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 
-from server import openai_protocol as oai
-from server.features.base import Ending, Feature
-from server.features.response_gate import ResponseGate
+from server.call.features.base import Ending, Feature
+from server.call.gate import ResponseGate
+from server.call.record import CallRecord
 from server.logs import CallLog
-from server.record import CallRecord
 from server.settings import Settings
+from server.wire import realtime as oai
 
 
 class FakeCall:

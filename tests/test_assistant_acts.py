@@ -15,16 +15,16 @@ from typing import Any
 import orjson
 
 from server.app import FEATURES, SETTINGS
-from server.features import greeting, keypad
-from server.features import tools as tools_feature
-from server.features.base import ASSISTANT_ENDED, TRANSFERRED
+from server.call.features import greeting, keypad
+from server.call.features import tools as tools_feature
+from server.call.features.base import ASSISTANT_ENDED, TRANSFERRED
 from server.sounds import load_ulaw
 from server.testing.inbox import wait_until
 from server.testing.sdk_check import EventChecker
 from server.testing.standin import StandinOptions, StandinSession, tool_call
 from server.toolbox import Toolbox, load_toolbox, python_tool
 from server.tools import tool
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import API_KEY, AUTH_TOKEN, MakeRig, Rig, heard, speak
 
 ROOT = Path(__file__).resolve().parent.parent

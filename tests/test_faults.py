@@ -16,15 +16,15 @@ import pytest
 from aiohttp import WSCloseCode
 
 from server.app import REGISTRY, create_app
-from server.call import Call
-from server.features.base import Ending
-from server.registry import CallObserver
+from server.call.call import Call
+from server.call.features.base import Ending
+from server.fleet.registry import CallObserver
+from server.fleet.state import MemoryState
 from server.settings import ConfigError, Settings
-from server.shared_state import MemoryState
 from server.testing.dial import TwilioStream, action_form, call_form, dial, post_webhook
 from server.testing.inbox import wait_until
 from server.testing.standin import next_session
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import (
     API_KEY,
     AUTH_TOKEN,

@@ -11,11 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features import greeting, keypad
-from server.features import tools as tools_feature
-from server.features.base import (
+from server.call.features import greeting, keypad
+from server.call.features import tools as tools_feature
+from server.call.features.base import (
     ASSISTANT_ENDED,
     TRANSFERRED,
     Ending,
@@ -26,6 +24,8 @@ from server.features.base import (
 from server.settings import ConfigError, Settings
 from server.toolbox import Toolbox, python_tool
 from server.tools import CallContext, tool
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 from tests import fake_call
 
 SETTINGS = Settings(openai_api_key="sk-test", hold_audio=None)

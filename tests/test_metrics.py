@@ -15,9 +15,8 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import metrics as metrics_module
-from server import openai_protocol as oai
-from server.features import base
-from server.features.base import (
+from server.call.features import base
+from server.call.features.base import (
     CALLER_HUNG_UP,
     OPENAI_ERROR,
     BargedIn,
@@ -27,6 +26,7 @@ from server.features.base import (
 )
 from server.metrics import REFUSED_REASONS, Metrics, add_routes
 from server.testing.inbox import wait_until
+from server.wire import realtime as oai
 from tests.fake_call import FakeCall
 
 Client = TestClient[web.Request, web.Application]

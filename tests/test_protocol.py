@@ -7,13 +7,13 @@ from dataclasses import replace
 
 import orjson
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
 from server.logs import JsonFormatter, TextFormatter
-from server.openai_protocol import SESSION_UPDATE_ID, realtime_url, session_update
 from server.prompts import Prompt
 from server.settings import Settings
-from server.twilio_protocol import (
+from server.wire import realtime as oai
+from server.wire import twilio as tw
+from server.wire.realtime import SESSION_UPDATE_ID, realtime_url, session_update
+from server.wire.twilio import (
     busy_twiml,
     clear_frame,
     connect_twiml,

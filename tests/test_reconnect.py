@@ -9,8 +9,8 @@ import orjson
 import pytest
 from aiohttp import WSCloseCode
 
-from server.call import Call
-from server.features.reconnect import GapBuffer, conversation_items
+from server.call.call import Call
+from server.call.model_link import GapBuffer, conversation_items
 from server.testing.inbox import wait_until
 from server.testing.standin import StandinOptions, StandinSession, next_session
 from tests.conftest import API_KEY, MakeRig, Rig, heard, loud, speak

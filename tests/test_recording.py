@@ -7,8 +7,8 @@ import base64
 import wave
 from pathlib import Path
 
-from server.features.base import CALLER_HUNG_UP, BargedIn, Ending
-from server.features.recording import Recorder, Recording, decoded_length, stereo_pcm
+from server.call.features.base import CALLER_HUNG_UP, BargedIn, Ending
+from server.call.features.recording import Recorder, Recording, decoded_length, stereo_pcm
 from tests.fake_call import FakeCall
 
 FRAME = 160  # bytes of one 20 ms caller frame

@@ -18,7 +18,7 @@ from uuid import uuid4
 import orjson
 import pytest
 
-from server.record import CallRecord
+from server.call.record import CallRecord
 from server.records import cli, retention
 from server.records.pricing import PriceTable
 from server.records.store import (

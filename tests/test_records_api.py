@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.features.base import CALLER_HUNG_UP, Ending
-from server.record import CallRecord
+from server.call.features.base import CALLER_HUNG_UP, Ending
+from server.call.record import CallRecord
 from server.records.service import Records
 from server.records.webhook import SIGNATURE_HEADER, CallWebhook, sign, verify
 from server.settings import ConfigError, Settings

@@ -20,8 +20,8 @@ import aiohttp
 import orjson
 import pytest
 
-import server.record
-from server.record import CallRecord, parse_stamp, utc_now
+import server.call.record
+from server.call.record import CallRecord, parse_stamp, utc_now
 from server.records import cli, spool
 from server.records import writer as writer_module
 from server.records.service import Records
@@ -366,7 +366,7 @@ def test_two_processes_never_load_the_same_spool(tmp_path: Path) -> None:
 SPOOLING_WORKERS = """
 import asyncio, signal, sys
 from pathlib import Path
-from server.record import CallRecord
+from server.call.record import CallRecord
 from server.records.service import Records
 from server.settings import Settings
 from server.workers import run_workers
@@ -483,7 +483,7 @@ def test_a_resumed_record_is_newer_than_the_one_it_continues(
     first = make_record("CAclock")
     saved = first.to_dict()
     behind = utc_now() - timedelta(seconds=2)
-    monkeypatch.setattr(server.record, "utc_now", lambda: behind)
+    monkeypatch.setattr(server.call.record, "utc_now", lambda: behind)
     resumed = CallRecord(call_sid="CAclock")
     resumed.restore(saved)
     stamps = [parse_stamp(r["updated_at"]) for r in (saved, resumed.to_dict(),

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from server import openai_protocol as oai
-from server.features.base import (
+from server.call.features.base import (
     CALLER_HUNG_UP,
     BargedIn,
     Ending,
@@ -16,9 +15,10 @@ from server.features.base import (
     ReplyAudioStarted,
     ToolFinished,
 )
-from server.features.transcript import Transcript
+from server.call.features.transcript import Transcript
 from server.records.pricing import ModelPrice, PriceTable
 from server.records.render import transcript_text
+from server.wire import realtime as oai
 from tests.fake_call import FakeCall
 
 PRICES = PriceTable({"gpt-realtime": ModelPrice(text_input=4, audio_input=32, text_output=16,

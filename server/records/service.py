@@ -8,8 +8,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from server.features.recording import Recorder
-from server.features.transcript import Transcript
+from server.call.features.recording import Recorder
+from server.call.features.transcript import Transcript
 from server.records import api, retention, spool
 from server.records.pricing import PriceTable
 from server.records.store import NullStore, RecordStore, StoreError, open_store
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import aiohttp
     from aiohttp import web
 
-    from server.features.base import CallControl, Feature
+    from server.call.features.base import CallControl, Feature
     from server.settings import Settings
 
 log = logging.getLogger("server.records")

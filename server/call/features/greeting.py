@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from server.features.base import CallControl, Feature
+from server.call.features.base import CallControl, Feature
 from server.prompts import Prompt, template
 from server.settings import Settings
 

@@ -13,11 +13,11 @@ import functools
 from collections.abc import Callable
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import TIME_LIMIT, CallControl, Ending, Feature
-from server.record import utc_now
+from server.call.features.base import TIME_LIMIT, CallControl, Ending, Feature
+from server.call.record import utc_now
 from server.settings import Settings
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 
 GOODBYE_WAIT = 15.0  # longest wait for the goodbye to be said and played
 GOODBYE = ("The call has reached its time limit. Tell the caller, in one short sentence, "

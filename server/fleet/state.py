@@ -106,7 +106,7 @@ async def open_state(settings: Settings) -> SharedState:
     Raises SharedStateError (one line, password masked) if Redis cannot be reached."""
     state: SharedState
     if settings.redis_url:
-        from server.fleet import RedisState  # redis is imported only by fleets
+        from server.fleet.redis import RedisState  # redis is imported only by fleets
 
         state = RedisState(settings.redis_url, lease=settings.fleet_lease_seconds)
     else:

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from server import openai_protocol as oai
 from server.settings import Settings
+from server.wire import realtime as oai
 
 OpenAISocket = aiohttp.ClientWebSocketResponse[Literal[False]]  # frames as bytes (orjson)
 OPENAI_MAX_MSG = 16 * 1024 * 1024

@@ -22,21 +22,21 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features import base
-from server.features.barge_in import BargeIn
-from server.features.base import Ending, Feature
-from server.features.reconnect import GapBuffer, conversation_items
-from server.features.response_gate import ResponseGate
-from server.latency import FRAME_MS, TurnLatency
+from server.call.features import base
+from server.call.features.base import Ending, Feature
+from server.call.gate import ResponseGate
+from server.call.latency import FRAME_MS, TurnLatency
+from server.call.model_link import GapBuffer, conversation_items
+from server.call.playback import BargeIn
+from server.call.record import CallRecord, iso, utc_now
+from server.fleet.tokens import StreamTokens
 from server.logs import CallLog, mask_number
 from server.metrics import REFUSED_BAD_TOKEN
-from server.model_socket import ModelUnavailable, OpenAISocket, open_model_socket
+from server.models.realtime import ModelUnavailable, OpenAISocket, open_model_socket
 from server.prompts import Prompt
-from server.record import CallRecord, iso, utc_now
 from server.settings import Settings
-from server.stream_tokens import StreamTokens
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 
 log = logging.getLogger("server.call")
 

@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server.features.base import CallControl, Ending, Feature
+from server.call.features.base import CallControl, Ending, Feature
+from server.wire import realtime as oai
 
 AUTO_RESPONSE_WAIT = 2.0  # after the caller's turn, how long to wait for the service's response
 ALREADY_ACTIVE = "conversation_already_has_active_response"

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from aiohttp import WSMsgType
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import BargedIn, CallControl, Feature, ReplyAudioStarted
+from server.call.features.base import BargedIn, CallControl, Feature, ReplyAudioStarted
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode
 
-from server import twilio_protocol as tw
-from server.features import base
-from server.features.base import Ending, Refusal
+from server.call.features import base
+from server.call.features.base import Ending, Refusal
+from server.call.record import iso, utc_now
+from server.fleet.state import SharedState
+from server.fleet.tokens import StreamTokens
 from server.metrics import REFUSED_BAD_TOKEN, REFUSED_CAPACITY, REFUSED_DUPLICATE
-from server.record import iso, utc_now
-from server.shared_state import SharedState
-from server.stream_tokens import StreamTokens
+from server.wire import twilio as tw
 
 if TYPE_CHECKING:
-    from server.call import Call
+    from server.call.call import Call
     from server.settings import Settings
 
 log = logging.getLogger("server.registry")

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aiohttp import WSCloseCode
 
-from server import twilio_protocol as tw
+from server.wire import twilio as tw
 
 if TYPE_CHECKING:
     import asyncio
 
     import aiohttp
 
+    from server.call.record import CallRecord
     from server.logs import CallLog
-    from server.openai_protocol import OpenAIEvent, ToolSpec
-    from server.record import CallRecord
     from server.settings import Settings
-    from server.twilio_protocol import TwilioEvent
+    from server.wire.realtime import OpenAIEvent, ToolSpec
+    from server.wire.twilio import TwilioEvent
 
 
 # Kinds of ending: the record's `end_kind` and the `end` label of bridge_calls_total.

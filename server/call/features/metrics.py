@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from server import openai_protocol as oai
-from server.features.base import (
+from server.call.features.base import (
     BargedIn,
     CallControl,
     Ending,
@@ -14,6 +13,7 @@ from server.features.base import (
     ReplyAudioStarted,
     ToolFinished,
 )
+from server.wire import realtime as oai
 
 if TYPE_CHECKING:
     from server.metrics import Metrics

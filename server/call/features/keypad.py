@@ -13,10 +13,10 @@ import functools
 from collections.abc import Callable
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import CallControl, Feature, KeypadEntry
+from server.call.features.base import CallControl, Feature, KeypadEntry
 from server.settings import Settings
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 
 KEYS = frozenset("0123456789*#")
 MAX_DIGITS = 32  # an entry this long is sent at once: no unbounded buffer per call

@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import (
+from server.call.features.base import (
     ASSISTANT_ENDED,
     TRANSFERRED,
     CallControl,
@@ -44,6 +42,8 @@ from server.toolbox import (
     parse_arguments,
 )
 from server.tools import CallContext
+from server.wire import realtime as oai
+from server.wire import twilio as tw
 
 HOLD_AFTER = 1.5  # seconds a tool may take before the caller hears hold audio
 HOLD_CHUNK_MS = 500  # hold audio is sent in pieces this long...

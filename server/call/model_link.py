@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType
 
-from server import openai_protocol as oai
+from server.wire import realtime as oai
 
 MAX_ITEMS = 200  # the most recent timeline entries carried over; older ones are left out
 

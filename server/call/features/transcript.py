@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from server import openai_protocol as oai
-from server.features.base import (
+from server.call.features.base import (
     BargedIn,
     CallControl,
     Ending,
@@ -23,6 +22,7 @@ from server.features.base import (
     ReplyAudioStarted,
     ToolFinished,
 )
+from server.wire import realtime as oai
 
 if TYPE_CHECKING:
     from collections.abc import Callable

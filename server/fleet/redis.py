@@ -48,7 +48,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server.shared_state import (
+from server.fleet.state import (
     FETCHED_TTL,
     ControlHandler,
     Dispatcher,

@@ -19,7 +19,7 @@ import wave
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from server.features.base import BargedIn, CallControl, Ending, Feature
+from server.call.features.base import BargedIn, CallControl, Ending, Feature
 
 if TYPE_CHECKING:
     from collections.abc import Callable
