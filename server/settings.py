@@ -49,6 +49,7 @@ SHUTDOWN_MODES = frozenset({"drain", "handover"})
 DEFAULT_HOLD_AUDIO = Path(__file__).resolve().parent / "sounds" / "hold.wav"
 # Like the prompts, relative to the working directory; loaded only if it exists.
 DEFAULT_TOOLS_FILE = Path("config") / "tools.json"
+DEFAULT_NUMBERS_FILE = Path("config") / "numbers.json"
 
 
 class ConfigError(Exception):
@@ -130,6 +131,7 @@ class Settings:
     # unsaved records at shutdown go here, and are loaded into the store at the next start
     records_spool: Path = Path("records-spool.jsonl")
     prices_file: Path = Path("config") / "prices.json"  # USD per 1M tokens, for cost_usd
+    numbers_file: Path | None = None  # the lines this bridge answers -> their plans (JSON)
     shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
 
     @classmethod
@@ -209,7 +211,7 @@ class Settings:
             call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
             call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
             tools_module=r.text("TOOLS_MODULE"),
-            tools_file=_tools_file(r.text_or_off("TOOLS_FILE", "")),
+            tools_file=_optional_file(r.text_or_off("TOOLS_FILE", ""), DEFAULT_TOOLS_FILE),
             tools_secret=r.text("TOOLS_SECRET"),
             tool_timeout=r.number("TOOL_TIMEOUT", float, cls.tool_timeout, 0.1, 600.0),
             hold_audio=_off_path(r.text_or_off("HOLD_AUDIO", str(cls.hold_audio))),
@@ -236,6 +238,7 @@ class Settings:
                 "RECORDS_PENDING_MAX", int, cls.records_pending_max, 1, 10_000_000),
             records_spool=Path(r.text("RECORDS_SPOOL") or cls.records_spool),
             prices_file=Path(r.text("PRICES_FILE") or cls.prices_file),
+            numbers_file=_optional_file(r.text_or_off("NUMBERS_FILE", ""), DEFAULT_NUMBERS_FILE),
             shutdown_action_grace=r.number(
                 "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
         )
@@ -363,12 +366,12 @@ def _check_webhook_url(url: str | None) -> str | None:
     return url
 
 
-def _tools_file(value: str | None) -> Path | None:
-    """Unset (""): config/tools.json if it exists; blank (None) or `off`: none; else that file."""
+def _optional_file(value: str | None, default: Path) -> Path | None:
+    """Unset (""): `default` if it exists; blank (None) or `off`: none; else that file."""
     if value is None:
         return None
     if value == "":
-        return DEFAULT_TOOLS_FILE if DEFAULT_TOOLS_FILE.is_file() else None
+        return default if default.is_file() else None
     return None if value.lower() == "off" else Path(value)
 
 

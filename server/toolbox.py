@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from server.models.session import ToolSpec
 from server.settings import ConfigError, Settings
 from server.tool_threads import ToolThreads
 from server.tools import (
@@ -45,7 +46,6 @@ from server.tools import (
     is_tool,
     tool_schema,
 )
-from server.wire.realtime import ToolSpec
 
 log = logging.getLogger("server.toolbox")
 

@@ -87,6 +87,12 @@ class SharedState(Protocol):
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
         """The call's decision; waits up to `wait` seconds for one to appear."""
 
+    async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
+        """Keep a call's plan (decided before its stream) for the instance that takes it."""
+
+    async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
+        """The call's plan, or None."""
+
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         """Save a call's conversation for the instance that resumes it."""
 
@@ -228,6 +234,7 @@ class MemoryState:
         self._decisions: Expiring[bytes] = Expiring(clock)
         self._contexts: Expiring[bytes] = Expiring(clock)
         self._fetched: Expiring[bool] = Expiring(clock)
+        self._plans: Expiring[bytes] = Expiring(clock)
         self._decided: asyncio.Condition | None = None
         self._dispatcher = Dispatcher()
 
@@ -311,6 +318,13 @@ class MemoryState:
 
     async def fetched(self, call_sid: str) -> bool:
         return call_sid in self._fetched
+
+    async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
+        self._plans.put(call_sid, to_json(plan), ttl)
+
+    async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
+        raw = self._plans.get(call_sid)
+        return None if raw is None else from_json(raw, "plan")
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         self._contexts.put(call_sid, to_json(context), ttl)

@@ -1,36 +1,24 @@
 """Greeting: the assistant speaks first.
 
-With GREETING set, as soon as the model session is ready (`session.updated` confirmed mu-law),
-the bridge asks for a response whose instructions are to say the greeting, so the caller hears it
-without having to say "hello?" first. GREETING may use the prompt placeholders ({{caller}},
-{{called}}, {{call_sid}}); unknown ones stop startup. Unset: the caller speaks first.
+When the call's plan has a greeting (GREETING by default; a line's or an outbound call's own),
+as soon as the model session is ready the bridge asks, through the response gate, for a
+response whose instructions are to say it, so the caller hears it without having to say
+"hello?" first. Greetings may use the prompt placeholders ({{caller}}, {{called}},
+{{call_sid}}, and the plan's variables). None: the caller speaks first.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 from server.call.features.base import CallControl, Feature
-from server.prompts import Prompt, template
-from server.settings import Settings
 
 FeatureFactory = Callable[[CallControl], Feature | None]
 
 
-def load_greeting(settings: Settings) -> Prompt | None:
-    """GREETING as a template, checked once; ConfigError on an unknown placeholder."""
-    if not settings.greeting:
-        return None
-    return template("greeting", None, "GREETING", settings.greeting, "GREETING")
-
-
-def factory(settings: Settings) -> FeatureFactory | None:
-    """The greeting feature for every call; None when GREETING is unset."""
-    template = load_greeting(settings)
-    if template is None:
-        return None
-    return functools.partial(GreetingFeature, template=template)
+def factory() -> FeatureFactory:
+    """The greeting feature for every call (it says nothing when the plan has no greeting)."""
+    return GreetingFeature
 
 
 def instructions(text: str) -> str:
@@ -41,15 +29,9 @@ def instructions(text: str) -> str:
 class GreetingFeature(Feature):
     name = "greeting"
 
-    def __init__(self, call: CallControl, template: Prompt) -> None:
-        super().__init__(call)
-        self._template = template
-
     async def on_session_ready(self, first: bool) -> None:
         if not first:  # a reconnected session continues the conversation: no second hello
             return
-        call = self.call
-        text = self._template.render({"caller": call.caller or "unknown",
-                                      "called": call.called or "unknown",
-                                      "call_sid": call.call_sid})
-        await call.request_response("greeting", instructions(text))
+        text = self.call.greeting
+        if text is not None:
+            await self.call.request_response("greeting", instructions(text))
