@@ -17,8 +17,10 @@ from server import NAME, __version__
 from server.call.assembly import assemble
 from server.call.call import Call, CallDeps, CallListener, FeatureFactory
 from server.call.plan import Plans
+from server.fleet.events import EventBus
+from server.fleet.open import open_bus, open_state
 from server.fleet.registry import CallRegistry
-from server.fleet.state import SharedState, open_state
+from server.fleet.state import SharedState
 from server.fleet.tokens import StreamTokens
 from server.logs import mask_number
 from server.metrics import REFUSED_CAPACITY, REFUSED_DRAINING, Metrics, bearer_ok
@@ -34,6 +36,7 @@ SETTINGS = web.AppKey("settings", Settings)
 PLANS = web.AppKey("plans", Plans)
 REGISTRY = web.AppKey("registry", CallRegistry)
 STATE = web.AppKey("state", SharedState)
+BUS = web.AppKey("bus", EventBus)
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
 FEATURES: web.AppKey[list[FeatureFactory]] = web.AppKey("features")
@@ -53,15 +56,18 @@ _SHUTDOWN_GRACE = 2.0
 DECISION_WAIT = 3.0  # the action request may arrive before the call's clean-up has finished
 
 
-def create_app(settings: Settings, state: SharedState | None = None) -> web.Application:
+def create_app(settings: Settings, state: SharedState | None = None,
+               bus: EventBus | None = None) -> web.Application:
     """Build the app; raises ConfigError if the configured prompt or features cannot load.
 
-    `state`: a shared state the caller owns (tests run two apps as one fleet on it); by default
-    the app opens its own (memory, or Redis with REDIS_URL)."""
+    `state`, `bus`: a shared state and event bus the caller owns (tests run two apps as one
+    fleet on them); by default the app opens its own (memory, or Redis with REDIS_URL)."""
     app = web.Application()
     app[SETTINGS] = settings
     if state is not None:
         app[STATE] = state
+    if bus is not None:
+        app[BUS] = bus
     app[PLANS] = Plans(settings)  # every prompt, greeting and line checked now
     app[TOKENS] = (
         StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl)
@@ -98,10 +104,19 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
 
 
 async def _shared_state(app: web.Application) -> AsyncIterator[None]:
-    """Tokens, capacity and decisions: in memory, or in Redis for a fleet (REDIS_URL)."""
+    """Tokens, capacity, decisions, plans and calls' events: in memory, or in Redis for a
+    fleet (REDIS_URL)."""
     owned = STATE not in app
     state = await open_state(app[SETTINGS]) if owned else app[STATE]
     app[STATE] = state
+    owned_bus = BUS not in app
+    if owned_bus:
+        try:
+            app[BUS] = await open_bus(app[SETTINGS])
+        except BaseException:
+            if owned:
+                await state.close()
+            raise
     registry = app[REGISTRY] = CallRegistry(app[SETTINGS], state)
     state.on_control(registry.on_control)
     if app[SETTINGS].shutdown_mode == "handover":
@@ -109,6 +124,8 @@ async def _shared_state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if owned_bus:
+            await app[BUS].close()
         if owned:
             await state.close()
 
@@ -338,6 +355,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     call = Call(request.app[DEPS], ws, peer=request.remote or "?")
+    call.events.sinks.append(request.app[BUS].publish)  # followers on any instance
     registry.add(call)
     try:
         await call.run()

@@ -153,6 +153,11 @@ class FakeCall:
     def playback_idle(self) -> bool:
         return self.played.is_set()
 
+    async def wait(self, predicate: Any, timeout: float = 3.0) -> None:
+        """Until `predicate(self)` holds after something was sent."""
+        async with asyncio.timeout(timeout), self.changed:
+            await self.changed.wait_for(lambda: predicate(self))
+
     async def wait_played(self, timeout: float) -> bool:
         try:
             async with asyncio.timeout(timeout):

@@ -52,10 +52,6 @@ class FakeCall(fake_call.FakeCall):
         return {e["item"]["call_id"]: orjson.loads(e["item"]["output"]) for side, e in self.sent
                 if side == "model" and e.get("item", {}).get("type") == "function_call_output"}
 
-    async def wait(self, predicate: Any, timeout: float = 3.0) -> None:
-        async with asyncio.timeout(timeout), self.changed:
-            await self.changed.wait_for(lambda: predicate(self))
-
     async def close(self, feature: Feature) -> None:
         await feature.on_end(Ending(EndKind.CALLER_HUNG_UP, "test over"))
         for task in list(self.tasks):

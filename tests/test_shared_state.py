@@ -15,8 +15,9 @@ from uuid import uuid4
 import pytest
 from redis.asyncio import Redis
 
+from server.fleet.open import open_state
 from server.fleet.redis import RedisState, mask_url
-from server.fleet.state import MemoryState, SharedState, SharedStateError, open_state
+from server.fleet.state import MemoryState, SharedState, SharedStateError
 from server.settings import ConfigError, Settings
 from tests.redis_server import RedisServer, free_port, start_or_skip
 

@@ -34,6 +34,7 @@ from server.call.events import (
     EventStream,
     ModelErrored,
     ModelReady,
+    Subscription,
 )
 from server.call.features.base import Feature
 from server.call.gate import ResponseGate
@@ -222,6 +223,11 @@ class Call:
 
     def publish(self, event: CallEvent) -> None:
         self.events.publish(event)
+
+    def subscribe(self, replay: bool = True) -> Subscription:
+        """The call's events as JSON objects (from its start, with `replay`), then live; a
+        subscriber that falls behind gets `dropped` markers, never a slower call."""
+        return self.events.subscribe(replay)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._owned_task(coro, name), name=name)

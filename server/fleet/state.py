@@ -4,7 +4,7 @@ and call control.
 One process keeps it in memory (`MemoryState`). A fleet of bridges keeps it in Redis
 (`server.fleet.RedisState`), because the webhook, the stream, Twilio's `<Connect action>` request
 and an admin's hang-up can each land on a different instance. Both implement `SharedState`; the
-app talks only to that, and `open_state(settings)` picks one.
+app talks only to that, and `server.fleet.open.open_state(settings)` picks one.
 
 Every value that crosses this boundary (decisions, context, control actions) must be JSON:
 `MemoryState` round-trips it through JSON too, so a value that would break the fleet breaks a
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 import orjson
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    pass
 
 log = logging.getLogger("server.shared_state")
 
@@ -104,21 +104,6 @@ class SharedState(Protocol):
 
     def on_control(self, handler: ControlHandler) -> None:
         """Set the handler for actions published for calls this instance holds."""
-
-
-async def open_state(settings: Settings) -> SharedState:
-    """The store the settings ask for, started: Redis when REDIS_URL is set, else memory.
-
-    Raises SharedStateError (one line, password masked) if Redis cannot be reached."""
-    state: SharedState
-    if settings.redis_url:
-        from server.fleet.redis import RedisState  # redis is imported only by fleets
-
-        state = RedisState(settings.redis_url, lease=settings.fleet_lease_seconds)
-    else:
-        state = MemoryState()
-    await state.start()
-    return state
 
 
 def to_json(value: dict[str, Any]) -> bytes:
