@@ -62,6 +62,11 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, typed and checked, with the defaults a fresh clone runs on. A call's own
+    choices (prompt, greeting, voice, tools, model API) come from its plan; these are the
+    plan's defaults."""
+
+    # The model and the conversation's defaults: who answers, how it hears and speaks
     openai_api_key: str = field(repr=False)
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
     openai_model: str = "gpt-realtime"
@@ -77,6 +82,7 @@ class Settings:
     vad_eagerness: str = "auto"
     noise_reduction: str = "off"
     transcription_model: str | None = "gpt-4o-mini-transcribe"  # None: caller side untranscribed
+    # Twilio and the server: where it listens, how streams are admitted, logged and ended
     host: str = "0.0.0.0"
     port: int = 5050
     public_url: str | None = None
@@ -93,10 +99,10 @@ class Settings:
     fallback_message: str = (
         "Sorry, our assistant is not available right now. Please try again later."
     )
-    # --- call core ---
+    # What logs may show, and how a dead model connection is noticed
     log_pii: bool = False
     openai_heartbeat: float = 10.0
-    # --- records, metrics (issue 8) ---
+    # Records, recordings and metrics: what is kept about calls, and who may read it
     database_url: str = field(default="sqlite:///calls.db", repr=False)  # may hold a password
     retention_days: int | None = None  # None: keep records forever
     record_calls: bool = False
@@ -105,7 +111,7 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     call_webhook_url: str | None = None
     call_webhook_secret: str | None = field(default=None, repr=False)
-    # --- the assistant acts: tools, keypad, greeting, transfer (issue 7) ---
+    # What the assistant may do beyond talking: tools, keypad, greeting, transfer
     tools_module: str | None = None  # importable module name or .py path with @tool functions
     tools_file: Path | None = None  # HTTP tools (from_env: config/tools.json if it exists)
     tools_secret: str | None = field(default=None, repr=False)  # HMAC key for HTTP tools
@@ -115,16 +121,16 @@ class Settings:
     keypad: bool = True
     keypad_timeout: float = 2.0
     greeting: str | None = None
-    # --- fleet (issue 9) ---
+    # Several processes or machines sharing calls, and how a process leaves
     redis_url: str | None = field(default=None, repr=False)  # None: state in this process only
     workers: int = 1  # processes sharing HOST:PORT (SO_REUSEPORT)
     shutdown_mode: str = "drain"  # drain | handover
     fleet_lease_seconds: float = 5.0  # a silent (killed) instance keeps its slots this long
-    # --- calls that survive: a new model session when one is lost (issue 9) ---
+    # A call outlives its model session: a new one continues the conversation
     reconnect_attempts: int = 2
     reconnect_within: float = 3.0  # seconds for all attempts together
     reconnect_buffer_seconds: float = 10.0  # caller audio kept during the gap
-    # --- limits that keep one process healthy under faults ---
+    # Bounds that keep one process healthy under faults, and where things are kept
     max_call_seconds: float = 14400.0  # the assistant says goodbye and the call ends
     tool_threads: int = 8  # sync tools run on their own pool of this many threads
     records_pending_max: int = 10000  # final records kept in memory while the store is down

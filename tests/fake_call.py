@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -35,6 +35,7 @@ class FakeModel:
 
     def __init__(self, call: FakeCall) -> None:
         self._call = call
+        self.send_audio: Callable[[str], Awaitable[None]] = self._send_audio
 
     @property
     def closed(self) -> bool:
@@ -43,7 +44,7 @@ class FakeModel:
     async def open(self, config: SessionConfig, conversation: Sequence[Entry]) -> None:
         """Nothing to open: the tests hand events to the call themselves."""
 
-    async def send_audio(self, payload: str) -> None:
+    async def _send_audio(self, payload: str) -> None:
         await self._call.add_sent("model", rt.append_audio(payload))
 
     async def run(self, on_audio: AudioHandler, on_event: EventHandler) -> None:

@@ -120,6 +120,7 @@ class _NoSession:
 
     add_tool_result = add_text = create_response = truncate = listen_only = _nothing
     send_audio = ping = close = lose = _nothing
+    closed = True
 
 
 _NO_SESSION: Any = _NoSession()

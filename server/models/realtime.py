@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -115,6 +115,16 @@ def conversation_items(entries: Iterable[Entry], limit: int = MAX_ITEMS) -> list
     return items
 
 
+def _audio_sender(ws: OpenAISocket) -> Callable[[str], Awaitable[None]]:
+    """The caller's audio to the model, per frame: nothing looked up but the two locals."""
+    send, append = ws.send_frame, rt.append_audio
+
+    async def send_audio(payload: str) -> None:
+        await send(append(payload), TEXT)
+
+    return send_audio
+
+
 class RealtimeSession:
     api = "realtime"
     decides_turns = False
@@ -129,10 +139,13 @@ class RealtimeSession:
         self._ready = False
         self._lost_because: str | None = None
         self.received = 0
+        # The caller's audio to the model: a closure over the socket once it is open.
+        self.send_audio: Callable[[str], Awaitable[None]] = self._not_open
 
     async def open(self, config: SessionConfig, conversation: Sequence[Entry]) -> None:
         ws = await open_model_socket(self._settings, self._http, config.model)
         self._ws = ws
+        self.send_audio = _audio_sender(ws)
         prompt = {"prompt": config.prompt} if config.prompt else (
             {"instructions": config.instructions} if config.instructions is not None else {})
         try:
@@ -144,10 +157,9 @@ class RealtimeSession:
             await self.close()
             raise ModelUnavailable(f"the new session closed at once: {e}") from None
 
-    async def send_audio(self, payload: str) -> None:
-        ws = self._ws
-        assert ws is not None
-        await ws.send_frame(rt.append_audio(payload), TEXT)
+    @staticmethod
+    async def _not_open(payload: str) -> None:
+        raise ConnectionError("the session is not open")
 
     async def run(self, on_audio: AudioHandler, on_event: EventHandler) -> None:
         ws = self._ws

@@ -78,8 +78,9 @@ class ModelSession(Protocol):
     async def open(self, config: SessionConfig, conversation: Sequence[Entry]) -> None:
         """Connect, configure, and give it the conversation so far; ModelUnavailable if not."""
 
-    async def send_audio(self, payload: str) -> None:
-        """The caller's audio, base64 mu-law (the fast path); ConnectionError if lost."""
+    # The caller's audio, base64 mu-law (the fast path); ConnectionError if lost. An attribute,
+    # so a session can bind it to its socket once open.
+    send_audio: Callable[[str], Awaitable[None]]
 
     async def run(self, on_audio: AudioHandler, on_event: EventHandler) -> None:
         """Receive until the session ends: raises ModelLost (a new session may follow) or
