@@ -20,11 +20,12 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from server.call import start
 from server.call.conversation import Conversation
 from server.call.ending import CallEnds, Ending, EndKind, Refusal, failed, hung_up
 from server.call.events import (
@@ -44,11 +45,10 @@ from server.call.plan import CallPlan, Plans, Resolved
 from server.call.playback import Playback
 from server.call.record import CallRecord, utc_now
 from server.fleet.tokens import StreamTokens
-from server.logs import CallLog, mask_number
-from server.metrics import REFUSED_BAD_TOKEN
+from server.logs import CallLog, RepeatedWarnings, mask_number
 from server.models import events as ev
-from server.models.session import ModelSession, ModelUnavailable, SessionConfig
-from server.settings import ConfigError, Settings
+from server.models.session import NO_SESSION, ModelSession, ModelUnavailable, SessionConfig
+from server.settings import Settings
 from server.wire import twilio as tw
 
 if TYPE_CHECKING:
@@ -61,8 +61,6 @@ FeatureFactory = Callable[["CallControl"], Feature | None]
 T = TypeVar("T")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
-WARNINGS_SHOWN = 3  # of each warning a call's input causes; the rest are counted
-MAX_WARNING_KINDS = 32
 BUILTIN_TOOLS = frozenset({"end_call"})  # offered whatever the plan's tool list says
 PLAYBACK_EVENTS = (ev.AudioDone, ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted)
 GATE_EVENTS = (ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted, ev.SpeechStopped,
@@ -105,30 +103,6 @@ class CallDeps:
     features: Sequence[FeatureFactory] = field(default_factory=tuple)
     listeners: Sequence[CallListener] = field(default_factory=tuple)
     sessions: Callable[[Call], SessionFactory] = realtime_factory
-
-
-class _NoSession:
-    """The model while there is none (before the first, between two): what is sent is lost,
-    as it would be on a dead socket."""
-
-    api = "none"
-    decides_turns = False
-    received = 0
-
-    async def _nothing(self, *args: Any) -> None:
-        return None
-
-    add_tool_result = add_text = create_response = truncate = listen_only = _nothing
-    send_audio = ping = close = lose = _nothing
-    closed = True
-
-
-_NO_SESSION: Any = _NoSession()
-
-
-def _bad_input(what: str) -> CallEnds:
-    return CallEnds(failed(EndKind.BAD_INPUT, f"bad frame from Twilio: {what}",
-                           WSCloseCode.POLICY_VIOLATION, logging.WARNING))
 
 
 class Call:
@@ -204,7 +178,7 @@ class Call:
         self.ending: Ending | None = None
         self.features_built = False
         self.refusal: Refusal | None = None  # why the stream was not admitted
-        self._warnings: dict[str, int] = {}  # warning -> times seen (see `warn`)
+        self._warnings = RepeatedWarnings()
 
     # --- CallControl ---
 
@@ -215,7 +189,7 @@ class Call:
     @property
     def model(self) -> ModelSession:
         session = self.link.session
-        return session if session is not None else _NO_SESSION
+        return session if session is not None else NO_SESSION
 
     async def send_to_caller(self, frame: bytes) -> None:
         if not self._twilio.closed:
@@ -258,13 +232,8 @@ class Call:
 
     def warn(self, message: str) -> None:
         """A warning caused by this call's input: the first few are logged, the rest counted
-        and reported once when the call ends (a peer repeating a fault cannot flood the log)."""
-        seen = self._warnings.get(message, 0) + 1
-        self._warnings[message] = seen
-        if seen <= WARNINGS_SHOWN:
-            self.log.warning("%s", message)
-        elif len(self._warnings) > MAX_WARNING_KINDS:  # distinct messages are bounded too
-            self._warnings.pop(message)
+        and reported once when the call ends."""
+        self._warnings.warn(self.log, message)
 
     def session_lost(self) -> None:
         """The model session is gone: nothing of it is playing or pending any more."""
@@ -310,18 +279,20 @@ class Call:
         return self._twilio.closed and (session is None or session.closed)
 
     async def _run(self) -> Ending:
-        start = await self._or_ended(self._receive_start())
-        self.stream_sid, self.call_sid = start.stream_sid, start.call_sid
-        self.caller = start.parameters.get("caller", "")
-        self.called = start.parameters.get("called", "")
+        begun = await self._or_ended(start.receive_start(self._twilio,
+                                                         self.settings.stream_start_timeout))
+        self.stream_sid, self.call_sid = begun.stream_sid, begun.call_sid
+        self.caller = begun.parameters.get("caller", "")
+        self.called = begun.parameters.get("called", "")
         rec = self.record
         rec.call_sid, rec.stream_sid, rec.caller, rec.called = (
             self.call_sid, self.stream_sid, self.caller, self.called)
-        self.log = CallLog(log, {**(self.log.extra or {}), "call_sid": start.call_sid,
-                                 "stream_sid": start.stream_sid})
-        await self._or_ended(self._admit(start))
+        self.log = CallLog(log, {**(self.log.extra or {}), "call_sid": begun.call_sid,
+                                 "stream_sid": begun.stream_sid})
+        await self._or_ended(start.admit(self, self._deps, begun))
         self.events.call_sid, self.events.public = self.call_sid, True
-        await self._or_ended(self._decide_plan(bool(start.parameters.get("resume"))))
+        self._resolved = await self._or_ended(
+            start.decide_plan(self, self._deps, bool(begun.parameters.get("resume"))))
         self._build_features()
         try:
             await self._or_ended(self.link.open("handed over" if self.resumed
@@ -391,9 +362,7 @@ class Call:
             except Exception:
                 self.log.exception("feature %s failed at the end of the call", feature.name)
         rec.touch()
-        for message, seen in self._warnings.items():
-            if seen > WARNINGS_SHOWN:
-                self.log.warning("%s (%d more times)", message, seen - WARNINGS_SHOWN)
+        self._warnings.report(self.log)
         summary = {
             "reason": ending.reason,
             "end": str(ending.kind),
@@ -437,71 +406,6 @@ class Call:
                 self.log.exception("recording the end of the call failed")
         self.finished.set()
 
-    # --- before the relay ---
-
-    async def _receive_start(self) -> tw.Start:
-        deadline = time.monotonic() + self.settings.stream_start_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                msg = await self._twilio.receive(timeout=max(remaining, 0.001))
-            except TimeoutError:
-                raise CallEnds(failed(EndKind.BAD_INPUT, "no 'start' from Twilio in time",
-                                      WSCloseCode.POLICY_VIOLATION, logging.WARNING)) from None
-            event = self._decode_twilio(msg)
-            if isinstance(event, tw.Start):
-                return event
-            if isinstance(event, str):  # a tw.Media payload
-                raise _bad_input("media before 'start'")
-            if isinstance(event, tw.Stop):
-                raise CallEnds(hung_up("stream stopped before it started"))
-
-    async def _admit(self, start: tw.Start) -> None:
-        tokens = self._deps.tokens
-        token = start.parameters.get("token")
-        if tokens is not None:
-            problem = tokens.verify(token, start.call_sid)
-            if problem:
-                self._refuse(Refusal(REFUSED_BAD_TOKEN, problem))
-        hooks = self._deps.hooks
-        if hooks is not None:
-            refusal = await hooks.admit(self, token if tokens is not None else None)
-            if refusal is not None:
-                self._refuse(refusal)
-
-    def _refuse(self, refusal: Refusal) -> NoReturn:
-        self.refusal = refusal
-        raise CallEnds(failed(EndKind.REJECTED, f"rejected stream: {refusal.message}",
-                              WSCloseCode.POLICY_VIOLATION, logging.WARNING))
-
-    async def _decide_plan(self, resume: bool) -> None:
-        """This call's plan: what a handed-over call brings, what was decided before the
-        stream (webhook, outbound API), else this line's plan from NUMBERS_FILE."""
-        hooks, plans = self._deps.hooks, self._deps.plans
-        plan: CallPlan | None = None
-        if resume and hooks is not None:
-            context = await hooks.resume(self)
-            self.resumed = context is not None
-            saved = context.get("plan") if context else None
-            if isinstance(saved, dict):
-                with contextlib.suppress(ValueError):
-                    plan = CallPlan.from_dict(saved)
-        if plan is None and hooks is not None:
-            plan = await hooks.plan(self)
-        self.plan = plan or plans.inbound(self.called)
-        try:
-            self._resolved = plans.resolve(self.plan)
-        except ConfigError as e:  # a plan made elsewhere that this instance cannot follow
-            raise CallEnds(failed(EndKind.INTERNAL_ERROR, f"the call's plan: {e}")) from None
-        rec = self.record
-        rec.direction = self.plan.direction
-        rec.metadata = {**rec.metadata, **self.plan.metadata}
-        rec.prompt = self._resolved.prompt.describe()
-        rec.model = self._model_name()
-
-    def _model_name(self) -> str:
-        return self.settings.openai_model
-
     def _build_features(self) -> None:
         self.features_built = True
         for factory in self._deps.features:
@@ -519,26 +423,13 @@ class Call:
                 self.playback.listeners.append(feature)
 
     def _session_config(self) -> SessionConfig:
-        resolved = self._resolved
-        assert resolved is not None
-        values = {"caller": self.caller or "unknown", "called": self.called or "unknown",
-                  "call_sid": self.call_sid, **self.plan.variables}
-        allowed = self.plan.tools
-        tools = tuple(spec for feature in self.features for spec in feature.tools()
-                      if allowed is None or spec.name in allowed or spec.name in BUILTIN_TOOLS)
-        fields = resolved.prompt.session_fields(values)
-        return SessionConfig(self.record.model, fields.get("instructions"), resolved.voice,
-                             tools, fields.get("prompt"))
+        assert self._resolved is not None
+        return start.session_config(self, self._resolved)
 
     @property
     def greeting(self) -> str | None:
         """The plan's greeting, rendered for this call (None: the caller speaks first)."""
-        resolved = self._resolved
-        if resolved is None or resolved.greeting is None:
-            return None
-        return resolved.greeting.render({"caller": self.caller or "unknown",
-                                         "called": self.called or "unknown",
-                                         "call_sid": self.call_sid, **self.plan.variables})
+        return start.greeting(self, self._resolved)
 
     # --- the relay: Twilio -> the model ---
 
@@ -555,11 +446,11 @@ class Call:
             msg = await receive()
             self._received += 1
             if msg.type is not TEXT:
-                self._decode_twilio(msg)  # raises the right ending
+                start.decode_frame(msg, self._twilio)  # raises the right ending
             try:
                 event = decode(msg.data)
             except tw.TwilioProtocolError as e:
-                raise _bad_input(str(e)) from None
+                raise start.bad_input(str(e)) from None
             if isinstance(event, str):  # tw.Media: the payload itself
                 try:
                     await link.send(event)
@@ -578,20 +469,6 @@ class Call:
                 self.warn(f"ignored a repeated {type(event).__name__.lower()!r} event")
             for feature in dispatch.get(type(event), ()):
                 await feature.on_twilio(event)
-
-    def _decode_twilio(self, msg: aiohttp.WSMessage) -> tw.TwilioEvent:
-        if msg.type is not TEXT:
-            if msg.type in _CLOSED:
-                raise CallEnds(hung_up(f"Twilio closed the stream (code "
-                                       f"{self._twilio.close_code})"))
-            if msg.type is WSMsgType.ERROR:
-                raise CallEnds(failed(EndKind.BAD_INPUT, f"Twilio socket error: {msg.data}",
-                                      WSCloseCode.POLICY_VIOLATION, logging.WARNING))
-            raise _bad_input(f"{msg.type.name.lower()} frame (Twilio sends only text)")
-        try:
-            return tw.decode(msg.data)
-        except tw.TwilioProtocolError as e:
-            raise _bad_input(str(e)) from None
 
     async def _watch(self) -> None:
         """One watchdog per call instead of a timer on every received frame (aiohttp's own

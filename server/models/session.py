@@ -62,6 +62,25 @@ class ModelFailed(Exception):
         self.reason = reason
 
 
+class _NoSession:
+    """The model while a call has none (before the first, between two): what is sent is lost,
+    as it would be on a dead socket."""
+
+    api = "none"
+    decides_turns = False
+    received = 0
+    closed = True
+
+    async def _nothing(self, *args: object) -> None:
+        return None
+
+    add_tool_result = add_text = create_response = truncate = listen_only = _nothing
+    send_audio = ping = close = lose = _nothing
+    open = run = _nothing
+
+
+NO_SESSION: Any = _NoSession()
+
 AudioHandler = Callable[["AudioDelta"], Awaitable[object]]
 EventHandler = Callable[["ModelEvent"], Awaitable[None]]
 
