@@ -63,5 +63,5 @@ def test_per_minute_entries_are_validated() -> None:
                 {"usd_per_minute": True}):
         with pytest.raises(ValueError, match="usd_per_minute: expected a number"):
             PriceTable.parse({"models": {"live": bad}})
-    with pytest.raises(ValueError, match="usd_per_minut'.*usd_per_minute"):
+    with pytest.raises(ValueError, match=r"usd_per_minut'.*usd_per_minute"):
         PriceTable.parse({"models": {"live": {"usd_per_minut": 0.05}}})

@@ -254,7 +254,7 @@ async def test_history_within_the_limits_is_taken_and_beyond_them_refused(
     entries = [("user" if n % 2 else "assistant", f"message {n}") for n in range(200)]
     trimmed = live.history_input(entries)
     assert len(trimmed) == 128
-    client, standin = await connect(history=trimmed)
+    _, standin = await connect(history=trimmed)
     assert standin.resource is not None and standin.resource["input"] == trimmed
     too_many = [live.history_input([("user", f"m {n}")])[0] for n in range(129)]
     too_long = live.history_input([("user", "x" * 33_000)], max_tokens=20_000)
