@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -237,7 +239,8 @@ async def test_a_bad_session_start_is_refused_whole(
     assert decoded.code == code and decoded.param == param
     assert decoded.fatal is (code == "model_not_found")  # a bad key or quota, and the like
     assert not standin.started
-    checker.take()  # the SDK finds some of these wrong too (unknown keys); that is the point
+    # the SDK finds some of these wrong too (unknown keys): the client's, as provoked
+    assert all("sent to OpenAI by the client" in v for v in checker.take())
 
 
 async def test_the_bridges_refused_start_is_fatal(connect: Connect) -> None:
@@ -291,7 +294,9 @@ async def test_update_changes_the_backend_only(connect: Connect, checker: EventC
         error = await client.until("error", 1 + len(client.of("error")))
         assert (error["error"]["code"], error["error"]["param"]) == (code, param)
     assert standin.resource is not None and standin.resource["instructions"] == "Be brief."
-    checker.take()  # SessionUpdateConfig has no instructions, audio or voice: as refused
+    # SessionUpdateConfig has no instructions, audio or voice: the client's, as provoked
+    taken = checker.take()
+    assert len(taken) == 3 and all("sent to OpenAI by the client" in v for v in taken)
 
 
 # --- audio both ways ---
@@ -534,6 +539,12 @@ async def test_every_event_kind_was_checked(connect: Connect, checker: EventChec
         "session.commentary.appended"}
     assert not any(isinstance(e, live.Other) for e in client.decoded)
     assert standin.turns == 2
+
+
+def test_the_wire_and_the_standin_run_without_openai() -> None:
+    code = ("import sys, server.wire.live, server.testing.live_standin; "
+            "sys.exit('openai' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_main_announces_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
