@@ -1,5 +1,7 @@
 """What an ended call leaves in memory (issue 12): its decision, small and bounded in number,
-and its spent stream token until the token expires. Counted in bytes (tracemalloc), not time."""
+and its spent stream token until the token expires. Counted in bytes (tracemalloc), not time.
+
+`python -m server.testing.memory --only calls` measures the same through a real app."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from server import twilio_protocol as tw
 from server.registry import DECISION_TTL
 from server.settings import Settings
 from server.shared_state import MAX_DECISIONS, Expiring, MemoryState
+from server.testing.memory import measure_calls
 
 
 class Clock:
@@ -104,3 +107,11 @@ def test_expiring_renews_a_key_put_again() -> None:
     assert (items.get("a"), items.get("b"), items.get("c")) == (3, None, 4)
     assert items.dropped == 1
 
+
+async def test_the_measurement_tool_finds_what_ended_calls_keep() -> None:
+    """`python -m server.testing.memory --only calls`, tiny: real calls through a real app, and
+    the decisions they leave attributed to the shared state."""
+    result = await measure_calls(calls=12, warmup=3, concurrency=4, settle=0.0)
+    assert result.calls == 12 and result.kept > 0
+    assert any(where.startswith("shared_state.py:") for where, size, _ in result.sources
+               if size > 0), result.sources
