@@ -192,6 +192,7 @@ async def test_nothing_is_at_the_final_path_until_the_call_ends(tmp_path: Path) 
         await recorder.wait_idle()
     (part,) = tmp_path.glob("CAlive.*.wav.part")
     assert part.stat().st_size == 44 + 4 * 8000 and not final.exists()
+    assert call.record.recording == str(final)  # named while the call goes on
     await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
     await recorder.close()
     assert list(tmp_path.iterdir()) == [final]

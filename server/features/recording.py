@@ -328,8 +328,12 @@ class Recording(Feature):
         if self._track is None:
             # The caller's frames come in real time: the first came `clock` bytes ago.
             self._began = utc_now() - timedelta(seconds=self.clock / RATE)
-            self._track = Track(self.recorder.path_for(self.call.record.call_sid),
-                                uuid.uuid4().hex[:12])
+            record = self.call.record
+            self._track = Track(self.recorder.path_for(record.call_sid), uuid.uuid4().hex[:12])
+            # Named from the first batch on: a resumed call's record, saved while it goes on,
+            # keeps pointing at the audio recorded before the handover.
+            record.recording = str(self._track.final)
+            record.touch()
         return self._track
 
     async def on_end(self, ending: Ending) -> None:
@@ -341,8 +345,6 @@ class Recording(Feature):
                 record.recording = str(path)
                 record.touch()
             return
-        record.recording = str(path)
-        record.touch()
         upto = max([self.clock, *(start + hi for start, _, _, hi in self.assistant)])
         caller, assistant = self._take(upto)
         track = self._start_track()

@@ -254,13 +254,14 @@ async def measure_calls(calls: int, warmup: int = 200, concurrency: int = 20,
                 standin.app[STANDIN_SESSIONS].remove(session)
 
             async def batch(n: int) -> None:
-                gate = asyncio.Semaphore(concurrency)
+                left = [n]  # `concurrency` workers, not n tasks: the tool's memory stays flat
 
-                async def gated() -> None:
-                    async with gate:
+                async def worker() -> None:
+                    while left[0] > 0:
+                        left[0] -= 1
                         await one()
 
-                await asyncio.gather(*(gated() for _ in range(n)))
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
                 while len(app[REGISTRY]):
                     await asyncio.sleep(0.05)  # a tool: the calls' clean-up has no event here
                 await asyncio.sleep(settle)
