@@ -360,6 +360,19 @@ async def test_a_call_whose_end_never_comes_becomes_unknown(fleet: Fleet) -> Non
     assert progress["states"]["waiting"] == 1 and progress["states"]["in_progress"] == 1
 
 
+async def test_a_cancelled_campaigns_lost_call_is_still_settled(fleet: Fleet) -> None:
+    a = await fleet.instance("A", stale_after_s=3600)
+    created = await fleet.api.create(spec(), [CallSpec(n) for n in numbers(2)])
+    await fleet.round()
+    await fleet.api.act(created["id"], "cancel")
+    fleet.phone.live.clear()  # neither call's end is ever reported
+    fleet.clock.now += 3601
+    assert await a.tick() == 0
+    progress = await fleet.api.progress(created["id"])
+    assert progress["states"]["in_progress"] == 0
+    assert progress["outcomes"] == {"unknown": 2} and progress["status"] == "cancelled"
+
+
 # --- operators ---
 
 

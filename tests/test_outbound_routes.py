@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ async def test_create_from_json_then_progress(api: Api) -> None:
     resp = await api.client.get(f"/campaigns/{created['id']}", headers=AUTH)
     progress = await resp.json()
     assert progress["name"] == "Reminders" and progress["created_by"] == "ops"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", progress["created_at"])
     assert progress["states"]["pending"] == 2 and progress["outcomes"] == {"invalid": 1}
     assert progress["settings"]["window"]["timezone"] == "America/New_York"
     assert "calls" not in progress
@@ -80,7 +82,8 @@ async def test_create_from_json_then_progress(api: Api) -> None:
     assert [(c["number"], c["state"]) for c in calls] == [
         ("+15550001111", "pending"), ("+15550002222", "pending"), ("12345", "skipped")]
     listing = await (await api.client.get("/campaigns", headers=AUTH)).json()
-    assert [c["id"] for c in listing["campaigns"]] == [created["id"]]
+    assert [(c["id"], c["status"], c["created_at"]) for c in listing["campaigns"]] == [
+        (created["id"], "running", progress["created_at"])]
 
 
 async def test_create_from_csv(api: Api) -> None:

@@ -36,6 +36,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -445,6 +446,12 @@ class _Postgres:
 # --- the store ---
 
 
+def iso(epoch: float) -> str:
+    """Epoch seconds as the records' ISO 8601 UTC form (`2025-03-03T11:06:40.000Z`)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
 def _loads(text: Any) -> Any:
     return orjson.loads(text) if text else {}
 
@@ -531,7 +538,7 @@ class CampaignStore:
             if c["state"] in (DONE, SKIPPED_STATE) and c["outcome"]:
                 outcomes[str(c["outcome"])] = outcomes.get(str(c["outcome"]), 0) + n
         return {"id": campaign.id, "name": campaign.spec.name, "status": campaign.status,
-                "created_at": campaign.created_at, "created_by": campaign.created_by,
+                "created_at": iso(campaign.created_at), "created_by": campaign.created_by,
                 "total": total, "attempts": attempts, "states": states, "outcomes": outcomes,
                 "settings": campaign.spec.to_dict()}
 
@@ -540,7 +547,7 @@ class CampaignStore:
         async with self._db.transaction() as tx:
             rows = await tx.fetch("SELECT id, name, status, created_at, created_by "
                                   "FROM campaigns ORDER BY created_at DESC, id LIMIT ?", limit)
-        return rows
+        return [{**r, "created_at": iso(float(r["created_at"]))} for r in rows]
 
     async def entries(self, campaign_id: str, *, limit: int = 1000,
                       after: int = 0) -> list[dict[str, Any]]:
@@ -584,10 +591,15 @@ class CampaignStore:
     # --- the scheduler ---
 
     async def running(self) -> list[str]:
-        """Ids of running campaigns, oldest first."""
+        """Ids of the campaigns the scheduler looks at, oldest first: running ones, and paused
+        or cancelled ones that still have calls placed and not ended (their leases and stale
+        calls must still be settled)."""
         async with self._db.transaction() as tx:
-            rows = await tx.fetch("SELECT id FROM campaigns WHERE status = ? "
-                                  "ORDER BY created_at, id", RUNNING)
+            rows = await tx.fetch(
+                "SELECT id FROM campaigns WHERE status = ? OR (status IN (?, ?) AND EXISTS "
+                "(SELECT 1 FROM campaign_calls WHERE campaign_id = campaigns.id "
+                "AND state IN (?, ?))) ORDER BY created_at, id",
+                RUNNING, PAUSED, CANCELLED, *ACTIVE)
         return [str(r["id"]) for r in rows]
 
     async def claim(self, campaign_id: str, *, instance: str, now: float, lease_until: float,
