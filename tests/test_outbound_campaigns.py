@@ -65,7 +65,7 @@ class Phone:
     attempts: dict[str, int] = field(default_factory=dict)  # per number
     per_entry: dict[str, int] = field(default_factory=dict)  # per campaign entry
     plans: dict[str, Entry] = field(default_factory=dict)
-    hang: set[str] = field(default_factory=set)  # numbers whose placement never returns
+    hang: set[str] = field(default_factory=set)  # numbers whose first placement never returns
 
     def place_for(self, instance: str) -> Place:
         async def place(campaign: Campaign, entry: Entry) -> PlaceResult:
@@ -82,6 +82,7 @@ class Phone:
             self.plans[sid] = entry
             self.max_live = max(self.max_live, len(self.live))
             if entry.to in self.hang:
+                self.hang.discard(entry.to)  # once: a second dial must fail the test, not hang it
                 await asyncio.Event().wait()
             return sid
 
@@ -405,6 +406,37 @@ async def test_pause_resume_and_cancel(fleet: Fleet) -> None:
         await fleet.api.act("cmp_nope", "pause")
     listed = await fleet.api.store.list_campaigns()
     assert [(c["id"], c["status"]) for c in listed] == [(cid, "cancelled")]
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+async def test_claims_waiting_for_their_turn_are_let_go_on_pause_or_cancel(
+        fleet: Fleet, action: str) -> None:
+    turn = asyncio.Event()
+    waiting: list[float] = []
+
+    async def held_turn(seconds: float) -> None:
+        waiting.append(seconds)
+        await turn.wait()
+
+    a = await fleet.instance("A", max_inflight=5,
+                             pacer=Pacer(1.0, MemoryPaceStore(fleet.clock), sleep=held_turn))
+    created = await fleet.api.create(spec(concurrency=5), [CallSpec(n) for n in numbers(3)])
+    assert await a.tick() == 3  # claimed; the 2nd and 3rd wait for their turn (1 call/s)
+    await wait_until(lambda: len(waiting) == 2 and len(fleet.phone.dialled) == 1,
+                     what="one call placed, two waiting for their turn")
+    await fleet.api.act(created["id"], action)
+    turn.set()
+    await a.idle()
+    assert len(fleet.phone.dialled) == 1  # nothing placed after the operator's action
+    progress = await fleet.api.progress(created["id"])
+    if action == "pause":
+        assert progress["states"]["pending"] == 2 and progress["states"]["placing"] == 0
+        await fleet.api.act(created["id"], "resume")
+        assert await a.tick() == 2
+        await a.idle()
+        assert len(fleet.phone.dialled) == 3
+    else:
+        assert progress["outcomes"] == {"campaign-cancelled": 2}
 
 
 async def test_a_number_is_not_dialled_twice_at_once_across_campaigns(fleet: Fleet) -> None:

@@ -274,7 +274,10 @@ async def test_every_request_is_bounded_by_the_timeout(aiohttp_server: MakeServe
         slow = TwilioRest(http, account_sid=ACCOUNT_SID, auth_token=TOKEN,
                           api_url=f"{base}/hang", timeout=0.3)
         with pytest.raises(TwilioError) as caught:
-            await slow.place_call(to=TO, from_=FROM, urls=CallbackUrls("u", "s", "a"))
+            # a deadline far above the client's own 0.3 s: a request that ignored its timeout
+            # would end here in TimeoutError, not TwilioError (aiohttp's default is 5 minutes)
+            async with asyncio.timeout(10):
+                await slow.place_call(to=TO, from_=FROM, urls=CallbackUrls("u", "s", "a"))
         assert caught.value.status is None and "0.3 s" in caught.value.message
         proxy = TwilioRest(http, account_sid=ACCOUNT_SID, auth_token=TOKEN,
                            api_url=f"{base}/html")
