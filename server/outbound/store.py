@@ -203,7 +203,8 @@ class _Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[_Tx]: ...
+    def transaction(self, write: bool = True) -> contextlib.AbstractAsyncContextManager[_Tx]:
+        """One transaction; `write=False` for reads only (SQLite: no write lock taken)."""
 
 
 # --- SQLite ---
@@ -301,10 +302,11 @@ class _SQLite:
             thread.shutdown(wait=False)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Tx]:
+    async def transaction(self, write: bool = True) -> AsyncIterator[_Tx]:
+        begin = "BEGIN IMMEDIATE" if write else "BEGIN"  # WAL: a read never waits for writers
         async with self._lock:
             try:
-                await self._run(lambda db: db.execute("BEGIN IMMEDIATE"))
+                await self._run(lambda db: db.execute(begin))
             except sqlite3.Error as e:
                 raise StoreError(f"campaign store: {e}") from None
             try:
@@ -431,7 +433,7 @@ class _Postgres:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Tx]:
+    async def transaction(self, write: bool = True) -> AsyncIterator[_Tx]:
         import asyncpg
 
         if self._pool is None:
@@ -512,13 +514,13 @@ class CampaignStore:
             await self._finish_if_done(tx, campaign_id, now)
 
     async def get(self, campaign_id: str) -> Campaign | None:
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(write=False) as tx:
             rows = await tx.fetch("SELECT * FROM campaigns WHERE id = ?", campaign_id)
         return _campaign(rows[0]) if rows else None
 
     async def progress(self, campaign_id: str) -> dict[str, Any]:
         """The campaign and its numbers counted by state and by outcome; NotFound."""
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(write=False) as tx:
             rows = await tx.fetch("SELECT * FROM campaigns WHERE id = ?", campaign_id)
             if not rows:
                 raise NotFound(f"no campaign {campaign_id}")
@@ -544,7 +546,7 @@ class CampaignStore:
 
     async def list_campaigns(self, *, limit: int = 100) -> list[dict[str, Any]]:
         """The newest campaigns first: id, name, status, created_at."""
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(write=False) as tx:
             rows = await tx.fetch("SELECT id, name, status, created_at, created_by "
                                   "FROM campaigns ORDER BY created_at DESC, id LIMIT ?", limit)
         return [{**r, "created_at": iso(float(r["created_at"]))} for r in rows]
@@ -552,7 +554,7 @@ class CampaignStore:
     async def entries(self, campaign_id: str, *, limit: int = 1000,
                       after: int = 0) -> list[dict[str, Any]]:
         """Each number's state, in upload order (after `seq` `after`), for an operator."""
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(write=False) as tx:
             rows = await tx.fetch(
                 "SELECT seq, number, state, outcome, attempts, next_at, call_sid, answered_by, "
                 "detail FROM campaign_calls WHERE campaign_id = ? AND seq > ? ORDER BY seq "
@@ -594,7 +596,7 @@ class CampaignStore:
         """Ids of the campaigns the scheduler looks at, oldest first: running ones, and paused
         or cancelled ones that still have calls placed and not ended (their leases and stale
         calls must still be settled)."""
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(write=False) as tx:
             rows = await tx.fetch(
                 "SELECT id FROM campaigns WHERE status = ? OR (status IN (?, ?) AND EXISTS "
                 "(SELECT 1 FROM campaign_calls WHERE campaign_id = campaigns.id "
