@@ -139,6 +139,13 @@ class Settings:
     prices_file: Path = Path("config") / "prices.json"  # USD per 1M tokens, for cost_usd
     numbers_file: Path | None = None  # the lines this bridge answers -> their plans (JSON)
     shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
+    # --- outbound calls and campaigns (issue 15) ---
+    twilio_account_sid: str | None = None  # the REST API's user name (not a secret)
+    twilio_from_number: str | None = None  # default caller ID of outbound calls (+E.164)
+    twilio_api_url: str = "https://api.twilio.com"  # or a Twilio-compatible provider, a fake
+    outbound_cps: float = 1.0  # calls placed per second, fleet-wide (Twilio's default limit)
+    amd_wait_s: float = 4.0  # an outbound call waits this long for the machine-detection result
+    do_not_call: Path = Path("do-not-call.txt")  # numbers never dialled, one per line
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -247,6 +254,14 @@ class Settings:
             numbers_file=_optional_file(r.text_or_off("NUMBERS_FILE", ""), DEFAULT_NUMBERS_FILE),
             shutdown_action_grace=r.number(
                 "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
+            twilio_account_sid=r.text("TWILIO_ACCOUNT_SID"),
+            twilio_from_number=_check_e164("TWILIO_FROM_NUMBER", r.text("TWILIO_FROM_NUMBER")),
+            twilio_api_url=_check_base_url(
+                "TWILIO_API_URL", r.text("TWILIO_API_URL") or cls.twilio_api_url,
+                {"http", "https"}),
+            outbound_cps=r.number("OUTBOUND_CPS", float, cls.outbound_cps, 0.01, 1000.0),
+            amd_wait_s=r.number("AMD_WAIT_S", float, cls.amd_wait_s, 0.0, 60.0),
+            do_not_call=Path(r.text("DO_NOT_CALL") or cls.do_not_call),
         )
 
     @property
@@ -393,6 +408,13 @@ def _off_path(value: str | None) -> Path | None:
 _TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _SIP = re.compile(r"sip:[^\s@<>\"]+@[^\s@<>\"]+")
+
+
+def _check_e164(name: str, number: str | None) -> str | None:
+    """A +E.164 number as given (spaces and dashes are not removed here: a setting is exact)."""
+    if number is not None and not _E164.fullmatch(number):
+        raise ConfigError(name, f"{number!r} is not a +E.164 number (+15550001111)")
+    return number
 
 
 def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:

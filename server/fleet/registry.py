@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from server.call.call import Call
     from server.settings import Settings
 
-log = logging.getLogger("server.registry")
+log = logging.getLogger("server.fleet")
 
 DECISION_TTL = 120.0  # Twilio asks for the action within seconds of the stream closing
 CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it

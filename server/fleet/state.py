@@ -25,7 +25,7 @@ import orjson
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("server.shared_state")
+log = logging.getLogger("server.fleet")
 
 FETCHED_TTL = 120.0  # a fetched decision is remembered this long (for a stopping instance)
 MAX_DECISIONS = 10_000
