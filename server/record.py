@@ -74,6 +74,8 @@ class CallRecord:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
     recording: str | None = None
+    # what operators did on the console: {"time", "at", "operator", "action", "detail"}
+    operator_actions: list[dict[str, Any]] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic, repr=False)
     version: int = 0  # bumped on every change a store should write
     # The wall-clock time of the latest snapshot (`to_dict`): stores keep the newest state of a
@@ -102,6 +104,16 @@ class CallRecord:
         self.version += 1
         return entry
 
+    def add_operator_action(self, operator: str, action: str,
+                            detail: Any = None) -> dict[str, Any]:
+        """Who did what to this call from the console (listen, whisper, takeover, handback,
+        transfer, hangup), and when: kept in the record for good."""
+        entry = {"time": iso(utc_now()), "at": round(self.elapsed(), 3), "operator": operator,
+                 "action": action, "detail": detail}
+        self.operator_actions.append(entry)
+        self.version += 1
+        return entry
+
     def touch(self) -> None:
         """Mark the record changed (after editing an entry or a counter in place)."""
         self.version += 1
@@ -121,7 +133,7 @@ class CallRecord:
         if isinstance(started, str):
             self.started_at = datetime.fromisoformat(started.replace("Z", "+00:00"))
             self._t0 = time.monotonic() - (utc_now() - self.started_at).total_seconds()
-        for key in ("timeline", "sessions", "latencies_ms"):
+        for key in ("timeline", "sessions", "latencies_ms", "operator_actions"):
             value = saved.get(key)
             if isinstance(value, list):
                 setattr(self, key, list(value))
@@ -173,5 +185,6 @@ class CallRecord:
             "timeline": self.timeline,
             "sessions": self.sessions,
             "recording": self.recording,
+            "operator_actions": self.operator_actions,
             "updated_at": self._stamp(),
         }

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from server.console.auth import operators_for
 from server.features.recording import Recorder
 from server.features.transcript import Transcript
 from server.records import api, retention, spool
@@ -120,5 +121,6 @@ class Records:
         return factories
 
     def add_routes(self, app: web.Application) -> None:
-        """GET /calls... behind ADMIN_TOKEN (off, with a log line, when it is unset)."""
-        api.add_routes(app, lambda: self.store, self.settings.admin_token)
+        """GET /calls..., /stats behind the operators' tokens (off, with a log line, when
+        neither ADMIN_TOKEN nor OPERATOR_TOKENS is set)."""
+        api.add_routes(app, lambda: self.store, operators_for(app, self.settings))
