@@ -64,6 +64,8 @@ class FakeCall:
     talk_open: asyncio.Event = field(default_factory=asyncio.Event)
     talk_closed: asyncio.Event = field(default_factory=asyncio.Event)
     listener_joined: asyncio.Event = field(default_factory=asyncio.Event)
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    resumed_from: list[int] = field(default_factory=list)  # Last-Event-ID of reconnections
     taken_over_by: str | None = None
     speaker: str | None = None
     latency_ms: float | None = None
@@ -92,6 +94,12 @@ class FakeCall:
         for queue in self.queues:
             queue.put_nowait(event)
         return event
+
+    def drop_streams(self) -> None:
+        """End every SSE stream of this call (as a proxy or a restart would); the page
+        reconnects."""
+        for queue in self.queues:
+            queue.put_nowait(None)
 
     def summary(self) -> dict[str, Any]:
         """`GET /calls?status=live`: the records' summary shape plus the live fields."""
@@ -221,6 +229,9 @@ async def fleet_events(request: web.Request) -> web.StreamResponse:
 async def call_events(request: web.Request) -> web.StreamResponse:
     call = _call(request)
     after = last_event_id(request)
+    if "Last-Event-ID" in request.headers:
+        call.resumed_from.append(after)
+        call.resumed.set()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     call.queues.append(queue)  # before the replay: nothing falls between the two
     stream = await EventStream.open(request)

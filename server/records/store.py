@@ -528,6 +528,7 @@ class SQLiteStore:
                                  f"GROUP BY end_kind", args).fetchall()
             latencies = (f"FROM calls, json_each(calls.body, '$.latencies_ms') AS j "
                          f"WHERE {where} AND json_valid(calls.body) "
+                         f"AND json_type(calls.body, '$.latencies_ms') = 'array' "
                          f"AND j.type IN ('integer', 'real')")
             buckets = db.execute(f"SELECT {_bucket_case(value)} AS b, count(*) {latencies} "
                                  f"GROUP BY b", args).fetchall()
@@ -784,10 +785,10 @@ class PostgresStore:
     async def stats(self, query: StatsQuery) -> dict[str, Any]:
         args: list[Any] = [query.since] + ([query.until] if query.until else [])
         where = "started_at >= $1" + (" AND started_at < $2" if query.until else "")
-        latencies = ("FROM calls, LATERAL json_array_elements_text(CASE WHEN "
+        latencies = ("FROM calls, LATERAL json_array_elements(CASE WHEN "
                      "json_typeof(body->'latencies_ms') = 'array' THEN body->'latencies_ms' "
-                     f"END) AS j(v) WHERE {where}")
-        value = "j.v::float8"
+                     f"END) AS j(v) WHERE {where} AND json_typeof(j.v) = 'number'")
+        value = "(j.v::text)::float8"
         pool = await self._ready()
         async with pool.acquire() as db, db.transaction(readonly=True):  # one snapshot
             hours = await db.fetch(

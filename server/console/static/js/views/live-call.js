@@ -183,6 +183,7 @@ export async function liveCallView(root, {params, config}) {
       case 'call.ended':
         convo.apply(event);
         end(event);
+        setTimeout(() => stream.close(), 0); // nothing follows the end
         break;
       case 'transcript':
         if (!event.final || event.role !== 'caller') {
