@@ -1,8 +1,8 @@
 """Screenshots of the console for the README: `python -m tests.console_screens docs/`.
 
 The console on the fake live backend (tests/console_fake.py) with a scripted call and a day of
-history, in Debian's chromium; writes console-live.png and console-history.png (and
-console-call.png, a past call) into the directory given.
+history, in Debian's chromium; writes console-live.png and console-history.png into the
+directory given (with `--all`, also the live list, a past call and the login page).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def script(call: FakeCall) -> None:
         text="Saturday at 7:30 is fully booked, I'm afraid. I can offer 8:15 for six")
 
 
-async def shoot(out: Path) -> None:
+async def shoot(out: Path, everything: bool = False) -> None:
     from playwright.async_api import async_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,13 +84,16 @@ async def shoot(out: Path) -> None:
                 await page.wait_for_timeout(1200)
                 await page.screenshot(path=str(out / "console-live.png"))
                 await audio
-                await page.goto(f"{backend.url}/console")
-                await page.wait_for_selector("tr[data-sid]")
-                await page.screenshot(path=str(out / "console-list.png"))
                 await page.goto(f"{backend.url}/console/history")
                 await page.wait_for_selector(".chart-latency")
                 await page.wait_for_selector("tr[data-sid]")
                 await page.screenshot(path=str(out / "console-history.png"))
+                if not everything:
+                    await context.close()
+                    return
+                await page.goto(f"{backend.url}/console")
+                await page.wait_for_selector("tr[data-sid]")
+                await page.screenshot(path=str(out / "console-list.png"))
                 await page.goto(f"{backend.url}/console/history/{FEATURED}")
                 await page.wait_for_selector(".strip")
                 await page.screenshot(path=str(out / "console-call.png"))
@@ -113,5 +116,6 @@ async def _audio(call: FakeCall, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(shoot(Path(sys.argv[1] if len(sys.argv) > 1 else "out")))
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(shoot(Path(paths[0] if paths else "out"), everything="--all" in sys.argv))
 

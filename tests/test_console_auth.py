@@ -245,3 +245,21 @@ async def test_a_named_operator_hangs_up_a_live_call(make_rig: MakeRig) -> None:
     assert response.status == 202, await response.text()
     await asyncio.wait_for(stream.closed.wait(), 10)
     assert call.ending is not None and call.ending.kind == "admin_hung_up"
+
+
+def test_every_static_file_is_package_data() -> None:
+    """An installed bridge (`pip install .`, the Docker image) serves the console too."""
+    import configparser
+    from fnmatch import fnmatch
+
+    from server.console.routes import STATIC
+    from tests.conftest import ROOT
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    globs = [g.strip() for g in config["options.package_data"]["server.console"].split(",")]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert len(files) > 15
+    missing = [f for f in files
+               if not any(fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert missing == []

@@ -451,7 +451,24 @@ async def test_history_filters_charts_and_recording_seek(page: Page, backend: Ba
         f"/calls/{FEATURED}/recording.wav")
     assert part == [206, 100]
     assert await page.locator(".event-tool:has-text('lookup_order')").count() == 1
+    assert await page.inner_text(".event-keypad .digits") == "••••"  # masked without LOG_PII
     assert "ann" in await page.locator(".actions").inner_text()
+
+
+async def test_history_says_when_it_is_empty_and_when_it_fails(page: Page,
+                                                               backend: Backend) -> None:
+    await log_in(page, backend)
+    await page.goto(f"{backend.url}/console/history")
+    await page.wait_for_selector(".state-empty:has-text('No calls yet')")
+    await page.wait_for_selector(".chart-foot:has-text('No calls in this period')")
+    await page.goto(f"{backend.url}/console/history?end_kind=transferred")
+    await page.wait_for_selector(".state-empty:has-text('No calls match these filters')")
+    await backend.store.close()  # the database goes away: 503 from the API
+    await page.goto(f"{backend.url}/console/history")
+    await page.wait_for_selector(".state-error:has-text('The calls cannot be loaded')")
+    await page.wait_for_selector(".state-error:has-text('The charts cannot be loaded')")
+    await page.goto(f"{backend.url}/console/history/CAnothing")
+    await page.wait_for_selector(".state-error:has-text('The call cannot be loaded')")
 
 
 def backend_query(**values: Any) -> Any:

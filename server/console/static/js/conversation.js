@@ -34,7 +34,8 @@ function jsonBlock(label, value) {
 }
 
 export class Conversation {
-  constructor({onSeek = null, onChange = () => {}} = {}) {
+  constructor({onSeek = null, onChange = () => {}, showDigits = false} = {}) {
+    this.showDigits = showDigits; // LOG_PII=true: the server shows digits, so may the page
     this.el = h('ol', {class: 'convo', 'aria-label': 'Conversation'});
     this.lines = new Map(); // item_id -> turn
     this.tools = new Map(); // call_id -> tool card
@@ -167,7 +168,8 @@ export class Conversation {
         this.toolFinished(event);
         break;
       case 'keypad':
-        this.note('keypad', 'keypad', h('span', null, 'Keypad ', h('code', {class: 'digits'}, event.digits || '')), at);
+        this.note('keypad', 'keypad', h('span', null, 'Keypad ', h('code', {class: 'digits'},
+          this.showDigits ? event.digits || '' : (event.digits || '').replace(/./gu, '•'))), at);
         break;
       case 'whisper':
         this.note('whisper', 'message', h('span', null, h('b', null, event.operator || 'An operator'),

@@ -38,7 +38,7 @@ export async function liveCallView(root, {params, config}) {
   const scroller = h('div', {class: 'convo-scroll'});
   const jump = h('button', {class: 'btn btn-small jump', hidden: true, onclick: () => scrollToEnd(true)}, 'New messages ↓');
   const waiting = stateBox('loading', 'Waiting for the call’s events…');
-  const convo = new Conversation({onChange: () => afterGrow()});
+  const convo = new Conversation({onChange: () => afterGrow(), showDigits: config.log_pii});
   scroller.append(waiting, convo.el);
 
   const listenButton = h('button', {class: 'btn btn-primary btn-wide', onclick: () => toggleListen()}, icon('headphones'), 'Listen');

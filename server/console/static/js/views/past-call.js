@@ -59,7 +59,7 @@ function strip(record, total, seek) {
   return {root, move: (t) => { const p = x(t); head.setAttribute('x1', p); head.setAttribute('x2', p); }};
 }
 
-export async function pastCallView(root, {params, alive}) {
+export async function pastCallView(root, {params, alive, config}) {
   const [sid] = params;
   root.append(stateBox('loading', 'Loading the call…'));
   let record;
@@ -79,7 +79,8 @@ export async function pastCallView(root, {params, alive}) {
 
   let audio = null;
   let bar = null;
-  const convo = new Conversation({onSeek: record.recording ? (at) => seek(at - LEAD_S) : null});
+  const convo = new Conversation({onSeek: record.recording ? (at) => seek(at - LEAD_S) : null,
+    showDigits: config.log_pii});
   (record.timeline || []).forEach((entry) => convo.addEntry(entry));
   function seek(t) {
     if (!audio) return;
