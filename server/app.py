@@ -14,33 +14,36 @@ import aiohttp
 from aiohttp import web
 
 from server import NAME, __version__
-from server import twilio_protocol as tw
-from server.call import Call, CallDeps, FeatureFactory
+from server.call.assembly import assemble
+from server.call.call import Call, CallDeps, CallListener, FeatureFactory
+from server.call.plan import Plans
 from server.console.auth import operator_of, operators_for
 from server.console.routes import add_routes as add_console_routes
-from server.features import greeting, keypad, time_limit
-from server.features import tools as tools_feature
-from server.features.base import Ending
+from server.fleet.events import EventBus
+from server.fleet.open import open_bus, open_state
+from server.fleet.registry import CallRegistry
+from server.fleet.state import SharedState
+from server.fleet.tokens import StreamTokens
 from server.logs import mask_number
 from server.metrics import REFUSED_CAPACITY, REFUSED_DRAINING, Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
-from server.prompts import Prompt, load_prompt
 from server.records.service import Records
-from server.registry import CallObserver, CallRegistry
 from server.settings import ConfigError, Settings
-from server.shared_state import SharedState, open_state
-from server.stream_tokens import StreamTokens
 from server.toolbox import Toolbox, load_toolbox
+from server.wire import twilio as tw
 
 log = logging.getLogger("server.app")
 
 SETTINGS = web.AppKey("settings", Settings)
-PROMPT = web.AppKey("prompt", Prompt)
+PLANS = web.AppKey("plans", Plans)
 REGISTRY = web.AppKey("registry", CallRegistry)
 STATE = web.AppKey("state", SharedState)
+BUS = web.AppKey("bus", EventBus)
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
 FEATURES: web.AppKey[list[FeatureFactory]] = web.AppKey("features")
+# Lossless in-process listeners on every call (records, metrics; a test may add its own)
+LISTENERS: web.AppKey[list[CallListener]] = web.AppKey("listeners")
 RECORDS = web.AppKey("records", Records)
 METRICS = web.AppKey("metrics", Metrics)
 TOOLS_DESCRIPTION = web.AppKey("tools_description", str)
@@ -55,16 +58,19 @@ _SHUTDOWN_GRACE = 2.0
 DECISION_WAIT = 3.0  # the action request may arrive before the call's clean-up has finished
 
 
-def create_app(settings: Settings, state: SharedState | None = None) -> web.Application:
+def create_app(settings: Settings, state: SharedState | None = None,
+               bus: EventBus | None = None) -> web.Application:
     """Build the app; raises ConfigError if the configured prompt or features cannot load.
 
-    `state`: a shared state the caller owns (tests run two apps as one fleet on it); by default
-    the app opens its own (memory, or Redis with REDIS_URL)."""
+    `state`, `bus`: a shared state and event bus the caller owns (tests run two apps as one
+    fleet on them); by default the app opens its own (memory, or Redis with REDIS_URL)."""
     app = web.Application()
     app[SETTINGS] = settings
     if state is not None:
         app[STATE] = state
-    app[PROMPT] = load_prompt(settings)
+    if bus is not None:
+        app[BUS] = bus
+    app[PLANS] = Plans(settings)  # every prompt, greeting and line checked now
     app[TOKENS] = (
         StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl)
         if settings.twilio_auth_token
@@ -75,14 +81,9 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
         check_writable(settings.recordings_dir, "RECORDINGS_DIR")
     records = app[RECORDS] = Records(settings)
     metrics = app[METRICS] = Metrics()
-    app[FEATURES] = [f for f in (
-        greeting.factory(settings),
-        keypad.factory(settings),
-        tools_feature.factory(settings, toolbox),
-        time_limit.factory(settings),
-        *records.features(),
-        metrics.feature,
-    ) if f is not None]
+    app[FEATURES] = list(assemble(settings, toolbox, records.prices, records.active_recorder))
+    listeners: list[CallListener] = [metrics, records]  # lossless: records and metrics
+    app[LISTENERS] = listeners
     app[TOOLS_DESCRIPTION] = toolbox.describe()
     app.on_cleanup.append(lambda _app: _close_toolbox(toolbox))
     operators = operators_for(app, settings)
@@ -107,10 +108,19 @@ def create_app(settings: Settings, state: SharedState | None = None) -> web.Appl
 
 
 async def _shared_state(app: web.Application) -> AsyncIterator[None]:
-    """Tokens, capacity and decisions: in memory, or in Redis for a fleet (REDIS_URL)."""
+    """Tokens, capacity, decisions, plans and calls' events: in memory, or in Redis for a
+    fleet (REDIS_URL)."""
     owned = STATE not in app
     state = await open_state(app[SETTINGS]) if owned else app[STATE]
     app[STATE] = state
+    owned_bus = BUS not in app
+    if owned_bus:
+        try:
+            app[BUS] = await open_bus(app[SETTINGS])
+        except BaseException:
+            if owned:
+                await state.close()
+            raise
     registry = app[REGISTRY] = CallRegistry(app[SETTINGS], state)
     state.on_control(registry.on_control)
     if app[SETTINGS].shutdown_mode == "handover":
@@ -118,6 +128,8 @@ async def _shared_state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if owned_bus:
+            await app[BUS].close()
         if owned:
             await state.close()
 
@@ -127,32 +139,10 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
     the calls have ended and before the client session closes."""
     records = app[RECORDS]
     await records.open(app[DEPS].http)
-    registry = app[REGISTRY]
-    registry.observers.append(_RecordsObserver(records, app[METRICS]))
     try:
         yield
     finally:
         await records.close()
-
-
-class _RecordsObserver(CallObserver):
-    def __init__(self, records: Records, metrics: Metrics) -> None:
-        self._records, self._metrics = records, metrics
-
-    def call_started(self, call: Call) -> None:
-        if self._records.enabled:
-            self._records.writer.track(call.record)
-
-    def call_ended(self, call: Call, ending: Ending) -> None:
-        if not call.features_built:  # ended before its features existed: count it here
-            self._metrics.call_ended(call.record, ending.kind)
-        if self._records.enabled:
-            self._records.writer.finish(call.record)
-
-    def call_refused(self, call: Call, ending: Ending) -> None:
-        self._metrics.call_ended(call.record, ending.kind)  # counted, never stored
-        if call.refusal is not None:
-            self._metrics.call_refused(call.refusal.reason)
 
 
 def check_writable(directory: Path, variable: str) -> None:
@@ -184,8 +174,9 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         features: list[FeatureFactory] = app[FEATURES]
-        app[DEPS] = CallDeps(app[SETTINGS], http, app[PROMPT], app[TOKENS], app[REGISTRY],
-                             tuple(features))
+        listeners: list[CallListener] = app[LISTENERS]  # the list itself: tests add to it
+        app[DEPS] = CallDeps(app[SETTINGS], http, app[PLANS], app[TOKENS], app[REGISTRY],
+                             tuple(features), listeners=listeners)
         yield
 
 
@@ -220,7 +211,7 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "active_calls": len(request.app[REGISTRY]),
             "model": settings.openai_model,
-            "prompt": request.app[PROMPT].describe(),
+            "prompt": request.app[PLANS].default_prompt.describe(),
             "authenticated_webhooks": settings.twilio_auth_token is not None,
         }
     )
@@ -292,6 +283,8 @@ async def incoming_call(request: web.Request) -> web.Response:
         return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
     caller, called = str(fields.get("From", "")), str(fields.get("To", ""))
     log.info("incoming call %s from %s", call_sid or "?", mask_number(caller, settings.log_pii))
+    if call_sid:  # this line's plan, for whichever instance takes the stream
+        await registry.decide(call_sid, request.app[PLANS].inbound(called))
     return _twiml(_stream_twiml(request, call_sid, caller, called))
 
 
@@ -363,6 +356,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     call = Call(request.app[DEPS], ws, peer=request.remote or "?")
+    call.events.sinks.append(request.app[BUS].publish)  # followers on any instance
     registry.add(call)
     try:
         await call.run()

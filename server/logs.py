@@ -67,6 +67,31 @@ class CallLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+class RepeatedWarnings:
+    """Warnings that one peer's input causes (bad keys, repeated frames): the first few of each
+    are logged, the rest counted and reported in one line each (`report`), so a peer repeating
+    a fault cannot flood the log. Distinct messages are bounded too."""
+
+    __slots__ = ("_kinds", "_seen", "_shown")
+
+    def __init__(self, shown: int = 3, kinds: int = 32) -> None:
+        self._seen: dict[str, int] = {}
+        self._shown, self._kinds = shown, kinds
+
+    def warn(self, log: logging.LoggerAdapter[logging.Logger], message: str) -> None:
+        seen = self._seen.get(message, 0) + 1
+        self._seen[message] = seen
+        if seen <= self._shown:
+            log.warning("%s", message)
+        elif len(self._seen) > self._kinds:
+            self._seen.pop(message)
+
+    def report(self, log: logging.LoggerAdapter[logging.Logger]) -> None:
+        for message, seen in self._seen.items():
+            if seen > self._shown:
+                log.warning("%s (%d more times)", message, seen - self._shown)
+
+
 def mask_number(number: str, show: bool = False) -> str:
     """A phone number fit for an INFO line: `+1555***4567` (all of it when `show`, for
     LOG_PII=true). Numbers are personal data; sip: URIs and short values are masked whole."""

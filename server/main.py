@@ -14,11 +14,11 @@ from aiohttp import web
 from dotenv import load_dotenv
 
 from server import __version__
-from server.app import PROMPT, REGISTRY, TOOLS_DESCRIPTION, create_app, drain
+from server.app import PLANS, REGISTRY, TOOLS_DESCRIPTION, create_app, drain
+from server.fleet.state import SharedStateError
 from server.logs import setup_logging
 from server.records.store import StoreError
 from server.settings import ConfigError, Settings
-from server.shared_state import SharedStateError
 from server.workers import run_workers
 
 log = logging.getLogger("server")
@@ -35,7 +35,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    _announce(settings, app[PROMPT].describe(), app[PROMPT].hosted)
+    _announce(settings, app[PLANS].default_prompt.describe(), app[PLANS].default_prompt.hosted)
     log.info("your tools: %s (built in: end_call, and transfer_call with TRANSFER_TARGETS)",
              app[TOOLS_DESCRIPTION])
     if settings.workers > 1:

@@ -29,9 +29,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.call.events import (
+    BargeIn,
+    CallEnded,
+    CallEvent,
+    CallStarted,
+    ModelErrored,
+    ModelReady,
+    ReplyStarted,
+    ToolFinished,
+)
+
 if TYPE_CHECKING:
-    from server.features.base import CallControl, Feature
-    from server.record import CallRecord
+    from server.call.call import Call
+    from server.call.record import CallRecord
 
 log = logging.getLogger("server.metrics")
 
@@ -108,12 +119,29 @@ class Metrics:
             "Stream opened to the model session ready (session.updated)",
             buckets=SETUP_BUCKETS, registry=r)
 
-    @property
-    def feature(self) -> Callable[[CallControl], Feature]:
-        """The factory to put in each call's feature list."""
-        from server.features.metrics import CallMetrics
-
-        return lambda call: CallMetrics(call, self)
+    def on_call_event(self, call: Call, event: CallEvent) -> None:
+        """The app's lossless listener on every call: the metrics move with its events, and
+        each ending is counted here, once."""
+        if isinstance(event, CallStarted):
+            self.call_started(call.record)
+        elif isinstance(event, ModelReady):
+            if event.first:
+                self.call_setup.observe(event.setup_seconds)
+        elif isinstance(event, ReplyStarted):
+            if event.latency is not None:
+                self.response_latency.observe(event.latency)
+        elif isinstance(event, BargeIn):
+            self.barge_ins.inc()
+        elif isinstance(event, ToolFinished):
+            # The model may name a tool that does not exist: one label for all of those.
+            tool = "unknown" if event.outcome == "unknown_tool" else event.name[:64]
+            self.tool_calls.labels(tool=tool, outcome=event.outcome).inc()
+        elif isinstance(event, ModelErrored):
+            self.openai_errors.labels(code=event.code[:64]).inc()
+        elif isinstance(event, CallEnded):
+            self.call_ended(call.record, event.kind)
+            if event.refused is not None:
+                self.call_refused(event.refused)
 
     def call_started(self, record: CallRecord) -> None:
         if id(record) not in self.live:

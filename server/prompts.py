@@ -47,6 +47,11 @@ class Prompt:
             return {"prompt": ref}
         return {"instructions": self.render(values)}
 
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The {{names}} this prompt fills in."""
+        return self.parts[1::2]
+
     def describe(self) -> str:
         version = f" version {self.version}" if self.version else ""
         return f"{self.id}{version} ({self.source})"
@@ -72,13 +77,22 @@ def load_prompt(settings: Settings) -> Prompt:
                      DEFAULT_INSTRUCTIONS, "INSTRUCTIONS")
 
 
+def load_named_prompt(prompts_dir: Path, prompt_id: str, version: str | None) -> Prompt:
+    """A prompt a plan names (the numbers map, an outbound call). Its placeholders may be the
+    plan's own variables: the plan is checked against them when it is made."""
+    if prompt_id.startswith(HOSTED_PREFIX):
+        return Prompt(prompt_id, version, "OpenAI hosted prompt", hosted=True)
+    return _load_file(prompts_dir, prompt_id, version, allowed=None)
+
+
 def versions(prompts_dir: Path, prompt_id: str) -> list[str]:
     """Versions of a prompt, oldest first (natural order: 2 < 10)."""
     names = [p.stem for p in (prompts_dir / prompt_id).glob("*.md") if p.is_file()]
     return sorted(names, key=_natural_key)
 
 
-def _load_file(prompts_dir: Path, prompt_id: str, version: str | None) -> Prompt:
+def _load_file(prompts_dir: Path, prompt_id: str, version: str | None,
+               allowed: frozenset[str] | None = VARIABLES) -> Prompt:
     if not _SAFE_ID.fullmatch(prompt_id):
         raise ConfigError("PROMPT_ID", f"{prompt_id!r} is not a valid prompt id")
     available = versions(prompts_dir, prompt_id)
@@ -99,19 +113,21 @@ def _load_file(prompts_dir: Path, prompt_id: str, version: str | None) -> Prompt
     text = path.read_text(encoding="utf-8").strip()
     if not text:
         raise ConfigError("PROMPT_ID", f"{path} is empty")
-    return template(prompt_id, version, str(path), text, "PROMPT_ID")
+    return template(prompt_id, version, str(path), text, "PROMPT_ID", allowed)
 
 
 def template(
-    prompt_id: str, version: str | None, source: str, text: str, variable: str
+    prompt_id: str, version: str | None, source: str, text: str, variable: str,
+    allowed: frozenset[str] | set[str] | None = VARIABLES,
 ) -> Prompt:
+    """Split once; `allowed` (None: any) are the placeholders it may use."""
     parts = tuple(_PLACEHOLDER.split(text))
-    unknown = sorted({p for p in parts[1::2] if p not in VARIABLES})
+    unknown = sorted({p for p in parts[1::2] if allowed is not None and p not in allowed})
     if unknown:
         raise ConfigError(
             variable,
             f"{source} uses unknown placeholder(s) {', '.join('{{' + u + '}}' for u in unknown)}"
-            f"; known: {', '.join(sorted(VARIABLES))}",
+            f"; known: {', '.join(sorted(allowed or VARIABLES))}",
         )
     return Prompt(prompt_id, version, source, parts)
 

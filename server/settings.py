@@ -49,6 +49,7 @@ SHUTDOWN_MODES = frozenset({"drain", "handover"})
 DEFAULT_HOLD_AUDIO = Path(__file__).resolve().parent / "sounds" / "hold.wav"
 # Like the prompts, relative to the working directory; loaded only if it exists.
 DEFAULT_TOOLS_FILE = Path("config") / "tools.json"
+DEFAULT_NUMBERS_FILE = Path("config") / "numbers.json"
 
 
 class ConfigError(Exception):
@@ -61,6 +62,11 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, typed and checked, with the defaults a fresh clone runs on. A call's own
+    choices (prompt, greeting, voice, tools, model API) come from its plan; these are the
+    plan's defaults."""
+
+    # The model and the conversation's defaults: who answers, how it hears and speaks
     openai_api_key: str = field(repr=False)
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
     openai_model: str = "gpt-realtime"
@@ -76,6 +82,7 @@ class Settings:
     vad_eagerness: str = "auto"
     noise_reduction: str = "off"
     transcription_model: str | None = "gpt-4o-mini-transcribe"  # None: caller side untranscribed
+    # Twilio and the server: where it listens, how streams are admitted, logged and ended
     host: str = "0.0.0.0"
     port: int = 5050
     public_url: str | None = None
@@ -92,10 +99,10 @@ class Settings:
     fallback_message: str = (
         "Sorry, our assistant is not available right now. Please try again later."
     )
-    # --- call core ---
+    # What logs may show, and how a dead model connection is noticed
     log_pii: bool = False
     openai_heartbeat: float = 10.0
-    # --- records, metrics (issue 8) ---
+    # Records, recordings and metrics: what is kept about calls, and who may read it
     database_url: str = field(default="sqlite:///calls.db", repr=False)  # may hold a password
     retention_days: int | None = None  # None: keep records forever
     record_calls: bool = False
@@ -106,7 +113,7 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     call_webhook_url: str | None = None
     call_webhook_secret: str | None = field(default=None, repr=False)
-    # --- the assistant acts: tools, keypad, greeting, transfer (issue 7) ---
+    # What the assistant may do beyond talking: tools, keypad, greeting, transfer
     tools_module: str | None = None  # importable module name or .py path with @tool functions
     tools_file: Path | None = None  # HTTP tools (from_env: config/tools.json if it exists)
     tools_secret: str | None = field(default=None, repr=False)  # HMAC key for HTTP tools
@@ -116,22 +123,23 @@ class Settings:
     keypad: bool = True
     keypad_timeout: float = 2.0
     greeting: str | None = None
-    # --- fleet (issue 9) ---
+    # Several processes or machines sharing calls, and how a process leaves
     redis_url: str | None = field(default=None, repr=False)  # None: state in this process only
     workers: int = 1  # processes sharing HOST:PORT (SO_REUSEPORT)
     shutdown_mode: str = "drain"  # drain | handover
     fleet_lease_seconds: float = 5.0  # a silent (killed) instance keeps its slots this long
-    # --- calls that survive: a new model session when one is lost (issue 9) ---
+    # A call outlives its model session: a new one continues the conversation
     reconnect_attempts: int = 2
     reconnect_within: float = 3.0  # seconds for all attempts together
     reconnect_buffer_seconds: float = 10.0  # caller audio kept during the gap
-    # --- limits that keep one process healthy under faults ---
+    # Bounds that keep one process healthy under faults, and where things are kept
     max_call_seconds: float = 14400.0  # the assistant says goodbye and the call ends
     tool_threads: int = 8  # sync tools run on their own pool of this many threads
     records_pending_max: int = 10000  # final records kept in memory while the store is down
     # unsaved records at shutdown go here, and are loaded into the store at the next start
     records_spool: Path = Path("records-spool.jsonl")
     prices_file: Path = Path("config") / "prices.json"  # USD per 1M tokens, for cost_usd
+    numbers_file: Path | None = None  # the lines this bridge answers -> their plans (JSON)
     shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
 
     @classmethod
@@ -213,7 +221,7 @@ class Settings:
             call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
             call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
             tools_module=r.text("TOOLS_MODULE"),
-            tools_file=_tools_file(r.text_or_off("TOOLS_FILE", "")),
+            tools_file=_optional_file(r.text_or_off("TOOLS_FILE", ""), DEFAULT_TOOLS_FILE),
             tools_secret=r.text("TOOLS_SECRET"),
             tool_timeout=r.number("TOOL_TIMEOUT", float, cls.tool_timeout, 0.1, 600.0),
             hold_audio=_off_path(r.text_or_off("HOLD_AUDIO", str(cls.hold_audio))),
@@ -240,6 +248,7 @@ class Settings:
                 "RECORDS_PENDING_MAX", int, cls.records_pending_max, 1, 10_000_000),
             records_spool=Path(r.text("RECORDS_SPOOL") or cls.records_spool),
             prices_file=Path(r.text("PRICES_FILE") or cls.prices_file),
+            numbers_file=_optional_file(r.text_or_off("NUMBERS_FILE", ""), DEFAULT_NUMBERS_FILE),
             shutdown_action_grace=r.number(
                 "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
         )
@@ -368,12 +377,12 @@ def _check_webhook_url(url: str | None) -> str | None:
     return url
 
 
-def _tools_file(value: str | None) -> Path | None:
-    """Unset (""): config/tools.json if it exists; blank (None) or `off`: none; else that file."""
+def _optional_file(value: str | None, default: Path) -> Path | None:
+    """Unset (""): `default` if it exists; blank (None) or `off`: none; else that file."""
     if value is None:
         return None
     if value == "":
-        return DEFAULT_TOOLS_FILE if DEFAULT_TOOLS_FILE.is_file() else None
+        return default if default.is_file() else None
     return None if value.lower() == "off" else Path(value)
 
 

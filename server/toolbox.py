@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from server.openai_protocol import ToolSpec
+from server.models.session import ToolSpec
 from server.settings import ConfigError, Settings
 from server.tool_threads import ToolThreads
 from server.tools import (

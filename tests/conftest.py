@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import REGISTRY, create_app
-from server.call import Call
+from server.call.call import Call
+from server.fleet.events import EventBus
+from server.fleet.state import SharedState
 from server.settings import Settings
-from server.shared_state import SharedState
 from server.testing.dial import call_form, dial, post_webhook
 from server.testing.sdk_check import EventChecker, problems
 from server.testing.simulator import TwilioStream
@@ -136,6 +137,7 @@ async def make_rig(
     async def make(standin: StandinOptions | None = None,
                    prepare: Callable[[web.Application], None] | None = None,
                    state: SharedState | None = None,
+                   bus: EventBus | None = None,
                    **overrides: Any) -> Rig:
         """`prepare`, if given, may change the app before it starts (e.g. its features)."""
         events = EventChecker()
@@ -158,7 +160,7 @@ async def make_rig(
             recordings_dir=tmp_path / "recordings",
         )
         settings = replace(settings, **overrides)
-        app = create_app(settings, state=state)
+        app = create_app(settings, state=state, bus=bus)
         if prepare is not None:
             prepare(app)
         bridge = await aiohttp_client(app)

@@ -460,7 +460,8 @@ async def seed_history(store: SQLiteStore, directory: Path, calls: int = 36) -> 
     import random
     from datetime import timedelta
 
-    from server.record import CallRecord
+    from server.call.conversation import CallerTurn, Conversation
+    from server.call.record import CallRecord
 
     rng = random.Random(14)
     now = datetime.now(UTC)
@@ -480,14 +481,15 @@ async def seed_history(store: SQLiteStore, directory: Path, calls: int = 36) -> 
         record.latencies_ms = [round(rng.lognormvariate(6.6, 0.35), 1)
                                for _ in range(rng.randint(2, 12))]
         record.cost_usd = round(duration * 0.0031, 4)
-        record.add("caller", text="Hello?")
+        record.conversation.add(CallerTurn(0.6, "Hello?", "item_1"))
         await store.save(record.to_dict())
     featured = CallRecord(call_sid=FEATURED, caller="+15550147311", called="+15550002222",
                           model="gpt-realtime", prompt="support-v3",
                           started_at=now - timedelta(minutes=42))
     featured.ended_at = featured.started_at + timedelta(seconds=FEATURED_SECONDS)
     featured.end_kind, featured.end_reason = "caller_hung_up", "the caller hung up"
-    featured.timeline = [dict(e) for e in FEATURED_TIMELINE]
+    featured.conversation = Conversation.from_dicts(FEATURED_TIMELINE)
+    assert featured.timeline == FEATURED_TIMELINE, "a kind the record does not keep"
     featured.latencies_ms = [e["latency_ms"] for e in FEATURED_TIMELINE if "latency_ms" in e]
     featured.barge_ins = 1
     featured.usage = {"total_tokens": 4210, "input_tokens": 3120, "output_tokens": 1090,

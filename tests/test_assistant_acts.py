@@ -15,16 +15,16 @@ from typing import Any
 import orjson
 
 from server.app import FEATURES, SETTINGS
-from server.features import greeting, keypad
-from server.features import tools as tools_feature
-from server.features.base import ASSISTANT_ENDED, TRANSFERRED
+from server.call.ending import EndKind
+from server.call.features import greeting, keypad
+from server.call.features import tools as tools_feature
 from server.sounds import load_ulaw
 from server.testing.inbox import wait_until
 from server.testing.sdk_check import EventChecker
 from server.testing.standin import StandinOptions, StandinSession, tool_call
 from server.toolbox import Toolbox, load_toolbox, python_tool
 from server.tools import tool
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import API_KEY, AUTH_TOKEN, MakeRig, Rig, heard, speak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +57,9 @@ def install(toolbox: Toolbox | None = None, hold_after: float = 1.5,
     def prepare(app: Any) -> None:
         settings = app[SETTINGS]
         factories = app[FEATURES]
-        factories[:] = [f for f in factories if getattr(f, "func", None) not in MINE]
-        for factory in (greeting.factory(settings), keypad.factory(settings),
+        factories[:] = [f for f in factories
+                        if getattr(f, "func", f) not in MINE]
+        for factory in (greeting.factory(), keypad.factory(settings),
                         tools_feature.factory(settings, toolbox or load_toolbox(settings),
                                               hold_after=hold_after, goodbye_wait=goodbye_wait)):
             if factory is not None:
@@ -219,7 +220,8 @@ async def test_end_call_after_the_goodbye_played(make_rig: MakeRig) -> None:
     [call] = rig.live_calls()
     await asyncio.wait_for(call.finished.wait(), 5)
     assert call.ending is not None
-    assert (call.ending.kind, call.ending.reason) == (ASSISTANT_ENDED, "assistant ended the call")
+    assert (call.ending.kind, call.ending.reason) == (EndKind.ASSISTANT_ENDED,
+                                                      "assistant ended the call")
     assert len(stream.heard) >= 400 * 8  # the whole goodbye was heard before the hang-up
     assert client_events(session, "response.create") == []
     await asyncio.wait_for(stream.closed.wait(), 5)
@@ -241,7 +243,7 @@ async def test_transfer_dials_the_target(make_rig: MakeRig) -> None:
     [call] = rig.live_calls()
     await asyncio.wait_for(call.finished.wait(), 5)
     assert call.ending is not None
-    assert (call.ending.kind, call.ending.reason) == (TRANSFERRED, "transferred to sales")
+    assert (call.ending.kind, call.ending.reason) == (EndKind.TRANSFERRED, "transferred to sales")
     assert call.record.end_reason == "transferred to sales"
     twiml = await connect_action(rig, call.call_sid)
     dial = twiml.find("Dial")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from server.features.barge_in import (
+from server.call.playback import (
     MARK_BYTES,
     MARK_CHARS,
     Interruption,

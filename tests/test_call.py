@@ -144,7 +144,7 @@ async def test_nothing_left_running_after_a_call(rig: Rig) -> None:
     await speak(stream, frames=3)
     await stream.wait_for("mark")
     tasks = call.tasks
-    assert {t.get_name() for t in tasks} >= {"relay-twilio", "relay-openai", "watchdog"}
+    assert {t.get_name() for t in tasks} >= {"relay-twilio", "relay-model", "watchdog"}
     await stream.send_stop()
     await asyncio.wait_for(call.finished.wait(), WAIT)
     assert all(t.done() for t in tasks) and call.tasks == ()

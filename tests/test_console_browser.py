@@ -221,6 +221,7 @@ async def test_transcript_streams_into_the_call_page(page: Page, backend: Backen
     say("keypad", digits="••••")
     await page.locator(".event-keypad .digits:text('••••')").wait_for()
     # A cut turn: what the caller heard stays, the rest is shown as not heard.
+    say("latency", item_id="a2", ms=None)  # a reply to no new caller turn: no latency
     say("transcript", role="assistant", item_id="a2", final=False, text="Your order shipped ")
     say("barge_in", item_id="a2", heard_ms=1000)
     say("transcript", role="assistant", item_id="a2", final=True, interrupted=True,
@@ -229,6 +230,8 @@ async def test_transcript_streams_into_the_call_page(page: Page, backend: Backen
     await cut.locator(".unheard").wait_for()
     assert (await cut.locator(".unheard").inner_text()).strip().endswith("Thursday afternoon.")
     assert "heard 1.0 s" in await cut.locator(".turn-note").inner_text()
+    assert await cut.locator(".latency").count() == 0
+    assert "median 640 ms" in await page.inner_text(".facts")
     await page.locator(".event-barge").wait_for()
     # The stream drops: the page reconnects from the last event it had, without repeats.
     seen = len(call.events)

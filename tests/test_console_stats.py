@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from server.call.record import CallRecord
 from server.console.auth import Operators
-from server.record import CallRecord
 from server.records import api
 from server.records.store import LATENCY_EDGES_MS, CallQuery, RecordStore, StatsQuery
 from tests import test_records

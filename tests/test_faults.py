@@ -15,16 +15,16 @@ import aiohttp
 import pytest
 from aiohttp import WSCloseCode
 
-from server.app import REGISTRY, create_app
-from server.call import Call
-from server.features.base import Ending
-from server.registry import CallObserver
+from server.app import LISTENERS, REGISTRY, create_app
+from server.call.call import Call
+from server.call.ending import Ending
+from server.call.events import CallEnded, CallEvent
+from server.fleet.state import MemoryState
 from server.settings import ConfigError, Settings
-from server.shared_state import MemoryState
 from server.testing.dial import TwilioStream, action_form, call_form, dial, post_webhook
 from server.testing.inbox import wait_until
 from server.testing.standin import next_session
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import (
     API_KEY,
     AUTH_TOKEN,
@@ -42,18 +42,17 @@ from tests.conftest import (
 WAIT = 10.0
 
 
-class Seen(CallObserver):
-    """Every call the registry saw end or refused, with its ending."""
+class Seen:
+    """Every call that ended or was refused, with its ending (a lossless listener, as the
+    records and the metrics are)."""
 
     def __init__(self) -> None:
         self.ended: list[tuple[Call, Ending]] = []
         self.refused: list[tuple[Call, Ending]] = []
 
-    def call_ended(self, call: Call, ending: Ending) -> None:
-        self.ended.append((call, ending))
-
-    def call_refused(self, call: Call, ending: Ending) -> None:
-        self.refused.append((call, ending))
+    def on_call_event(self, call: Call, event: CallEvent) -> None:
+        if isinstance(event, CallEnded) and call.ending is not None:
+            (self.refused if event.refused else self.ended).append((call, call.ending))
 
     async def reasons(self) -> list[str]:
         """Why streams were refused, once one was (its socket closes first)."""
@@ -67,7 +66,7 @@ class Seen(CallObserver):
 
 def watch(rig: Rig) -> Seen:
     seen = Seen()
-    rig.app[REGISTRY].observers.append(seen)
+    rig.app[LISTENERS].append(seen)
     return seen
 
 
@@ -150,7 +149,7 @@ async def test_capacity_holds_without_webhook_authentication(make_rig: MakeRig) 
     await asyncio.wait_for(stray.closed.wait(), WAIT)
     assert stray.close_code == WSCloseCode.POLICY_VIOLATION
     assert await seen.reasons() == ["capacity"]
-    assert len(rig.live_calls()) == 1
+    await wait_until(lambda: len(rig.live_calls()) == 1, WAIT, "the refused stream gone")
     await still_relays(first, 4)
 
 

@@ -11,22 +11,19 @@ from typing import Any
 import orjson
 import pytest
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features import greeting, keypad
-from server.features import tools as tools_feature
-from server.features.base import (
-    ASSISTANT_ENDED,
-    TRANSFERRED,
-    Ending,
-    Feature,
-    KeypadEntry,
-    ToolFinished,
-)
+from server.call.ending import Ending, EndKind
+from server.call.events import KeypadEntry, ToolFinished
+from server.call.features import greeting, keypad
+from server.call.features import tools as tools_feature
+from server.call.features.base import Feature
+from server.call.plan import Plans
+from server.models import events as ev
 from server.settings import ConfigError, Settings
 from server.toolbox import Toolbox, python_tool
 from server.tools import CallContext, tool
+from server.wire import twilio as tw
 from tests import fake_call
+from tests.conftest import PROMPTS
 
 SETTINGS = Settings(openai_api_key="sk-test", hold_audio=None)
 
@@ -55,12 +52,8 @@ class FakeCall(fake_call.FakeCall):
         return {e["item"]["call_id"]: orjson.loads(e["item"]["output"]) for side, e in self.sent
                 if side == "model" and e.get("item", {}).get("type") == "function_call_output"}
 
-    async def wait(self, predicate: Any, timeout: float = 3.0) -> None:
-        async with asyncio.timeout(timeout), self.changed:
-            await self.changed.wait_for(lambda: predicate(self))
-
     async def close(self, feature: Feature) -> None:
-        await feature.on_end(Ending("caller_hung_up", "test over"))
+        await feature.on_end(Ending(EndKind.CALLER_HUNG_UP, "test over"))
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -71,12 +64,12 @@ def count(kind: str) -> Any:
 
 
 def fc(call_id: str, name: str, arguments: str = "{}", response_id: str = "resp_1"
-       ) -> oai.FunctionCall:
-    return oai.FunctionCall(call_id, name, arguments, response_id, f"item_{call_id}")
+       ) -> ev.FunctionCall:
+    return ev.FunctionCall(call_id, name, arguments, response_id, f"item_{call_id}")
 
 
-def done(response_id: str = "resp_1", status: str = "completed") -> oai.ResponseDone:
-    return oai.ResponseDone(response_id, status, None, {})
+def done(response_id: str = "resp_1", status: str = "completed") -> ev.ResponseDone:
+    return ev.ResponseDone(response_id, status, None, {})
 
 
 def make_tools(call: FakeCall, *fns: Any, settings: Settings = SETTINGS,
@@ -133,22 +126,22 @@ def test_declares_tools_and_builtins() -> None:
 async def test_output_then_one_response_create_after_done(result_first: bool) -> None:
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await call.openai(oai.ResponseCreated("resp_1"))
-    await call.openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
+    await call.model_event(ev.ResponseCreated("resp_1"))
+    await call.model_event(fc("call_1", "lookup", '{"order_id": "A1"}'))
     await gate.entered.wait()
     if result_first:
         gate.opened.set()
         await call.wait(lambda c: c.outputs())
         assert "response.create" not in call.kinds()  # the response that made it is not done
-        await call.openai(done())
+        await call.model_event(done())
     else:
-        await call.openai(done())
+        await call.model_event(done())
         assert call.kinds() == []
         gate.opened.set()
     await call.wait(count("response.create"))
     assert call.kinds() == ["conversation.item.create:function_call_output", "response.create"]
     assert call.outputs() == {"call_1": {"order": "A1", "status": "shipped"}}
-    finished = [n for n in call.notices if isinstance(n, ToolFinished)]
+    finished = [n for n in call.events if isinstance(n, ToolFinished)]
     assert [(n.name, n.outcome) for n in finished] == [("lookup", "ok")]
     await call.close(feature)
 
@@ -158,11 +151,11 @@ async def test_no_response_create_before_done_even_unseen_response() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await call.openai(fc("call_1", "lookup", '{"order_id": "A1"}'))
+    await call.model_event(fc("call_1", "lookup", '{"order_id": "A1"}'))
     await call.wait(lambda c: c.outputs())
     await asyncio.sleep(0.05)
     assert "response.create" not in call.kinds()
-    await call.openai(done())
+    await call.model_event(done())
     assert call.kinds()[-1] == "response.create"
     await call.close(feature)
 
@@ -170,11 +163,11 @@ async def test_no_response_create_before_done_even_unseen_response() -> None:
 async def test_several_calls_in_one_response_one_create() -> None:
     call, first, second = FakeCall(), Gate(), Gate()
     feature = make_tools(call, gated(first, "one"), gated(second, "two"))
-    await call.openai(oai.ResponseCreated("resp_1"))
-    await call.openai(fc("c1", "one", '{"order_id": "1"}'))
-    await call.openai(fc("c2", "two", '{"order_id": "2"}'))
-    await call.openai(fc("c3", "nope"))  # unknown: an error output, at once
-    await call.openai(done())
+    await call.model_event(ev.ResponseCreated("resp_1"))
+    await call.model_event(fc("c1", "one", '{"order_id": "1"}'))
+    await call.model_event(fc("c2", "two", '{"order_id": "2"}'))
+    await call.model_event(fc("c3", "nope"))  # unknown: an error output, at once
+    await call.model_event(done())
     first.opened.set()
     await call.wait(lambda c: len(c.outputs()) == 2)
     assert "response.create" not in call.kinds()
@@ -185,7 +178,7 @@ async def test_several_calls_in_one_response_one_create() -> None:
     assert kinds[-1] == "response.create" and kinds.count("response.create") == 1
     assert call.outputs()["c3"] == {"error": "there is no tool named 'nope'"}
     # the same call again (e.g. response.done repeating it) is not run twice
-    await call.openai(oai.ResponseDone("resp_1", "completed", None, {},
+    await call.model_event(ev.ResponseDone("resp_1", "completed", None, {},
                                              (fc("c1", "one", '{"order_id": "1"}'),)))
     assert call.kinds().count("conversation.item.create:function_call_output") == 3
     await call.close(feature)
@@ -195,7 +188,7 @@ async def test_calls_found_only_in_response_done_are_run() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await call.openai(oai.ResponseDone("resp_9", "completed", None, {},
+    await call.model_event(ev.ResponseDone("resp_9", "completed", None, {},
                                              (fc("c9", "lookup", '{"order_id": "9"}', "resp_9"),)))
     await call.wait(count("response.create"))
     assert list(call.outputs()) == ["c9"]
@@ -207,14 +200,14 @@ async def test_caller_turn_answers_instead_of_a_second_request() -> None:
     would collide, so the bridge only sends the output."""
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await call.openai(done())
-    await call.openai(oai.SpeechStarted("item_u", 0))
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(done())
+    await call.model_event(ev.SpeechStarted("item_u", 0))
     gate.opened.set()
     await call.wait(lambda c: c.outputs())
-    await call.openai(oai.SpeechStopped("item_u", 900))
-    await call.openai(oai.ResponseCreated("resp_2"))  # the service's own answer
-    await call.openai(done("resp_2"))
+    await call.model_event(ev.SpeechStopped("item_u", 900))
+    await call.model_event(ev.ResponseCreated("resp_2"))  # the service's own answer
+    await call.model_event(done("resp_2"))
     await asyncio.sleep(0.05)
     assert "response.create" not in call.kinds()
     await call.close(feature)
@@ -224,13 +217,13 @@ async def test_refused_request_is_sent_again() -> None:
     call, gate = FakeCall(), Gate()
     gate.opened.set()
     feature = make_tools(call, gated(gate))
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await call.openai(done())
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(done())
     await call.wait(count("response.create"))
     (create,) = [e for side, e in call.sent if e.get("type") == "response.create"]
-    await call.openai(oai.Error("conversation_already_has_active_response", "busy",
+    await call.model_event(ev.ModelError("conversation_already_has_active_response", "busy",
                                 create["event_id"], False))
-    await call.openai(done("resp_other"))
+    await call.model_event(done("resp_other"))
     await call.wait(lambda c: c.kinds().count("response.create") == 2)
     await call.close(feature)
 
@@ -238,12 +231,12 @@ async def test_refused_request_is_sent_again() -> None:
 async def test_hang_up_cancels_running_tools() -> None:
     call, gate = FakeCall(), Gate()
     feature = make_tools(call, gated(gate))
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
     await gate.entered.wait()
     await call.close(feature)
     assert gate.cancelled
     assert not call.tasks
-    assert [(n.name, n.outcome) for n in call.notices if isinstance(n, ToolFinished)] == [
+    assert [(n.name, n.outcome) for n in call.events if isinstance(n, ToolFinished)] == [
         ("lookup", "cancelled")]
     assert call.outputs() == {}
 
@@ -253,9 +246,9 @@ async def test_hold_audio_then_clear_before_the_model_speaks() -> None:
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.05)
     call.played.clear()  # the model's "let me check" is still playing
-    await call.openai(oai.ResponseCreated("resp_1"))
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await call.openai(done())
+    await call.model_event(ev.ResponseCreated("resp_1"))
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(done())
     await asyncio.sleep(0.15)
     assert "twilio:media" not in call.kinds()  # never over the model's own words
     call.played.set()
@@ -276,10 +269,10 @@ async def test_hold_stops_when_the_caller_talks() -> None:
     call, gate = FakeCall(), Gate()
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.01)
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await call.openai(done())
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(done())
     await call.wait(count("twilio:media"))
-    await call.openai(oai.SpeechStarted("item_u", 0))
+    await call.model_event(ev.SpeechStarted("item_u", 0))
     assert call.kinds()[-1] == "twilio:clear"
     sent = len(call.sent)
     await asyncio.sleep(0.05)
@@ -292,8 +285,8 @@ async def test_fast_tool_gets_no_hold_audio() -> None:
     gate.opened.set()
     settings = replace(SETTINGS, hold_audio=Settings(openai_api_key="x").hold_audio)
     feature = make_tools(call, gated(gate), settings=settings, hold_after=0.2)
-    await call.openai(fc("c1", "lookup", '{"order_id": "1"}'))
-    await call.openai(done())
+    await call.model_event(fc("c1", "lookup", '{"order_id": "1"}'))
+    await call.model_event(done())
     await call.wait(count("response.create"))
     await asyncio.sleep(0.3)
     assert not [k for k in call.kinds() if k.startswith("twilio")]
@@ -304,15 +297,15 @@ async def test_end_call_after_the_goodbye_played() -> None:
     call = FakeCall()
     feature = make_tools(call)
     call.played.clear()  # the goodbye is still playing
-    await call.openai(fc("c1", "end_call"))
-    await call.openai(done())
+    await call.model_event(fc("c1", "end_call"))
+    await call.model_event(done())
     await asyncio.sleep(0.05)
     assert call.endings == []
     call.played.set()
     await asyncio.wait_for(call.ended.wait(), 3)
     [ending] = call.endings
     assert (ending.kind, ending.reason, ending.decision) == (
-        ASSISTANT_ENDED, "assistant ended the call", tw.HANGUP)
+        EndKind.ASSISTANT_ENDED, "assistant ended the call", tw.HANGUP)
     assert "response.create" not in call.kinds()
     await call.close(feature)
 
@@ -321,18 +314,18 @@ async def test_end_call_bounded_wait() -> None:
     call = FakeCall()
     feature = make_tools(call, goodbye_wait=0.05)
     call.played.clear()  # marks never come back
-    await call.openai(fc("c1", "end_call"))
-    await call.openai(done())
+    await call.model_event(fc("c1", "end_call"))
+    await call.model_event(done())
     await asyncio.wait_for(call.ended.wait(), 3)
-    assert [e.kind for e in call.endings] == [ASSISTANT_ENDED]
+    assert [e.kind for e in call.endings] == [EndKind.ASSISTANT_ENDED]
     await call.close(feature)
 
 
 async def test_end_call_interrupted_goes_on() -> None:
     call = FakeCall()
     feature = make_tools(call)
-    await call.openai(fc("c1", "end_call"))
-    await call.openai(done(status="cancelled"))
+    await call.model_event(fc("c1", "end_call"))
+    await call.model_event(done(status="cancelled"))
     await asyncio.sleep(0.05)
     assert call.endings == []
     assert "error" in call.outputs()["c1"]
@@ -343,11 +336,11 @@ async def test_transfer() -> None:
     settings = replace(SETTINGS, transfer_targets=(("sales", "+15550009999"),))
     call = FakeCall(settings)
     feature = make_tools(call, settings=settings)
-    await call.openai(fc("c1", "transfer_call", '{"target": "sales"}'))
-    await call.openai(done())
+    await call.model_event(fc("c1", "transfer_call", '{"target": "sales"}'))
+    await call.model_event(done())
     await asyncio.wait_for(call.ended.wait(), 3)
     [ending] = call.endings
-    assert (ending.kind, ending.reason) == (TRANSFERRED, "transferred to sales")
+    assert (ending.kind, ending.reason) == (EndKind.TRANSFERRED, "transferred to sales")
     assert ending.decision == tw.Decision("dial", target="+15550009999")  # no callerId
     await call.close(feature)
 
@@ -356,8 +349,8 @@ async def test_transfer_to_an_unknown_target_is_an_error_output() -> None:
     settings = replace(SETTINGS, transfer_targets=(("sales", "+15550009999"),))
     call = FakeCall(settings)
     feature = make_tools(call, settings=settings)
-    await call.openai(fc("c1", "transfer_call", '{"target": "ceo"}'))
-    await call.openai(done())
+    await call.model_event(fc("c1", "transfer_call", '{"target": "ceo"}'))
+    await call.model_event(done())
     await call.wait(count("response.create"))
     assert call.outputs() == {"c1": {"error": "target must be one of sales"}}
     assert call.endings == []
@@ -375,8 +368,8 @@ async def test_tool_gets_the_call_context() -> None:
 
     call = FakeCall()
     feature = make_tools(call, who)
-    await call.openai(fc("c1", "who"))
-    await call.openai(done())
+    await call.model_event(fc("c1", "who"))
+    await call.model_event(done())
     await call.wait(count("response.create"))
     assert call.outputs() == {"c1": "+15550001111"}
     assert (seen[0].call_sid, seen[0].called) == ("CA1", "+15550002222")
@@ -410,7 +403,7 @@ async def test_keypad_pause_ends_an_entry(caplog: pytest.LogCaptureFixture) -> N
     await call.wait(count("response.create"))
     assert texts(call) == ["The caller typed 1 2 3 4 on the keypad."]
     assert call.kinds() == ["conversation.item.create:message", "response.create"]
-    assert call.notices == [KeypadEntry("1234")]
+    assert call.events == [KeypadEntry("1234")]
     assert "1234" not in caplog.text and "4 key(s)" in caplog.text
     await call.close(feature)
 
@@ -418,11 +411,11 @@ async def test_keypad_pause_ends_an_entry(caplog: pytest.LogCaptureFixture) -> N
 async def test_keypad_hash_ends_an_entry_and_waits_for_the_response() -> None:
     call = FakeCall(replace(SETTINGS, log_pii=True))
     feature = make_keypad(call, timeout=5.0)
-    await call.openai(oai.ResponseCreated("resp_1"))  # the assistant is talking
+    await call.model_event(ev.ResponseCreated("resp_1"))  # the assistant is talking
     for digit in "42#":
         await feature.on_twilio(tw.Dtmf(digit))
     assert call.kinds() == ["conversation.item.create:message"]  # text now, answer later
-    await call.openai(done())
+    await call.model_event(done())
     assert call.kinds() == ["conversation.item.create:message", "response.create"]
     assert texts(call) == ["The caller typed 4 2 on the keypad."]
     await call.close(feature)
@@ -436,11 +429,13 @@ def test_keypad_off() -> None:
 
 
 async def test_greeting_on_the_first_session_only() -> None:
-    settings = replace(SETTINGS, greeting="Hello, thanks for calling {{ called }}!")
-    factory = greeting.factory(settings)
-    assert factory is not None
+    settings = replace(SETTINGS, greeting="Hello, thanks for calling {{ called }}!",
+                       prompts_dir=PROMPTS)
     call = FakeCall(settings)
-    feature = factory(call)
+    resolved = Plans(settings).resolve(call.plan)  # what the call does with its plan
+    assert resolved.greeting is not None
+    call.greeting = resolved.greeting.render({"called": call.called})
+    feature = greeting.factory()(call)
     assert feature is not None
     await feature.on_session_ready(True)
     await feature.on_session_ready(False)
@@ -450,6 +445,6 @@ async def test_greeting_on_the_first_session_only() -> None:
 
 
 def test_greeting_checks_placeholders() -> None:
-    assert greeting.factory(SETTINGS) is None
+    assert Plans(replace(SETTINGS, prompts_dir=PROMPTS)).default_greeting is None
     with pytest.raises(ConfigError, match=r"GREETING: .*unknown placeholder"):
-        greeting.factory(replace(SETTINGS, greeting="Hi {{name}}"))
+        Plans(replace(SETTINGS, greeting="Hi {{name}}", prompts_dir=PROMPTS))

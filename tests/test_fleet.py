@@ -39,7 +39,7 @@ from server.testing.standin import (
     next_session,
 )
 from server.testing.twiml import Twiml
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import API_KEY, AUTH_TOKEN, CALLED, CALLER, heard, loud, speak
 from tests.redis_server import RedisServer, start_or_skip
 

@@ -7,13 +7,13 @@ import asyncio
 from aiohttp import WSCloseCode
 
 from server.app import REGISTRY
-from server.call import Call
-from server.shared_state import MemoryState
+from server.call.call import Call
+from server.fleet.state import MemoryState
 from server.testing.dial import TwilioStream, call_form
 from server.testing.inbox import wait_until
 from server.testing.standin import next_session
 from server.testing.twiml import Twiml, parse_twiml
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import AUTH_TOKEN, MakeRig, Rig, heard, loud, speak
 
 WAIT = 10.0

@@ -15,17 +15,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import metrics as metrics_module
-from server import openai_protocol as oai
-from server.features import base
-from server.features.base import (
-    CALLER_HUNG_UP,
-    OPENAI_ERROR,
-    BargedIn,
-    Ending,
-    ReplyAudioStarted,
-    ToolFinished,
-)
+from server.call.ending import Ending, EndKind
+from server.call.events import BargeIn, ReplyStarted, ToolFinished
 from server.metrics import REFUSED_REASONS, Metrics, add_routes
+from server.models import events as ev
 from server.testing.inbox import wait_until
 from tests.fake_call import FakeCall
 
@@ -78,18 +71,18 @@ async def make_app(aiohttp_client: MakeClient, token: str | None = None,
 async def test_metrics_move_as_a_call_happens(aiohttp_client: MakeClient) -> None:
     client, metrics, _ = await make_app(aiohttp_client)
     call = FakeCall("CAm1")
-    call.add(metrics.feature(call))
+    call.listen(metrics)
     call.record.session_ready_ms = 420.0
     await call.session_ready()
     call.record.frames_in += 150  # what the relay does per frame
     call.record.frames_out += 40
-    await call.openai(oai.SpeechStopped("item_U1", 3000))
-    call.notify(ReplyAudioStarted("resp_1", "item_A1", 0.42))
-    call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # same turn: one latency
-    call.notify(BargedIn("item_A1", 500))
-    call.notify(ToolFinished("lookup_order", "c1", "{}", "ok", "{}", 0.1))
-    call.notify(ToolFinished("made_up_by_the_model", "c2", "{}", "unknown_tool", "{}", 0.0))
-    await call.openai(oai.Error("invalid_value", "bad", None, False))
+    await call.model_event(ev.SpeechStopped("item_U1", 3000))
+    call.publish(ReplyStarted("resp_1", "item_A1", 420.0))
+    call.publish(ReplyStarted("resp_1", "item_A2", None))  # same turn: one latency
+    call.publish(BargeIn("item_A1", 500))
+    call.publish(ToolFinished("lookup_order", "c1", "{}", "ok", "{}", 0.1))
+    call.publish(ToolFinished("made_up_by_the_model", "c2", "{}", "unknown_tool", "{}", 0.0))
+    await call.model_event(ev.ModelError("invalid_value", "bad", None, False))
 
     text = await scrape(client)
     assert value(text, "bridge_calls_active") == 1
@@ -104,15 +97,15 @@ async def test_metrics_move_as_a_call_happens(aiohttp_client: MakeClient) -> Non
     assert value(text, "bridge_tool_calls_total", tool="unknown", outcome="unknown_tool") == 1
 
     second = FakeCall("CAm2")
-    second.add(metrics.feature(second))
+    second.listen(metrics)
     second.record.frames_in += 10
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     call.record.frames_in += 1000  # after the end: no longer counted
     text = await scrape(client)
     assert value(text, "bridge_calls_active") == 1
     assert value(text, "bridge_calls_total", end="caller_hung_up") == 1
     assert value(text, "bridge_frames_total", direction="in") == 160
-    await second.finish(Ending(OPENAI_ERROR, "OpenAI error session_expired"))
+    await second.finish(Ending(EndKind.OPENAI_ERROR, "OpenAI error session_expired"))
     text = await scrape(client)
     assert value(text, "bridge_calls_active") == 0
     assert value(text, "bridge_calls_total", end="openai_error") == 1
@@ -186,7 +179,7 @@ async def test_live_calls_frames_reach_the_counter_without_a_scrape(
     reach the counter on their own, a few times a minute (never per frame)."""
     _, metrics, _ = await make_app(aiohttp_client, frames_every=0.05)
     call = FakeCall("CAm3")
-    call.add(metrics.feature(call))
+    call.listen(metrics)
     call.record.frames_in += 30
     call.record.frames_out += 4
 
@@ -197,7 +190,7 @@ async def test_live_calls_frames_reach_the_counter_without_a_scrape(
     await wait_until(lambda: counted("in", 30) and counted("out", 4), 5.0, "frames counted")
     call.record.frames_in += 5
     await wait_until(lambda: counted("in", 35), 5.0, "more frames counted")
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     assert metrics.registry.get_sample_value("bridge_calls_active") == 0
 
 
@@ -209,7 +202,7 @@ def test_the_readme_documents_every_metric_and_label_value() -> None:
     names = {metric.name + ("_total" if metric.type == "counter" else "")
              for metric in Metrics().registry.collect()}
     assert names == set(rows)
-    ends = {v for k, v in vars(base).items() if isinstance(v, str) and v == k.lower()}
+    ends = {str(kind) for kind in EndKind}
     assert "admin_hung_up" in ends
     for end in ends:
         assert f"`{end}`" in rows["bridge_calls_total"], f"end label {end} not in the README"

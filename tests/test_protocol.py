@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import orjson
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
 from server.logs import JsonFormatter, TextFormatter
-from server.openai_protocol import SESSION_UPDATE_ID, realtime_url, session_update
+from server.models import events as ev
 from server.prompts import Prompt
 from server.settings import Settings
-from server.twilio_protocol import (
+from server.wire import realtime as oai
+from server.wire import twilio as tw
+from server.wire.realtime import SESSION_UPDATE_ID, realtime_url, session_update
+from server.wire.twilio import (
     busy_twiml,
     clear_frame,
     connect_twiml,
@@ -72,7 +73,7 @@ def test_hosted_prompt_replaces_instructions() -> None:
 
 def is_fatal(event: dict[str, object]) -> bool:
     decoded = oai.decode(orjson.dumps(event))
-    assert isinstance(decoded, oai.Error)
+    assert isinstance(decoded, ev.ModelError)
     return decoded.fatal
 
 
@@ -85,12 +86,12 @@ def test_url_and_fatal_errors() -> None:
 
 
 def test_openai_events_decode_to_types() -> None:
-    def dec(event: dict[str, object]) -> oai.OpenAIEvent:
+    def dec(event: dict[str, object]) -> oai.RealtimeEvent:
         return oai.decode(orjson.dumps(event))
 
     delta = dec({"type": "response.output_audio.delta", "response_id": "r", "item_id": "i",
                  "delta": "AAAA"})
-    assert isinstance(delta, oai.AudioDelta) and delta.delta == "AAAA"
+    assert isinstance(delta, ev.AudioDelta) and delta.delta == "AAAA"
     assert dec({"type": "session.updated", "session": {"audio": {
         "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcm"}}
     }}}) == oai.SessionUpdated("audio/pcmu", "audio/pcm")
@@ -98,10 +99,10 @@ def test_openai_events_decode_to_types() -> None:
                 "output": [{"type": "function_call", "id": "it", "call_id": "c1", "name": "f",
                             "arguments": "{}"}, {"type": "message"}],
                 "usage": {"input_tokens": 3}}})
-    assert isinstance(done, oai.ResponseDone)
-    assert done.function_calls == (oai.FunctionCall("c1", "f", "{}", "r2", "it"),)
+    assert isinstance(done, ev.ResponseDone)
+    assert done.function_calls == (ev.FunctionCall("c1", "f", "{}", "r2", "it"),)
     assert done.usage == {"input_tokens": 3}
-    assert dec({"type": "brand.new", "x": 1}) == oai.Other("brand.new", "x=1")
+    assert dec({"type": "brand.new", "x": 1}) == ev.Other("brand.new", "x=1")
     for bad in (b"nope", b"[]", b'{"type": 3}',
                 b'{"type": "response.output_audio.delta", "delta": 1, "item_id": "i"}'):
         try:

@@ -9,8 +9,10 @@ import orjson
 import pytest
 from aiohttp import WSCloseCode
 
-from server.call import Call
-from server.features.reconnect import GapBuffer, conversation_items
+from server.call.call import Call
+from server.call.conversation import Conversation
+from server.call.model_link import GapBuffer
+from server.models.realtime import conversation_items
 from server.testing.inbox import wait_until
 from server.testing.standin import StandinOptions, StandinSession, next_session
 from tests.conftest import API_KEY, MakeRig, Rig, heard, loud, speak
@@ -90,7 +92,7 @@ async def test_every_attempt_failing_ends_the_call_with_the_fallback(
 
 async def test_gap_buffer_keeps_the_newest_frames() -> None:
     gap = GapBuffer(max_frames=5)
-    frames = [bytes([i]) for i in range(12)]
+    frames = [f"frame-{i}" for i in range(12)]
     for frame in frames:
         await gap.send(frame)
     assert gap.drain() == frames[-5:] and gap.dropped == 7
@@ -108,7 +110,9 @@ def test_conversation_items_recreate_the_timeline() -> None:
         {"kind": "keypad", "digits": "12#"},
         {"kind": "error", "code": "x"},
     ]
-    items = [orjson.loads(i)["item"] for i in conversation_items(timeline)]
+    # The record's timeline, read back as the typed conversation it is.
+    entries = Conversation.from_dicts([{"at": float(i), **e} for i, e in enumerate(timeline)])
+    items = [orjson.loads(i)["item"] for i in conversation_items(entries)]
     assert items[0] == {"type": "message", "role": "user",
                         "content": [{"type": "input_text", "text": "Where is my order?"}]}
     assert items[1]["content"][0]["text"] == \
@@ -120,7 +124,7 @@ def test_conversation_items_recreate_the_timeline() -> None:
     assert items[5]["output"] == '{"error":{"error":"boom"}}'
     assert items[6]["content"][0]["text"] == "The caller typed 1 2 # on the keypad."
     assert len(items) == 7
-    assert len(conversation_items(timeline, limit=2)) == 1  # the keypad entry only
+    assert len(conversation_items(entries, limit=2)) == 1  # the keypad entry only
 
 
 async def test_a_silent_session_is_replaced(make_rig: MakeRig) -> None:

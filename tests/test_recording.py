@@ -7,8 +7,8 @@ import base64
 import wave
 from pathlib import Path
 
-from server.features.base import CALLER_HUNG_UP, BargedIn, Ending
-from server.features.recording import Recorder, Recording, decoded_length, stereo_pcm
+from server.call.ending import Ending, EndKind
+from server.call.features.recording import Recorder, Recording, decoded_length, stereo_pcm
 from tests.fake_call import FakeCall
 
 FRAME = 160  # bytes of one 20 ms caller frame
@@ -53,11 +53,11 @@ async def test_assistant_audio_placed_as_heard_and_cut_at_barge_in(tmp_path: Pat
         feature.on_assistant_audio(b64(bytes([byte]) * 960))
     for _ in range(5):  # 100 ms later the caller talks over it
         feature.on_caller_audio(b64(bytes([caller_byte]) * FRAME))
-    call.notify(BargedIn("item_A1", 100))
+    feature.on_clear()  # playback cleared Twilio's buffer (the barge-in)
     for _ in range(10):
         feature.on_caller_audio(b64(bytes([caller_byte]) * FRAME))
     feature.on_assistant_audio(b64(bytes([a4]) * 480))  # the next reply starts "now"
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     await recorder.close()
 
     path = Path(call.record.recording or "")
@@ -77,7 +77,7 @@ async def test_a_call_without_audio_writes_nothing(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path)
     call = FakeCall("CAsilent")
     call.add(recorder.feature()(call))
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     await recorder.close()
     assert call.record.recording is None and list(tmp_path.iterdir()) == []
 
@@ -89,6 +89,6 @@ async def test_an_unwritable_directory_is_logged(tmp_path: Path) -> None:
     call = FakeCall("CA../../etc")
     feature = call.add(recorder.feature()(call))
     feature.on_caller_audio(b64(bytes(FRAME)))
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     await recorder.close()  # no exception escapes
     assert Path(call.record.recording or "").name == "CA______etc.wav"

@@ -18,7 +18,8 @@ from uuid import uuid4
 import orjson
 import pytest
 
-from server.record import CallRecord
+from server.call.conversation import Conversation
+from server.call.record import CallRecord
 from server.records import cli, retention
 from server.records.pricing import PriceTable
 from server.records.store import (
@@ -35,6 +36,13 @@ from server.settings import ConfigError, Settings
 from tests.pg import Unavailable, postgres_server
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def note(record: CallRecord, kind: str, **data: Any) -> None:
+    """Put one timeline entry, written as the record keeps it, into the call's conversation."""
+    [entry] = Conversation.from_dicts([{"at": data.pop("at", record.elapsed()), "kind": kind,
+                                        **data}]).entries
+    record.conversation.add(entry)
 
 
 def make_record(call_sid: str, started: datetime = T0, caller: str = "+15550001111",
@@ -91,7 +99,7 @@ async def store(store_url: str) -> AsyncIterator[RecordStore]:
 
 async def test_save_get_round_trip_and_upsert(store: RecordStore) -> None:
     record = make_record("CA1")
-    record.add("caller", text="Hello there", item_id="item_U1")
+    note(record, "caller", text="Hello there", item_id="item_U1")
     record.add_usage({"input_tokens": 10, "input_token_details": {"audio_tokens": 7}})
     saved = record.to_dict()
     await store.save(saved)
@@ -101,7 +109,7 @@ async def test_save_get_round_trip_and_upsert(store: RecordStore) -> None:
     assert got["timeline"][0]["text"] == "Hello there"
     assert list(got) == list(record.to_dict()), "key order is kept"
 
-    record.add("assistant", text="Hi! How can I help?")
+    note(record, "assistant", text="Hi! How can I help?")
     record.ended_at = T0 + timedelta(seconds=42)
     record.end_kind, record.end_reason = "caller_hung_up", "caller hung up"
     record.cost_usd = 0.0123
@@ -357,7 +365,7 @@ async def test_writer_saves_live_changes_and_skips_unchanged() -> None:
     record = make_record("CAlive")
     writer.track(record)
     await store.wait(lambda: len(store.saved) == 1)
-    record.add("caller", text="one")
+    note(record, "caller", text="one")
     await store.wait(lambda: len(store.saved) == 2)
     assert store.saved[-1]["timeline"][0]["text"] == "one"
     # Unchanged for several intervals: no more writes. Wait on the writer's own passes.
@@ -453,9 +461,9 @@ def _seed(db_url: str) -> None:
         record = make_record("CAcli1", T0, ended_at=T0 + timedelta(seconds=30),
                              end_kind="caller_hung_up", end_reason="caller hung up",
                              cost_usd=0.0421, latencies_ms=[640.0, 910.5])
-        record.add("assistant", text="Thanks for calling, how can I help?")
-        record.add("caller", text="Where is my order?")
-        record.add("tool", name="lookup_order", arguments={"order_id": "A1"}, outcome="ok",
+        note(record, "assistant", text="Thanks for calling, how can I help?")
+        note(record, "caller", text="Where is my order?")
+        note(record, "tool", name="lookup_order", arguments={"order_id": "A1"}, outcome="ok",
                    result={"status": "shipped"}, seconds=0.12)
         await store.save(record.to_dict())
         await store.save(make_record("CAcli2", T0 + timedelta(hours=1)).to_dict())

@@ -16,14 +16,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.features.base import CALLER_HUNG_UP, Ending
-from server.record import CallRecord
+from server.call.ending import Ending, EndKind
+from server.call.features.transcript import TranscriptFeature
+from server.call.record import CallRecord
 from server.records.service import Records
 from server.records.webhook import SIGNATURE_HEADER, CallWebhook, sign, verify
 from server.settings import ConfigError, Settings
 from tests.conftest import ROOT
 from tests.fake_call import FakeCall
-from tests.test_records import T0, make_record
+from tests.test_records import T0, make_record, note
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -66,8 +67,8 @@ async def served(tmp_path: Path, aiohttp_client: MakeClient) -> tuple[Client, Re
     for i in range(5):
         record = make_record(f"CA{i}", T0 + timedelta(hours=i),
                              caller="+15550009999" if i % 2 else "+15550001111")
-        record.add("caller", text=f"question {i}")
-        record.add("assistant", text=f"answer {i}")
+        note(record, "caller", text=f"question {i}")
+        note(record, "assistant", text=f"answer {i}")
         await records.store.save(record.to_dict())
     return client, records
 
@@ -241,11 +242,12 @@ async def test_a_call_is_stored_served_and_sent(tmp_path: Path, aiohttp_client: 
     app, records = await records_app(settings)
     client = await aiohttp_client(app)
     call = FakeCall("CAe2e", settings)
-    for factory in records.features():
+    assert records.active_recorder is not None
+    for factory in (TranscriptFeature.factory(records.prices), records.active_recorder.feature()):
         call.add(factory(call))
     assert {f.name for f in call.features} == {"transcript", "recording"}
-    records.writer.track(call.record)
-    call.record.add("caller", text="hello?")
+    call.listen(records)  # the call starts: its record is tracked
+    note(call.record, "caller", text="hello?")
     async with asyncio.timeout(5):  # the 5 s (here 0.05 s) save of a live call
         while await records.store.get("CAe2e") is None:
             await asyncio.sleep(0.02)
@@ -254,19 +256,19 @@ async def test_a_call_is_stored_served_and_sent(tmp_path: Path, aiohttp_client: 
 
     for feature in call.features:
         feature.on_caller_audio("/////w==")  # 4 bytes of mu-law silence
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     call.record.ended_at = call.record.started_at + timedelta(seconds=5)
-    call.record.end_kind, call.record.end_reason = CALLER_HUNG_UP, "caller hung up"
+    call.record.end_kind, call.record.end_reason = EndKind.CALLER_HUNG_UP, "caller hung up"
     records.writer.finish(call.record)
     await rx.wait(1)
     sent = orjson.loads(rx.bodies[0][0])
-    assert sent["call_sid"] == "CAe2e" and sent["end_kind"] == CALLER_HUNG_UP
+    assert sent["call_sid"] == "CAe2e" and sent["end_kind"] == EndKind.CALLER_HUNG_UP
     assert verify(HOOK_SECRET, rx.bodies[0][0], rx.bodies[0][1])
     async with asyncio.timeout(5):
         while records.writer.pending:
             await asyncio.sleep(0.02)
     stored = await (await client.get("/calls/CAe2e", headers=AUTH)).json()
-    assert stored["end_kind"] == CALLER_HUNG_UP and stored["duration_seconds"] == 5.0
+    assert stored["end_kind"] == EndKind.CALLER_HUNG_UP and stored["duration_seconds"] == 5.0
     assert stored["recording"].endswith("CAe2e.wav")
     await records.recorder.close() if records.recorder else None
     resp = await client.get("/calls/CAe2e/recording.wav", headers=AUTH)
@@ -280,7 +282,7 @@ async def test_shutdown_flushes_a_live_call(tmp_path: Path) -> None:
         await records.open(http)
         record = CallRecord(call_sid="CAflush", caller="+15550001111")
         records.writer.track(record)
-        record.add("caller", text="are you there?")
+        note(record, "caller", text="are you there?")
         await records.close()
     _, again = await records_app(settings)
     async with aiohttp.ClientSession() as http:

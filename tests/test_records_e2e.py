@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server.record import CallRecord
+from server.call.record import CallRecord
 from server.records import cli
 from server.testing.standin import StandinOptions
 from tests.conftest import API_KEY, CALLED, CALLER, MakeRig, Rig, speak

@@ -20,8 +20,8 @@ import aiohttp
 import orjson
 import pytest
 
-import server.record
-from server.record import CallRecord, parse_stamp, utc_now
+import server.call.record
+from server.call.record import CallRecord, parse_stamp, utc_now
 from server.records import cli, spool
 from server.records import writer as writer_module
 from server.records.service import Records
@@ -30,7 +30,7 @@ from server.records.writer import RecordWriter
 from server.testing.inbox import wait_until
 from tests import test_records
 from tests.redis_server import free_port
-from tests.test_records import T0, _pg_admin, make_record
+from tests.test_records import T0, _pg_admin, make_record, note
 from tests.test_records_api import AUTH, MakeClient, records_app, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def one_call(writer: RecordWriter, i: int, *, ends: bool = True) -> None:
     next call's record may get the freed one's address."""
     record = make_record(sid(i), T0 + timedelta(seconds=i))
     writer.track(record)
-    record.add("caller", text=f"caller turn of call {i}")
+    note(record, "caller", text=f"caller turn of call {i}")
     if ends:
         record.ended_at = record.started_at + timedelta(seconds=30)
         record.end_kind, record.end_reason = "caller_hung_up", "caller hung up"
@@ -369,7 +369,7 @@ def test_two_processes_never_load_the_same_spool(tmp_path: Path) -> None:
 SPOOLING_WORKERS = """
 import asyncio, signal, sys
 from pathlib import Path
-from server.record import CallRecord
+from server.call.record import CallRecord
 from server.records.service import Records
 from server.settings import Settings
 from server.workers import run_workers
@@ -464,9 +464,9 @@ def test_the_image_and_kubernetes_spool_to_the_writable_volume() -> None:
 
 async def test_an_older_state_never_replaces_a_newer_one(store: RecordStore) -> None:
     record = make_record("CAnewest")
-    record.add("caller", text="first")
+    note(record, "caller", text="first")
     older = record.to_dict()
-    record.add("assistant", text="second")
+    note(record, "assistant", text="second")
     record.ended_at, record.end_kind = T0 + timedelta(seconds=9), "caller_hung_up"
     newer = record.to_dict()
     assert await store.save(newer) is True
@@ -486,7 +486,7 @@ def test_a_resumed_record_is_newer_than_the_one_it_continues(
     first = make_record("CAclock")
     saved = first.to_dict()
     behind = utc_now() - timedelta(seconds=2)
-    monkeypatch.setattr(server.record, "utc_now", lambda: behind)
+    monkeypatch.setattr(server.call.record, "utc_now", lambda: behind)
     resumed = CallRecord(call_sid="CAclock")
     resumed.restore(saved)
     stamps = [parse_stamp(r["updated_at"]) for r in (saved, resumed.to_dict(),
@@ -500,7 +500,7 @@ async def handed_over(db: RecordStore, writer_a: RecordWriter) -> None:
     resumes the call from A's saved context, continues it and saves it."""
     a = make_record("CAmoved")
     writer_a.track(a)
-    a.add("caller", text="said on A")
+    note(a, "caller", text="said on A")
     context = a.to_dict()  # what registry.hand_over puts into the shared state
     a.ended_at, a.end_kind = utc_now(), "handover"
     writer_a.finish(a)
@@ -509,7 +509,7 @@ async def handed_over(db: RecordStore, writer_a: RecordWriter) -> None:
     b = CallRecord(call_sid="CAmoved", caller=a.caller, called=a.called)
     b.restore(context)
     writer_b.track(b)
-    b.add("caller", text="said on B")
+    note(b, "caller", text="said on B")
     b.ended_at, b.end_kind = utc_now(), "caller_hung_up"
     writer_b.finish(b)
     await writer_b.close()
@@ -595,7 +595,7 @@ async def test_cli_finds_a_call_by_a_unique_prefix(
     sids = ["CAaaa1", "CAaaa2", "CAbbb1", "CAdd", "CAdd1", *[f"CAccc{i:02d}" for i in range(12)]]
     for n, call_sid in enumerate(sids):
         record = make_record(call_sid, T0 + timedelta(minutes=n))
-        record.add("caller", text=f"this is {call_sid}")
+        note(record, "caller", text=f"this is {call_sid}")
         await store.save(record.to_dict())
     monkeypatch.chdir(tmp_path)  # no .env here
     monkeypatch.setenv("DATABASE_URL", store_url)

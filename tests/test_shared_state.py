@@ -15,9 +15,10 @@ from uuid import uuid4
 import pytest
 from redis.asyncio import Redis
 
-from server.fleet import RedisState, mask_url
+from server.fleet.open import open_state
+from server.fleet.redis import RedisState, mask_url
+from server.fleet.state import MemoryState, SharedState, SharedStateError
 from server.settings import ConfigError, Settings
-from server.shared_state import MemoryState, SharedState, SharedStateError, open_state
 from tests.redis_server import RedisServer, free_port, start_or_skip
 
 LEASE = 1.0  # short lease for tests: kill -9 must free capacity within it
@@ -217,7 +218,7 @@ async def test_ping(make_state: MakeState) -> None:
 
 CHILD = """
 import asyncio, sys
-from server.fleet import RedisState
+from server.fleet.redis import RedisState
 
 async def main() -> None:
     state = RedisState(sys.argv[1], prefix=sys.argv[2], lease=float(sys.argv[3]))

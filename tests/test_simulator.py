@@ -14,14 +14,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server import twilio_protocol as tw
 from server.app import REGISTRY
-from server.shared_state import MemoryState
+from server.fleet.state import MemoryState
 from server.testing import audio
 from server.testing.inbox import Inbox, wait_until
 from server.testing.simulator import TwilioStream, balancer, place_call, rebase, sample_wav
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, tool_call
 from server.testing.twiml import parse_twiml
+from server.wire import twilio as tw
 from tests.conftest import API_KEY, AUTH_TOKEN, MakeRig, Rig
 
 REPLY_MS = 600  # the stand-in's reply="tone" answer to a caller turn

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import WSCloseCode
 
 from server.testing.standin import STANDIN_SESSIONS
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 from tests.conftest import AUTH_TOKEN, Rig, heard, loud, speak
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.stream_tokens import StreamTokens
+from server.fleet.tokens import StreamTokens
 
 
 class Clock:

@@ -7,16 +7,10 @@ from typing import Any
 
 import pytest
 
-from server import openai_protocol as oai
-from server.features.base import (
-    CALLER_HUNG_UP,
-    BargedIn,
-    Ending,
-    KeypadEntry,
-    ReplyAudioStarted,
-    ToolFinished,
-)
-from server.features.transcript import Transcript
+from server.call.ending import Ending, EndKind
+from server.call.events import BargeIn, KeypadEntry, ReplyStarted, ToolFinished
+from server.call.features.transcript import TranscriptFeature
+from server.models import events as ev
 from server.records.pricing import ModelPrice, PriceTable
 from server.records.render import transcript_text
 from tests.fake_call import FakeCall
@@ -47,9 +41,9 @@ def usage(inp: int, out: int) -> dict[str, Any]:
             "output_token_details": {"text_tokens": 0, "audio_tokens": out}}
 
 
-def make() -> tuple[FakeCall, Transcript]:
+def make() -> tuple[FakeCall, TranscriptFeature]:
     call = FakeCall()
-    feature = Transcript(call, PRICES)
+    feature = TranscriptFeature(call, PRICES)
     call.add(feature)
     return call, feature
 
@@ -59,25 +53,25 @@ async def test_turns_in_order_with_latency_usage_and_cost(clock: Clock) -> None:
     record = call.record
     record.elapsed = lambda: clock.now - 1000.0  # type: ignore[method-assign]
     # The greeting: reply audio that no caller turn asked for has no latency.
-    call.notify(ReplyAudioStarted("resp_0", "item_A0"))
+    call.publish(ReplyStarted("resp_0", "item_A0", None))
     clock.now += 2
-    await call.openai(oai.AssistantTranscript("resp_0", "item_A0", "Hello, how can I help?"))
-    await call.openai(oai.ResponseDone("resp_0", "completed", None, usage(100, 50)))
+    await call.model_event(ev.AssistantTranscript("resp_0", "item_A0", "Hello, how can I help?"))
+    await call.model_event(ev.ResponseDone("resp_0", "completed", None, usage(100, 50)))
     clock.now += 1
-    await call.openai(oai.SpeechStarted("item_U1", 3000))
+    await call.model_event(ev.SpeechStarted("item_U1", 3000))
     clock.now += 2
-    await call.openai(oai.SpeechStopped("item_U1", 5000))
+    await call.model_event(ev.SpeechStopped("item_U1", 5000))
     clock.now += 0.8
-    call.notify(ReplyAudioStarted("resp_1", "item_A1", 0.8))
+    call.publish(ReplyStarted("resp_1", "item_A1", 800.0))
     clock.now += 1
-    call.notify(ReplyAudioStarted("resp_1", "item_A2"))  # a second item: not a new turn
-    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "Sure, let me check."))
+    call.publish(ReplyStarted("resp_1", "item_A2", None))  # a second item: not a new turn
+    await call.model_event(ev.AssistantTranscript("resp_1", "item_A1", "Sure, let me check."))
     clock.now += 0.5
     # The caller's words arrive after the answer began: placed where they started speaking.
-    await call.openai(oai.CallerTranscript("item_U1", "  Where is my order?  "))
-    await call.openai(oai.CallerTranscript("item_U9", "   "))  # nothing said: no entry
-    await call.openai(oai.ResponseDone("resp_1", "completed", None, usage(300, 120)))
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    await call.model_event(ev.CallerTranscript("item_U1", "  Where is my order?  "))
+    await call.model_event(ev.CallerTranscript("item_U9", "   "))  # nothing said: no entry
+    await call.model_event(ev.ResponseDone("resp_1", "completed", None, usage(300, 120)))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
 
     kinds = [(e["kind"], e.get("text")) for e in record.timeline]
     assert kinds == [("assistant", "Hello, how can I help?"), ("caller", "Where is my order?"),
@@ -96,13 +90,13 @@ async def test_interrupted_turns_either_order() -> None:
     call, _ = make()
     record = call.record
     # Barge-in before the transcript arrives.
-    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
-    call.notify(BargedIn("item_A1", 1500))
-    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "Our opening hours are"))
+    call.publish(ReplyStarted("resp_1", "item_A1", None))
+    call.publish(BargeIn("item_A1", 1500))
+    await call.model_event(ev.AssistantTranscript("resp_1", "item_A1", "Our opening hours are"))
     # Transcript first, barge-in after.
-    call.notify(ReplyAudioStarted("resp_2", "item_A2"))
-    await call.openai(oai.AssistantTranscript("resp_2", "item_A2", "Let me explain in detail"))
-    call.notify(BargedIn("item_A2", 700))
+    call.publish(ReplyStarted("resp_2", "item_A2", None))
+    await call.model_event(ev.AssistantTranscript("resp_2", "item_A2", "Let me explain in detail"))
+    call.publish(BargeIn("item_A2", 700))
     first, second = record.timeline
     assert first["interrupted"] is True and first["heard_ms"] == 1500
     assert second["interrupted"] is True and second["heard_ms"] == 700
@@ -115,13 +109,13 @@ async def test_keypad_tools_and_errors() -> None:
     call, _ = make()
     record = call.record
     before = record.version
-    call.notify(KeypadEntry("1234#"))
-    call.notify(ToolFinished("lookup_order", "call_1", '{"order_id": "A1"}', "ok",
+    call.publish(KeypadEntry("1234#"))
+    call.publish(ToolFinished("lookup_order", "call_1", '{"order_id": "A1"}', "ok",
                              '{"status": "shipped"}', 0.1234))
-    call.notify(ToolFinished("lookup_order", "call_2", "{not json", "invalid_arguments",
+    call.publish(ToolFinished("lookup_order", "call_2", "{not json", "invalid_arguments",
                              '{"error": "arguments are not valid JSON"}', 0.0))
-    call.notify(ToolFinished("slow", "call_3", "{}", "timeout", "timed out", 5.0))
-    await call.openai(oai.Error("invalid_value", "bad call_id", None, False))
+    call.publish(ToolFinished("slow", "call_3", "{}", "timeout", "timed out", 5.0))
+    await call.model_event(ev.ModelError("invalid_value", "bad call_id", None, False))
     keypad, ok, bad, slow, error = record.timeline
     assert keypad == {"at": keypad["at"], "kind": "keypad", "digits": "1234#"}
     assert ok["arguments"] == {"order_id": "A1"} and ok["result"] == {"status": "shipped"}
@@ -139,22 +133,22 @@ async def test_keypad_tools_and_errors() -> None:
 async def test_no_price_for_the_model_means_no_cost() -> None:
     call = FakeCall()
     call.record.model = "mystery-model"
-    call.add(Transcript(call, PRICES))
-    await call.openai(oai.ResponseDone("resp_1", "completed", None, usage(10, 10)))
-    await call.finish(Ending(CALLER_HUNG_UP, "caller hung up"))
+    call.add(TranscriptFeature(call, PRICES))
+    await call.model_event(ev.ResponseDone("resp_1", "completed", None, usage(10, 10)))
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
     assert call.record.cost_usd is None and call.record.usage["input_tokens"] == 10
 
 
 async def test_a_cut_reply_without_its_transcript_event_is_taken_from_response_done() -> None:
     """The service may end a cancelled response with its words only in response.done."""
     call, _ = make()
-    call.notify(ReplyAudioStarted("resp_1", "item_A1"))
-    call.notify(BargedIn("item_A1", 900))
-    await call.openai(oai.ResponseDone(
+    call.publish(ReplyStarted("resp_1", "item_A1", None))
+    call.publish(BargeIn("item_A1", 900))
+    await call.model_event(ev.ResponseDone(
         "resp_1", "cancelled", "turn_detected", usage(10, 10),
-        transcripts=(oai.AssistantTranscript("resp_1", "item_A1", "We open at nine and"),)))
+        transcripts=(ev.AssistantTranscript("resp_1", "item_A1", "We open at nine and"),)))
     # A transcript event for the same item after that does not add a second entry.
-    await call.openai(oai.AssistantTranscript("resp_1", "item_A1", "We open at nine and"))
+    await call.model_event(ev.AssistantTranscript("resp_1", "item_A1", "We open at nine and"))
     (entry,) = call.record.timeline
     assert entry["text"] == "We open at nine and" and entry["interrupted"] is True
     assert entry["heard_ms"] == 900

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from server import app as app_module
 from server.app import STATE, create_app
 from server.settings import Settings
-from server.twilio_protocol import HANGUP, compute_signature, dial
+from server.wire.twilio import HANGUP, compute_signature, dial
 from tests.conftest import PROMPTS
 
 Client = TestClient[web.Request, web.Application]

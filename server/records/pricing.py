@@ -1,9 +1,11 @@
-"""An estimate of what a call cost, from its summed token usage and a price table.
+"""An estimate of what a call cost, from its usage and a price table.
 
-The table (config/prices.json) is USD per 1M tokens, keyed by model, and is meant to be edited
-when OpenAI's prices change: this is an estimate, not a bill. Usage keeps OpenAI's own field
-names; cached input tokens are part of the text/audio input counts and are billed at the cached
-rate instead of the full one.
+The table (config/prices.json) is keyed by model and is meant to be edited when OpenAI's prices
+change: this is an estimate, not a bill. A Realtime model is priced per 1M tokens, from its
+summed token usage (OpenAI's own field names; cached input tokens are part of the text/audio
+input counts and are billed at the cached rate instead of the full one). A GPT-Live model is
+priced per minute of session (`usd_per_minute`, per second, no rounding), plus the tokens of its
+Responses backend, priced from the backend model's per-token entry.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ log = logging.getLogger("server.records")
 DEFAULT_PRICES = Path("config") / "prices.json"
 RATES = ("text_input", "cached_text_input", "audio_input", "cached_audio_input",
          "text_output", "audio_output")
+PER_MINUTE = "usd_per_minute"
 _DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """USD per 1M tokens."""
+    """USD per 1M tokens; `usd_per_minute` for a model billed by session time (GPT-Live)."""
 
     text_input: float = 0.0
     cached_text_input: float = 0.0
@@ -35,6 +38,7 @@ class ModelPrice:
     cached_audio_input: float = 0.0
     text_output: float = 0.0
     audio_output: float = 0.0
+    usd_per_minute: float | None = None
 
 
 class PriceTable:
@@ -75,8 +79,9 @@ class PriceTable:
                 continue
             rates: dict[str, float] = {}
             for key, value in entry.items():
-                if key not in RATES:
-                    raise ValueError(f"{name}: unknown rate {key!r} (known: {', '.join(RATES)})")
+                if key not in RATES and key != PER_MINUTE:
+                    raise ValueError(f"{name}: unknown rate {key!r} "
+                                     f"(known: {', '.join((*RATES, PER_MINUTE))})")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                     raise ValueError(f"{name}.{key}: expected a number >= 0")
                 rates[key] = float(value)
@@ -92,9 +97,10 @@ class PriceTable:
         return self.models.get(model) or self.models.get(_DATE_SUFFIX.sub("", model))
 
     def cost(self, model: str, usage: Mapping[str, Any]) -> float | None:
-        """USD for `usage` (summed response.done usage); None when the model has no price."""
+        """USD for `usage` (summed response.done usage); None when the model has no price,
+        or is priced by the minute (GPT-Live: `cost_live`)."""
         price = self.price(model)
-        if price is None or not usage:
+        if price is None or price.usd_per_minute is not None or not usage:
             return None
         given = usage.get("input_token_details")
         details: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
@@ -125,6 +131,34 @@ class PriceTable:
             + audio_out * price.audio_output
         ) / 1_000_000
         return round(total, 6)
+
+    def cost_live(self, model: str, seconds: float | None, backend_model: str | None = None,
+                  backend_usage: Mapping[str, Any] | None = None) -> float | None:
+        """USD for a GPT-Live call: its session seconds at the model's per-minute price, plus
+        its backend's summed Responses usage at the backend model's per-token prices. None when
+        a part that was used has no price (an estimate with a hole in it would mislead)."""
+        price = self.price(model)
+        if price is None or price.usd_per_minute is None or seconds is None:
+            return None
+        total = max(seconds, 0.0) / 60 * price.usd_per_minute
+        if backend_usage and (_n(backend_usage, "input_tokens")
+                              or _n(backend_usage, "output_tokens")):
+            backend = self.price(backend_model) if backend_model else None
+            if backend is None:
+                return None
+            total += responses_cost(backend, backend_usage)
+        return round(total, 6)
+
+
+def responses_cost(price: ModelPrice, usage: Mapping[str, Any]) -> float:
+    """USD for a Responses API usage (`input_tokens`, `input_tokens_details.cached_tokens`,
+    `output_tokens`, reasoning included): a text model's rates."""
+    given = usage.get("input_tokens_details")
+    details: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
+    input_tokens = _n(usage, "input_tokens")
+    cached = min(_n(details, "cached_tokens"), input_tokens)
+    return ((input_tokens - cached) * price.text_input + cached * price.cached_text_input
+            + _n(usage, "output_tokens") * price.text_output) / 1_000_000
 
 
 def _n(mapping: Mapping[str, Any], key: str) -> int:

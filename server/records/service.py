@@ -8,9 +8,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from server.call.events import CallEnded, CallEvent, CallStarted
+from server.call.features.recording import Recorder
 from server.console.auth import operators_for
-from server.features.recording import Recorder
-from server.features.transcript import Transcript
 from server.records import api, retention, spool
 from server.records.pricing import PriceTable
 from server.records.store import NullStore, RecordStore, StoreError, open_store
@@ -20,13 +20,13 @@ from server.settings import ConfigError
 from server.workers import current_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from pathlib import Path
 
     import aiohttp
     from aiohttp import web
 
-    from server.features.base import CallControl, Feature
+    from server.call.call import Call
     from server.settings import Settings
 
 log = logging.getLogger("server.records")
@@ -109,16 +109,20 @@ class Records:
         if self.webhook is not None:
             self.webhook.send(snapshot)
 
-    def features(self) -> list[Callable[[CallControl], Feature]]:
-        """Factories for each call's feature list: the transcript, and the recording when on.
+    @property
+    def active_recorder(self) -> Recorder | None:
+        """The recorder when calls are recorded and records kept (DATABASE_URL=off: never)."""
+        return self.recorder if self.enabled else None
 
-        The transcript is the call's conversation: kept whatever the records configuration (a
-        new model session, after a reconnect or a handover, is given it), stored only when
-        records are on."""
-        factories = [Transcript.factory(self.prices)]
-        if self.enabled and self.recorder is not None:
-            factories.append(self.recorder.feature())
-        return factories
+    def on_call_event(self, call: Call, event: CallEvent) -> None:
+        """The app's lossless listener on every call: a started call's record is saved as it
+        changes, an ended one's at once (a refused stream keeps nothing)."""
+        if not self.enabled:
+            return
+        if isinstance(event, CallStarted):
+            self.writer.track(call.record)
+        elif isinstance(event, CallEnded) and event.refused is None:
+            self.writer.finish(call.record)
 
     def add_routes(self, app: web.Application) -> None:
         """GET /calls..., /stats behind the operators' tokens (off, with a log line, when

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from server.record import parse_stamp, stamp
+from server.call.record import parse_stamp, stamp
 
 log = logging.getLogger("server.records")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from server.record import CallRecord, parse_stamp, utc_now
+from server.call.record import CallRecord, parse_stamp, utc_now
 from server.records import spool
 from server.records.store import RecordStore
 

@@ -58,6 +58,7 @@ from server.testing.process import free_port, loop_name, server_process
 
 AUTH_TOKEN = "bench-auth-token"  # not a secret: both ends are on this machine
 ROOT = Path(__file__).resolve().parent.parent.parent
+SOURCE_VARIABLE = "BRIDGE_SOURCE"
 RAMP = 0.005  # seconds between two calls' webhooks, as calls really arrive
 BRIDGE, BARE = "server", "server.testing.bare_relay"
 CALLS_PER_PROCESS = 150  # load generator processes per side: each stays well below a core
@@ -75,6 +76,12 @@ class Config:
     @property
     def is_bare(self) -> bool:
         return self.module == BARE
+
+    @property
+    def source(self) -> Path:
+        """Which checkout's server to run: BRIDGE_SOURCE (e.g. `--compare
+        BRIDGE_SOURCE=/path/to/an/older/checkout,.` to measure a change), else this one."""
+        return Path(self.env.get(SOURCE_VARIABLE) or ROOT).resolve()
 
 
 def configs(bridge_env: dict[str, str] | None = None,
@@ -337,7 +344,7 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
 def _server_env(config: Config, port: int, standin_port: int) -> dict[str, str]:
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(
-               p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               p for p in (str(config.source), os.environ.get("PYTHONPATH")) if p),
            "HOST": "127.0.0.1", "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}",
            "OPENAI_API_KEY": "bench-key",
            "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
@@ -355,7 +362,7 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
     """Start the server, place `calls` calls, measure for `seconds` after `warmup`, hang up."""
     port = free_port()
     env = _server_env(config, port, gen.standin_port)
-    async with server_process(env, module=config.module, cwd=ROOT) as server:
+    async with server_process(env, module=config.module, cwd=config.source) as server:
         pid = server.pid
         rss_idle = tree_kib(pid, "VmRSS")
         await _all(gen.standins, "reset")

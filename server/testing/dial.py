@@ -24,7 +24,7 @@ from aiohttp import WSMsgType
 from server.testing.audio import BYTES_PER_MS, RATE
 from server.testing.inbox import Inbox
 from server.testing.twiml import Twiml, parse_twiml
-from server.twilio_protocol import compute_signature
+from server.wire.twilio import compute_signature
 
 TEXT = WSMsgType.TEXT
 ALLOWED = {  # exactly what Twilio accepts from a server (anything else is error 31951)

@@ -16,8 +16,8 @@ import orjson
 from aiohttp import web
 
 from server.app import REGISTRY, create_app
+from server.fleet.state import MemoryState
 from server.settings import Settings
-from server.shared_state import MemoryState
 from server.testing import audio
 from server.testing.simulator import CallResult, place_call, sample_wav
 from server.testing.standin import (

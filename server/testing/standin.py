@@ -189,6 +189,7 @@ class StandinSession:
         self._response_id: str | None = None
         self._streamer: asyncio.Task[None] | None = None
         self.updated_at: float | None = None  # loop time of the first session.updated
+        self.errors: list[dict[str, Any]] = []  # every error event it sent (code, message)
 
     def _id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"
@@ -277,6 +278,7 @@ class StandinSession:
 
     async def _error(self, code: str, message: str, param: str | None = None,
                      event_id: str | None = None) -> None:
+        self.errors.append({"code": code, "message": message, "event_id": event_id})
         await self.send({"type": "error", "error": {
             "type": "invalid_request_error", "code": code, "message": message,
             "param": param, "event_id": event_id}})

@@ -156,6 +156,7 @@ export class Conversation {
         break;
       }
       case 'latency': {
+        if (typeof event.ms !== 'number') break; // a reply that answered no new caller turn
         const line = this.lines.get(event.item_id);
         if (line) this.setLatency(line, event.ms);
         else this.pendingLatency.set(event.item_id, event.ms);
@@ -223,7 +224,7 @@ export class Conversation {
     card.li.classList.add(ok ? 'event-tool-ok' : 'event-tool-failed');
   }
 
-  // --- a record's timeline (server/record.py; the core's Conversation.to_dicts later) ---
+  // --- a record's timeline (server/call/conversation.py: Conversation.to_dicts) ---
 
   addEntry(entry) {
     const at = entry.at;

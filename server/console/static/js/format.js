@@ -76,7 +76,7 @@ export function plural(n, one, many = `${one}s`) {
 }
 
 export function median(values) {
-  const sorted = values.filter((v) => isFinite(v)).sort((a, b) => a - b);
+  const sorted = values.filter((v) => typeof v === 'number' && isFinite(v)).sort((a, b) => a - b);
   if (!sorted.length) return null;
   const mid = sorted.length >> 1;
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;

@@ -194,7 +194,7 @@ export async function liveCallView(root, {params, config}) {
         convo.apply(event);
         break;
       case 'latency':
-        state.latencies.push(event.ms);
+        if (typeof event.ms === 'number') state.latencies.push(event.ms); // null: not a turn's first reply
         convo.apply(event);
         break;
       case 'barge_in':

@@ -13,7 +13,10 @@ Two kinds of request:
 - one with instructions (the greeting, the goodbye) is sent as its own response, in order.
 
 After the caller stops speaking, the service usually starts its own response: for a moment
-(AUTO_RESPONSE_WAIT) the gate waits for it rather than collide with it.
+(AUTO_RESPONSE_WAIT) the gate waits for it rather than collide with it. While an operator has
+taken the call over, the gate holds every request until the call is handed back. A model that
+decides its own turns (GPT-Live) has no responses to gate: a request with instructions is
+passed on as such (the session turns it into words for the model), a plain one needs nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-from server import openai_protocol as oai
-from server.features.base import CallControl, Ending, Feature
+from server.models import events as ev
+
+if TYPE_CHECKING:
+    from server.call.call import Call
 
 AUTO_RESPONSE_WAIT = 2.0  # after the caller's turn, how long to wait for the service's response
 ALREADY_ACTIVE = "conversation_already_has_active_response"
@@ -39,13 +44,11 @@ class _Request:
     retried: bool = False
 
 
-class ResponseGate(Feature):
-    name = "response_gate"
-    openai_events: ClassVar[tuple[type, ...]] = (
-        oai.ResponseCreated, oai.ResponseDone, oai.SpeechStarted, oai.SpeechStopped, oai.Error)
+class ResponseGate:
+    """Owned by the call, which hands it the model's events before any feature sees them."""
 
-    def __init__(self, call: CallControl, auto_wait: float = AUTO_RESPONSE_WAIT) -> None:
-        super().__init__(call)
+    def __init__(self, call: Call, auto_wait: float = AUTO_RESPONSE_WAIT) -> None:
+        self.call = call
         self._auto_wait = auto_wait
         self._queue: deque[_Request] = deque()
         # The response in progress: its id; "" ours, asked for and not created yet; "?" one the
@@ -57,6 +60,7 @@ class ResponseGate(Feature):
         self._auto_until = 0.0  # loop time until which the service's own response is expected
         self._timer: asyncio.Task[None] | None = None
         self._closed = False
+        self.held = False  # an operator has the call: nothing is sent until it is handed back
         self.sent = 0  # response.create events sent
 
     @property
@@ -68,6 +72,10 @@ class ResponseGate(Feature):
         """Ask the model to respond as soon as it may."""
         if self._closed:
             return
+        if self.call.model.decides_turns:
+            if instructions is not None:
+                await self.call.model.create_response(instructions, self._next_id())
+            return
         if instructions is None and any(r.instructions is None for r in self._queue):
             return  # one response answers both
         self._queue.append(_Request(reason, instructions))
@@ -78,11 +86,16 @@ class ResponseGate(Feature):
         self._active = self._sent = self._sent_as = None
         self._speaking = False
 
-    async def on_session_ready(self, first: bool) -> None:
+    async def hold(self, held: bool) -> None:
+        """Take-over (True) and hand-back (False)."""
+        self.held = held
         await self._pump()
 
-    async def on_openai(self, event: oai.OpenAIEvent) -> None:
-        if isinstance(event, oai.ResponseCreated):
+    async def on_session_ready(self) -> None:
+        await self._pump()
+
+    async def on_model(self, event: ev.ModelEvent) -> None:
+        if isinstance(event, ev.ResponseCreated):
             self._active = event.response_id
             self._auto_until = 0.0
             if self._sent is not None and self._sent_as is None:
@@ -91,26 +104,26 @@ class ResponseGate(Feature):
                 # The service's own response: it sees every item added so far, so it answers
                 # the plain requests waiting now.
                 self._queue = deque(r for r in self._queue if r.instructions is not None)
-        elif isinstance(event, oai.ResponseDone):
+        elif isinstance(event, ev.ResponseDone):
             if self._active in (event.response_id, "", "?"):
                 self._active = None
             if self._sent_as == event.response_id:
                 self._sent = self._sent_as = None
             await self._pump()
-        elif isinstance(event, oai.SpeechStarted):
+        elif isinstance(event, ev.SpeechStarted):
             self._speaking = True
-        elif isinstance(event, oai.SpeechStopped):
+        elif isinstance(event, ev.SpeechStopped):
             self._speaking = False
             self._auto_until = asyncio.get_running_loop().time() + self._auto_wait
             await self._pump()
-        elif isinstance(event, oai.Error):
+        elif isinstance(event, ev.ModelError):
             await self._on_error(event)
 
-    async def on_end(self, ending: Ending) -> None:
+    def close(self) -> None:
         self._closed = True
         self._queue.clear()
 
-    async def _on_error(self, event: oai.Error) -> None:
+    async def _on_error(self, event: ev.ModelError) -> None:
         sent = self._sent
         if sent is None or event.event_id != sent[0]:
             return
@@ -128,7 +141,8 @@ class ResponseGate(Feature):
         await self._pump()
 
     async def _pump(self) -> None:
-        if not self._queue or self._active is not None or self._speaking or self._closed:
+        if (not self._queue or self._active is not None or self._speaking or self._closed
+                or self.held):
             return
         wait = self._auto_until - asyncio.get_running_loop().time()
         if wait > 0:
@@ -136,11 +150,15 @@ class ResponseGate(Feature):
                 self._timer = self.call.spawn(self._later(wait), "response-gate-wait")
             return
         request = self._queue.popleft()
-        event_id = f"bridge_response_{next(_ids)}"
+        event_id = self._next_id()
         self._sent, self._sent_as = (event_id, request), None
         self._active = ""
         self.sent += 1
-        await self.call.send_to_model(oai.response_create(request.instructions, event_id))
+        await self.call.model.create_response(request.instructions, event_id)
+
+    @staticmethod
+    def _next_id() -> str:
+        return f"bridge_response_{next(_ids)}"
 
     async def _later(self, wait: float) -> None:
         await asyncio.sleep(wait)

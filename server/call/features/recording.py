@@ -17,9 +17,10 @@ import os
 import re
 import wave
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from server.features.base import BargedIn, CallControl, Ending, Feature
+from server.call.ending import Ending
+from server.call.features.base import CallControl, Feature
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -133,7 +134,6 @@ def write_wav(path: Path, caller: list[str], assistant: list[tuple[int, str, int
 class Recording(Feature):
     name = "recording"
     wants_audio = True
-    notices: ClassVar[tuple[type, ...]] = (BargedIn,)
 
     def __init__(self, call: CallControl, recorder: Recorder) -> None:
         super().__init__(call)
@@ -152,9 +152,8 @@ class Recording(Feature):
         self.assistant.append((start, payload, -1))
         self.queued_until = start + decoded_length(payload)
 
-    def on_notice(self, notice: object) -> None:
-        if isinstance(notice, BargedIn):
-            self.cut()
+    def on_clear(self) -> None:
+        self.cut()
 
     def cut(self) -> None:
         """Twilio's buffer was cleared now: drop what had not played yet."""

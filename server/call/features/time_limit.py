@@ -13,11 +13,12 @@ import functools
 from collections.abc import Callable
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import TIME_LIMIT, CallControl, Ending, Feature
-from server.record import utc_now
+from server.call.ending import Ending, EndKind
+from server.call.features.base import CallControl, Feature
+from server.call.record import utc_now
+from server.models import events as ev
 from server.settings import Settings
+from server.wire import twilio as tw
 
 GOODBYE_WAIT = 15.0  # longest wait for the goodbye to be said and played
 GOODBYE = ("The call has reached its time limit. Tell the caller, in one short sentence, "
@@ -32,7 +33,7 @@ def factory(settings: Settings) -> FeatureFactory:
 
 class TimeLimit(Feature):
     name = "time_limit"
-    openai_events: ClassVar[tuple[type, ...]] = (oai.ResponseCreated, oai.ResponseDone)
+    model_events: ClassVar[tuple[type, ...]] = (ev.ResponseCreated, ev.ResponseDone)
 
     def __init__(self, call: CallControl, seconds: float) -> None:
         super().__init__(call)
@@ -45,12 +46,12 @@ class TimeLimit(Feature):
         if self._timer is None:
             self._timer = self.call.spawn(self._run(), "time-limit")
 
-    async def on_openai(self, event: oai.OpenAIEvent) -> None:
+    async def on_model(self, event: ev.ModelEvent) -> None:
         if self._goodbye is None:
             return
-        if isinstance(event, oai.ResponseCreated) and self._goodbye == "":
+        if isinstance(event, ev.ResponseCreated) and self._goodbye == "":
             self._goodbye = event.response_id
-        elif isinstance(event, oai.ResponseDone) and event.response_id == self._goodbye:
+        elif isinstance(event, ev.ResponseDone) and event.response_id == self._goodbye:
             self._said.set()
 
     async def _run(self) -> None:
@@ -69,5 +70,5 @@ class TimeLimit(Feature):
             call.log.warning("no goodbye within %g s: ending the call", GOODBYE_WAIT)
         else:
             await call.wait_played(max(deadline - loop.time(), 0.1))
-        call.end(Ending(TIME_LIMIT, f"the call reached its time limit ({self._seconds:g} s)",
-                        tw.HANGUP))
+        call.end(Ending(EndKind.TIME_LIMIT,
+                        f"the call reached its time limit ({self._seconds:g} s)", tw.HANGUP))

@@ -8,12 +8,14 @@ dispatch on `type`), and every client event is encoded here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
+from server.models import events as ev
+from server.models.session import ToolSpec
 from server.settings import Settings
 
 SESSION_UPDATE_ID = "bridge_session_update"
@@ -35,96 +37,15 @@ class OpenAIProtocolError(ValueError):
     """An event we cannot make sense of; the message is safe to log."""
 
 
-# --- server events ---
-
-
-class AudioDelta:
-    """Assistant audio: base64 mu-law, passed on untouched."""
-
-    __slots__ = ("delta", "item_id", "response_id")
-
-    def __init__(self, response_id: str | None, item_id: str, delta: str) -> None:
-        self.response_id = response_id
-        self.item_id = item_id
-        self.delta = delta
-
-
-@dataclass(frozen=True, slots=True)
-class AudioDone:
-    response_id: str
-    item_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class SessionCreated:
-    pass
+# --- server events -> the model boundary's typed events (server.models.events) ---
 
 
 @dataclass(frozen=True, slots=True)
 class SessionUpdated:
+    """`session.updated`: the formats the service confirmed (the session checks them)."""
+
     input_format: str | None
     output_format: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Error:
-    code: str
-    message: str
-    event_id: str | None
-    fatal: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechStarted:
-    item_id: str
-    audio_start_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class SpeechStopped:
-    item_id: str
-    audio_end_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseCreated:
-    response_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class FunctionCall:
-    call_id: str
-    name: str
-    arguments: str
-    response_id: str = ""
-    item_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseDone:
-    response_id: str
-    status: str
-    reason: str | None
-    usage: dict[str, Any]
-    function_calls: tuple[FunctionCall, ...] = ()
-    transcripts: tuple[AssistantTranscript, ...] = ()  # assistant messages' words, as output
-
-
-@dataclass(frozen=True, slots=True)
-class AssistantTranscript:
-    """`response.output_audio_transcript.done`: what the assistant said, as text."""
-
-    response_id: str
-    item_id: str
-    transcript: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallerTranscript:
-    """`conversation.item.input_audio_transcription.completed`: what the caller said."""
-
-    item_id: str
-    transcript: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,22 +53,10 @@ class RateLimits:
     summary: str
 
 
-@dataclass(frozen=True, slots=True)
-class Other:
-    """Any event the bridge does not act on; kept for logging."""
-
-    type: str
-    summary: str = ""
+RealtimeEvent = ev.ModelEvent | SessionUpdated | RateLimits
 
 
-OpenAIEvent = (
-    AudioDelta | AudioDone | SessionCreated | SessionUpdated | Error | SpeechStarted
-    | SpeechStopped | ResponseCreated | ResponseDone | FunctionCall | AssistantTranscript
-    | CallerTranscript | RateLimits | Other
-)
-
-
-def decode(data: bytes | str) -> OpenAIEvent:
+def decode(data: bytes | str) -> RealtimeEvent:
     """One server event -> one typed event; OpenAIProtocolError when it is not one."""
     try:
         event = orjson.loads(data)
@@ -161,12 +70,12 @@ def decode(data: bytes | str) -> OpenAIEvent:
         if type(delta) is not str or type(item_id) is not str:
             raise OpenAIProtocolError("audio delta without a delta or item_id string")
         response_id = event.get("response_id")
-        return AudioDelta(response_id if type(response_id) is str else None, item_id, delta)
+        return ev.AudioDelta(response_id if type(response_id) is str else None, item_id, delta)
     if not isinstance(kind, str):
         raise OpenAIProtocolError("event without a type")
     parse = _PARSERS.get(kind)
     if parse is None:
-        return Other(kind, _summary(event))
+        return ev.Other(kind, _summary(event))
     return parse(event)
 
 
@@ -197,10 +106,10 @@ def _session_updated(e: dict[str, Any]) -> SessionUpdated:
     return SessionUpdated(*(f if isinstance(f, str) else None for f in formats))
 
 
-def _error(e: dict[str, Any]) -> Error:
+def _error(e: dict[str, Any]) -> ev.ModelError:
     error = e.get("error")
     if not isinstance(error, dict):
-        return Error("unknown", "error event without details", None, False)
+        return ev.ModelError("unknown", "error event without details", None, False)
     code = str(error.get("code") or error.get("type") or "unknown")
     message = str(error.get("message") or "")
     param = error.get("param")
@@ -209,25 +118,25 @@ def _error(e: dict[str, Any]) -> Error:
     event_id = error.get("event_id")
     event_id = event_id if isinstance(event_id, str) else None
     fatal = code in FATAL_ERROR_CODES or event_id == SESSION_UPDATE_ID
-    return Error(code, message, event_id, fatal)
+    return ev.ModelError(code, message, event_id, fatal)
 
 
-def _function_call(e: dict[str, Any]) -> FunctionCall:
-    return FunctionCall(_str(e, "call_id"), _str(e, "name"), _str(e, "arguments"),
+def _function_call(e: dict[str, Any]) -> ev.FunctionCall:
+    return ev.FunctionCall(_str(e, "call_id"), _str(e, "name"), _str(e, "arguments"),
                         _str(e, "response_id"), _str(e, "item_id"))
 
 
-def _response_done(e: dict[str, Any]) -> ResponseDone:
+def _response_done(e: dict[str, Any]) -> ev.ResponseDone:
     response = _obj(e, "response")
     output = response.get("output")
     calls = tuple(
-        FunctionCall(_str(item, "call_id"), _str(item, "name"), _str(item, "arguments"),
+        ev.FunctionCall(_str(item, "call_id"), _str(item, "name"), _str(item, "arguments"),
                      _str(response, "id"), _str(item, "id"))
         for item in (output if isinstance(output, list) else ())
         if isinstance(item, dict) and item.get("type") == "function_call"
     )
     transcripts = tuple(
-        AssistantTranscript(_str(response, "id"), _str(item, "id"), part["transcript"])
+        ev.AssistantTranscript(_str(response, "id"), _str(item, "id"), part["transcript"])
         for item in (output if isinstance(output, list) else ())
         if isinstance(item, dict) and item.get("type") == "message"
         and item.get("role") == "assistant"
@@ -235,7 +144,7 @@ def _response_done(e: dict[str, Any]) -> ResponseDone:
         if isinstance(part, dict) and isinstance(part.get("transcript"), str)
     )
     reason = _obj(response, "status_details").get("reason")
-    return ResponseDone(_str(response, "id"), _str(response, "status"),
+    return ev.ResponseDone(_str(response, "id"), _str(response, "status"),
                         reason if isinstance(reason, str) else None, _obj(response, "usage"),
                         calls, transcripts)
 
@@ -249,25 +158,29 @@ def _rate_limits(e: dict[str, Any]) -> RateLimits:
 
 # Every event the bridge decodes: its wire type, its class, how to read it. One table, so the
 # dispatch by `type` and the way back (`type_of`, for LOG_EVENT_TYPES) cannot disagree.
-_EVENTS: tuple[tuple[str, type, Callable[[dict[str, Any]], OpenAIEvent]], ...] = (
-    ("response.output_audio.done", AudioDone,
-     lambda e: AudioDone(_str(e, "response_id"), _str(e, "item_id"))),
-    ("session.created", SessionCreated, lambda e: SessionCreated()),
+_EVENTS: tuple[tuple[str, type, Callable[[dict[str, Any]], RealtimeEvent]], ...] = (
+    ("response.output_audio.done", ev.AudioDone,
+     lambda e: ev.AudioDone(_str(e, "response_id"), _str(e, "item_id"))),
+    ("session.created", ev.Other, lambda e: ev.Other("session.created")),
     ("session.updated", SessionUpdated, _session_updated),
-    ("error", Error, _error),
-    ("input_audio_buffer.speech_started", SpeechStarted,
-     lambda e: SpeechStarted(_str(e, "item_id"), _int(e, "audio_start_ms"))),
-    ("input_audio_buffer.speech_stopped", SpeechStopped,
-     lambda e: SpeechStopped(_str(e, "item_id"), _int(e, "audio_end_ms"))),
-    ("response.created", ResponseCreated,
-     lambda e: ResponseCreated(_str(_obj(e, "response"), "id"))),
-    ("response.done", ResponseDone, _response_done),
-    ("response.function_call_arguments.done", FunctionCall, _function_call),
-    ("response.output_audio_transcript.done", AssistantTranscript,
-     lambda e: AssistantTranscript(_str(e, "response_id"), _str(e, "item_id"),
-                                   _str(e, "transcript"))),
-    ("conversation.item.input_audio_transcription.completed", CallerTranscript,
-     lambda e: CallerTranscript(_str(e, "item_id"), _str(e, "transcript"))),
+    ("error", ev.ModelError, _error),
+    ("input_audio_buffer.speech_started", ev.SpeechStarted,
+     lambda e: ev.SpeechStarted(_str(e, "item_id"), _int(e, "audio_start_ms"))),
+    ("input_audio_buffer.speech_stopped", ev.SpeechStopped,
+     lambda e: ev.SpeechStopped(_str(e, "item_id"), _int(e, "audio_end_ms"))),
+    ("response.created", ev.ResponseCreated,
+     lambda e: ev.ResponseCreated(_str(_obj(e, "response"), "id"))),
+    ("response.done", ev.ResponseDone, _response_done),
+    ("response.function_call_arguments.done", ev.FunctionCall, _function_call),
+    ("response.output_audio_transcript.done", ev.AssistantTranscript,
+     lambda e: ev.AssistantTranscript(_str(e, "response_id"), _str(e, "item_id"),
+                                      _str(e, "transcript"))),
+    ("conversation.item.input_audio_transcription.completed", ev.CallerTranscript,
+     lambda e: ev.CallerTranscript(_str(e, "item_id"), _str(e, "transcript"))),
+    ("response.output_audio_transcript.delta", ev.TranscriptDelta,
+     lambda e: ev.TranscriptDelta("assistant", _str(e, "item_id"), _str(e, "delta"))),
+    ("conversation.item.input_audio_transcription.delta", ev.TranscriptDelta,
+     lambda e: ev.TranscriptDelta("caller", _str(e, "item_id"), _str(e, "delta"))),
     ("rate_limits.updated", RateLimits, _rate_limits),
 )
 _PARSERS = {name: parse for name, _, parse in _EVENTS}
@@ -280,17 +193,17 @@ def _summary(event: dict[str, Any]) -> str:
                     and isinstance(v, (str, int, float)))[:300]
 
 
-def describe(event: OpenAIEvent) -> str:
+def describe(event: RealtimeEvent) -> str:
     """The log line for an event listed in LOG_EVENT_TYPES."""
-    if isinstance(event, ResponseDone):
+    if isinstance(event, ev.ResponseDone):
         usage = event.usage
         return (f"status={event.status}" + (f" reason={event.reason}" if event.reason else "")
                 + f" tokens in={usage.get('input_tokens')} out={usage.get('output_tokens')}")
-    if isinstance(event, (RateLimits, Other)):
+    if isinstance(event, (RateLimits, ev.Other)):
         return event.summary
-    if isinstance(event, (AssistantTranscript, CallerTranscript)):
+    if isinstance(event, (ev.AssistantTranscript, ev.CallerTranscript, ev.TranscriptDelta)):
         return f"item_id={event.item_id}"  # the words themselves go to the record, not the log
-    if isinstance(event, FunctionCall):
+    if isinstance(event, ev.FunctionCall):
         return f"name={event.name} call_id={event.call_id}"
     return " ".join(f"{k}={v}" for k, v in _fields(event) if v is not None)[:300]
 
@@ -300,21 +213,27 @@ def _fields(event: Any) -> list[tuple[str, Any]]:
 
 
 EVENT_TYPES: dict[type, str] = {
-    AudioDelta: "response.output_audio.delta",  # decoded on the fast path, not in _EVENTS
-    **{cls: name for name, cls, _ in _EVENTS},
+    ev.AudioDelta: "response.output_audio.delta",  # decoded on the fast path, not in _EVENTS
+    **{cls: name for name, cls, _ in _EVENTS if cls not in (ev.Other, ev.TranscriptDelta)},
 }
 
 
-def type_of(event: OpenAIEvent) -> str:
+def type_of(event: RealtimeEvent) -> str:
     """The wire `type` of a decoded event (for LOG_EVENT_TYPES)."""
-    return event.type if isinstance(event, Other) else EVENT_TYPES[type(event)]
+    if isinstance(event, ev.Other):
+        return event.type
+    if isinstance(event, ev.TranscriptDelta):
+        return ("response.output_audio_transcript.delta" if event.role == "assistant"
+                else "conversation.item.input_audio_transcription.delta")
+    return EVENT_TYPES[type(event)]
 
 
 # --- client events ---
 
 
-def realtime_url(settings: Settings) -> str:
-    return f"{settings.openai_realtime_url}?model={quote(settings.openai_model, safe='')}"
+def realtime_url(settings: Settings, model: str | None = None) -> str:
+    return (f"{settings.openai_realtime_url}?model="
+            f"{quote(model or settings.openai_model, safe='')}")
 
 
 def auth_headers(settings: Settings) -> dict[str, str]:
@@ -334,23 +253,18 @@ def turn_detection(settings: Settings) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class ToolSpec:
-    """A function the model may call, as declared in `session.update`."""
-
-    name: str
-    description: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    def wire(self) -> dict[str, Any]:
-        return {"type": "function", "name": self.name, "description": self.description,
-                "parameters": self.parameters or {"type": "object", "properties": {}}}
+def tool_wire(spec: ToolSpec) -> dict[str, Any]:
+    """A function the model may call, as `session.update` declares it."""
+    return {"type": "function", "name": spec.name, "description": spec.description,
+            "parameters": spec.parameters or {"type": "object", "properties": {}}}
 
 
 def session_update(
-    settings: Settings, prompt_fields: dict[str, Any], tools: Sequence[ToolSpec] = ()
+    settings: Settings, prompt_fields: dict[str, Any], tools: Sequence[ToolSpec] = (), *,
+    model: str | None = None, voice: str | None = None,
 ) -> bytes:
-    """The first event on every session: mu-law both ways, before any audio is appended."""
+    """The first event on every session: mu-law both ways, before any audio is appended.
+    `model` and `voice` are the call's (its plan's); the app's settings otherwise."""
     audio_input: dict[str, Any] = {"format": PCMU, "turn_detection": turn_detection(settings)}
     if settings.noise_reduction != "off":
         audio_input["noise_reduction"] = {"type": settings.noise_reduction}
@@ -358,13 +272,14 @@ def session_update(
         audio_input["transcription"] = {"model": settings.transcription_model}
     session: dict[str, Any] = {
         "type": "realtime",
-        "model": settings.openai_model,
+        "model": model or settings.openai_model,
         "output_modalities": ["audio"],
-        "audio": {"input": audio_input, "output": {"format": PCMU, "voice": settings.voice}},
+        "audio": {"input": audio_input,
+                  "output": {"format": PCMU, "voice": voice or settings.voice}},
         **prompt_fields,
     }
     if tools:
-        session["tools"] = [t.wire() for t in tools]
+        session["tools"] = [tool_wire(t) for t in tools]
         session["tool_choice"] = "auto"
     return orjson.dumps(
         {"type": "session.update", "event_id": SESSION_UPDATE_ID, "session": session}
@@ -418,3 +333,19 @@ def function_call_item(call_id: str, name: str, arguments: str) -> bytes:
     """A past function call carried into a new session, so its output has a call to answer."""
     return orjson.dumps({"type": "conversation.item.create", "item": {
         "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments}})
+
+
+def system_text(text: str) -> bytes:
+    """A system message: an operator's whisper, or a note the caller never hears."""
+    return orjson.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}})
+
+
+def listen_only(settings: Settings, on: bool) -> bytes:
+    """Take-over: the model keeps listening (transcribing, remembering) but creates no
+    responses of its own and is not interrupted; `on=False` restores turn detection."""
+    detection = turn_detection(settings)
+    if on:
+        detection = {**detection, "create_response": False, "interrupt_response": False}
+    return orjson.dumps({"type": "session.update", "session": {
+        "type": "realtime", "audio": {"input": {"turn_detection": detection}}}})

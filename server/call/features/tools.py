@@ -24,16 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import (
-    ASSISTANT_ENDED,
-    TRANSFERRED,
-    CallControl,
-    Ending,
-    Feature,
-    ToolFinished,
-)
+from server.call.conversation import json_or_text
+from server.call.ending import Ending, EndKind
+from server.call.events import ToolFinished, ToolStarted
+from server.call.features.base import CallControl, Feature
+from server.models import events as ev
+from server.models.session import ToolSpec
 from server.settings import Settings
 from server.toolbox import (
     CANCELLED,
@@ -44,13 +40,14 @@ from server.toolbox import (
     parse_arguments,
 )
 from server.tools import CallContext
+from server.wire import twilio as tw
 
 HOLD_AFTER = 1.5  # seconds a tool may take before the caller hears hold audio
 HOLD_CHUNK_MS = 500  # hold audio is sent in pieces this long...
 HOLD_AHEAD_MS = 1000  # ...staying at most this far ahead of real time (a clear stops it fast)
 GOODBYE_WAIT = 5.0  # longest wait for the goodbye / hand-off sentence to finish playing
 
-END_CALL = oai.ToolSpec(
+END_CALL = ToolSpec(
     "end_call",
     "Hang up the phone call. First say goodbye in the same turn; call this when the caller "
     "has nothing more to ask, or asks to end the call.",
@@ -60,8 +57,8 @@ END_CALL = oai.ToolSpec(
 FeatureFactory = Callable[[CallControl], Feature | None]
 
 
-def transfer_spec(names: list[str]) -> oai.ToolSpec:
-    return oai.ToolSpec(
+def transfer_spec(names: list[str]) -> ToolSpec:
+    return ToolSpec(
         "transfer_call",
         "Transfer the caller to a person. First tell the caller, in the same turn, who you are "
         f"transferring them to. Targets: {', '.join(names)}.",
@@ -82,7 +79,7 @@ class ToolsConfig:
     hold_after: float = HOLD_AFTER
     goodbye_wait: float = GOODBYE_WAIT
 
-    def specs(self) -> list[oai.ToolSpec]:
+    def specs(self) -> list[ToolSpec]:
         specs = [*self.toolbox.specs(), END_CALL]
         if self.transfer_targets:
             specs.append(transfer_spec(list(self.transfer_targets)))
@@ -119,7 +116,7 @@ class _Batch:
     started: float = 0.0  # when its first tool started (monotonic)
     status: str = ""
     action: Ending | None = None  # end_call / transfer_call: how the call ends after it
-    action_call: oai.FunctionCall | None = None
+    action_call: ev.FunctionCall | None = None
     finished: bool = False  # outputs all sent and the follow-up decided
 
     @property
@@ -130,9 +127,9 @@ class _Batch:
 
 class ToolsFeature(Feature):
     name = "tools"
-    openai_events: ClassVar[tuple[type, ...]] = (
-        oai.FunctionCall, oai.ResponseCreated, oai.ResponseDone, oai.SpeechStarted,
-        oai.SpeechStopped)
+    model_events: ClassVar[tuple[type, ...]] = (
+        ev.FunctionCall, ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted,
+        ev.SpeechStopped)
 
     def __init__(self, call: CallControl, config: ToolsConfig) -> None:
         super().__init__(call)
@@ -146,18 +143,18 @@ class ToolsFeature(Feature):
         self._holding = False  # hold audio was sent and not cleared yet
         self._context = CallContext(call.caller, call.called, call.call_sid, call.log)
 
-    def tools(self) -> list[oai.ToolSpec]:
+    def tools(self) -> list[ToolSpec]:
         return self._config.specs()
 
     # --- events ---
 
-    async def on_openai(self, event: oai.OpenAIEvent) -> None:
-        if isinstance(event, oai.FunctionCall):
+    async def on_model(self, event: ev.ModelEvent) -> None:
+        if isinstance(event, ev.FunctionCall):
             await self._on_call(event)
-        elif isinstance(event, oai.ResponseCreated):
+        elif isinstance(event, ev.ResponseCreated):
             self._active = event.response_id
             await self._stop_hold()  # the model is about to speak
-        elif isinstance(event, oai.ResponseDone):
+        elif isinstance(event, ev.ResponseDone):
             if self._active == event.response_id:
                 self._active = None
             if event.status == "completed":  # calls whose `.done` event we did not see
@@ -169,10 +166,10 @@ class ToolsFeature(Feature):
                 await self._progress(batch)
                 if not batch.finished:
                     self._start_hold(batch)
-        elif isinstance(event, oai.SpeechStarted):
+        elif isinstance(event, ev.SpeechStarted):
             self._speaking = True
             await self._stop_hold()
-        elif isinstance(event, oai.SpeechStopped):
+        elif isinstance(event, ev.SpeechStopped):
             self._speaking = False
 
     async def on_end(self, ending: Ending) -> None:
@@ -180,7 +177,7 @@ class ToolsFeature(Feature):
 
     # --- running calls ---
 
-    async def _on_call(self, fc: oai.FunctionCall) -> None:
+    async def _on_call(self, fc: ev.FunctionCall) -> None:
         if not fc.call_id or fc.call_id in self._started or self._ending:
             return
         self._started.add(fc.call_id)
@@ -190,7 +187,7 @@ class ToolsFeature(Feature):
             batch = self._batches[fc.response_id] = _Batch(fc.response_id,
                                                            done=not fc.response_id)
         if fc.name == "end_call":
-            self._builtin(batch, fc, Ending(ASSISTANT_ENDED, "assistant ended the call",
+            self._builtin(batch, fc, Ending(EndKind.ASSISTANT_ENDED, "assistant ended the call",
                                             tw.HANGUP))
         elif fc.name == "transfer_call" and self._config.transfer_targets:
             await self._transfer(batch, fc)
@@ -199,43 +196,45 @@ class ToolsFeature(Feature):
             batch.started = batch.started or time.monotonic()
             self.call.spawn(self._run(batch, fc), f"tool-{fc.name[:40]}")
 
-    def _builtin(self, batch: _Batch, fc: oai.FunctionCall, ending: Ending) -> None:
+    def _builtin(self, batch: _Batch, fc: ev.FunctionCall, ending: Ending) -> None:
+        self.call.publish(ToolStarted(fc.call_id, fc.name, json_or_text(fc.arguments)))
         if batch.action is None:
             batch.action, batch.action_call = ending, fc
             self.call.log.info("%s: %s once the response has played", fc.name, ending.reason)
-        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, OK, '{"ok":true}', 0.0))
+        self.call.publish(ToolFinished(fc.name, fc.call_id, fc.arguments, OK, '{"ok":true}', 0.0))
 
-    async def _transfer(self, batch: _Batch, fc: oai.FunctionCall) -> None:
+    async def _transfer(self, batch: _Batch, fc: ev.FunctionCall) -> None:
         targets = self._config.transfer_targets
         try:
             target = parse_arguments(fc.arguments).get("target")
         except Exception:
             target = None
         if isinstance(target, str) and target in targets:
-            self._builtin(batch, fc, Ending(TRANSFERRED, f"transferred to {target}",
+            self._builtin(batch, fc, Ending(EndKind.TRANSFERRED, f"transferred to {target}",
                                             tw.dial(targets[target])))
             return
         output = error_output(f"target must be one of {', '.join(targets)}")
         self.call.log.warning("transfer_call: invalid target (%d chars of arguments)",
                               len(fc.arguments))
         batch.outputs[fc.call_id] = output
-        await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
-        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, INVALID_ARGUMENTS,
+        await self.call.model.add_tool_result(fc.call_id, output)
+        self.call.publish(ToolFinished(fc.name, fc.call_id, fc.arguments, INVALID_ARGUMENTS,
                                       output, 0.0))
 
-    async def _run(self, batch: _Batch, fc: oai.FunctionCall) -> None:
+    async def _run(self, batch: _Batch, fc: ev.FunctionCall) -> None:
         started = time.monotonic()
+        self.call.publish(ToolStarted(fc.call_id, fc.name, json_or_text(fc.arguments)))
         try:
             outcome, output = await self._config.toolbox.run(
                 fc.name, fc.arguments, self._context, self.call.http)
         except asyncio.CancelledError:
             self.call.log.info("tool %s: cancelled (the call ended)", fc.name[:64])
-            self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, CANCELLED, "",
+            self.call.publish(ToolFinished(fc.name, fc.call_id, fc.arguments, CANCELLED, "",
                                           time.monotonic() - started))
             raise
         batch.outputs[fc.call_id] = output
-        await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
-        self.call.notify(ToolFinished(fc.name, fc.call_id, fc.arguments, outcome, output,
+        await self.call.model.add_tool_result(fc.call_id, output)
+        self.call.publish(ToolFinished(fc.name, fc.call_id, fc.arguments, outcome, output,
                                       time.monotonic() - started))
         await self._progress(batch)
 
@@ -257,7 +256,7 @@ class ToolsFeature(Feature):
             output = error_output("not done: the caller spoke before you finished; the call "
                                   "continues")
             self.call.log.info("%s: not done, the caller interrupted", fc.name)
-            await self.call.send_to_model(oai.function_call_output(fc.call_id, output))
+            await self.call.model.add_tool_result(fc.call_id, output)
         await self.call.request_response("tool results")
 
     async def _end_after_playback(self, ending: Ending) -> None:

@@ -48,7 +48,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server.shared_state import (
+from server.fleet.state import (
     FETCHED_TTL,
     ControlHandler,
     Dispatcher,
@@ -448,6 +448,22 @@ class RedisState:
         except _ERRORS:
             return False
         return bool(found)
+
+    async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
+        await self._local.put_plan(call_sid, plan, ttl)  # a copy for Redis outages
+        key, raw, px = self._prefix + "plan:" + call_sid, to_json(plan), max(1, round(ttl * 1000))
+        with contextlib.suppress(*_ERRORS):
+            await self._call("plan", lambda: self._client().set(key, raw, px=px))
+
+    async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
+        key = self._prefix + "plan:" + call_sid
+        try:
+            raw = await self._call("plan", lambda: self._client().get(key))
+        except _ERRORS:
+            raw = None
+        if raw is not None:
+            return from_json(raw, "plan")
+        return await self._local.get_plan(call_sid)
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         raw = to_json(context)

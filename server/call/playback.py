@@ -1,4 +1,4 @@
-"""Barge-in: the assistant's audio on its way to the caller, what the caller has heard of it, and
+"""Playback: the assistant's audio on its way to the caller, what the caller has heard of it, and
 what to cut when they talk over it.
 
 Twilio plays our audio from a buffer and echoes a mark once the audio sent before it has played:
@@ -15,16 +15,19 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import WSMsgType
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import BargedIn, CallControl, Feature, ReplyAudioStarted
+from server.call.ending import CallEnds, hung_up
+from server.call.events import BargeIn, ReplyStarted
+from server.models import events as ev
+from server.wire import twilio as tw
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from server.call.call import Call
 
 BYTES_PER_MS = 8
 MARK_EVERY_MS = 120  # most audio sent without a mark: the precision of a truncation
@@ -166,25 +169,32 @@ class PlayState:
         return Interruption(item_id, min(heard, max(offsets)) // BYTES_PER_MS)
 
 
-class BargeIn(Feature):
-    """Owns the outbound audio path: the call hands it every delta (`play`, the fast path),
-    and it owns marks, clear and truncate."""
+class AudioListener(Protocol):
+    """Hears both directions of a call's audio without sitting in the relay: recording,
+    listen-in. Each method must return at once (keep the base64, queue it, or drop it)."""
 
-    name = "barge_in"
-    # Twilio's mark echoes come straight from the relay (`mark_played`), not through dispatch:
-    # one arrives for every 120 ms of audio played.
-    openai_events: ClassVar[tuple[type, ...]] = (
-        oai.SpeechStarted, oai.ResponseCreated, oai.ResponseDone, oai.AudioDone)
+    def on_caller_audio(self, payload: str) -> None: ...
 
-    def __init__(self, call: CallControl) -> None:
-        super().__init__(call)
+    def on_assistant_audio(self, payload: str) -> None: ...
+
+    def on_clear(self) -> None: ...
+
+
+class Playback:
+    """The call's output transport: the call hands it every delta (`play`, the fast path); it
+    owns marks, clear and truncate, and tells the call's listeners what the caller hears."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
         self.state = PlayState()
         self._idle = asyncio.Event()
         self._idle.set()
         self._started: set[str] = set()  # responses whose first audio went out
         self._item: str | None = None  # the item of the last delta played
         self._send: Callable[[bytes, WSMsgType], Awaitable[None]] | None = None
-        self.audio_hooks: list[Callable[[str], None]] = []
+        self.muted = False  # an operator has the call: the model's audio is not played
+        # Shared with the caller-side relay: listeners added mid-call (listen-in) are heard.
+        self.listeners: list[AudioListener] = []
 
     def attach(self, send: Callable[[bytes, WSMsgType], Awaitable[None]]) -> None:
         """The raw Twilio send (the call gives it once the stream has started)."""
@@ -202,11 +212,11 @@ class BargeIn(Feature):
             return False
         return True
 
-    async def play(self, event: oai.AudioDelta) -> int:
+    async def play(self, event: ev.AudioDelta) -> int:
         """Send one delta to the caller (split and marked); the bytes of audio sent (0: it was
         dropped)."""
         state = self.state
-        if state.dropped(event.response_id):
+        if state.dropped(event.response_id) or self.muted:
             return 0
         send = self._send
         assert send is not None
@@ -217,26 +227,46 @@ class BargeIn(Feature):
             key = event.response_id or item_id
             if key not in self._started:
                 self._started.add(key)
-                self.call.notify(ReplyAudioStarted(event.response_id, item_id,
-                                                   self.call.reply_latency()))
+                latency = self.call.latency.reply_started()
+                self.call.publish(ReplyStarted(event.response_id, item_id, None if latency is None
+                                               else round(latency * 1000, 1)))
         self._idle.clear()
         sent = 0
-        for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
-            nbytes = decoded_length(piece)
-            mark = state.add(item_id, nbytes)
-            if mark is not None:
-                await send(tw.mark_frame(sid, mark), TEXT)
-            await send(tw.media_frame(sid, piece), TEXT)
-            sent += nbytes
-            for hook in self.audio_hooks:
-                hook(piece)
+        listeners = self.listeners
+        try:
+            for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
+                nbytes = decoded_length(piece)
+                mark = state.add(item_id, nbytes)
+                if mark is not None:
+                    await send(tw.mark_frame(sid, mark), TEXT)
+                await send(tw.media_frame(sid, piece), TEXT)
+                sent += nbytes
+                for listener in listeners:
+                    listener.on_assistant_audio(piece)
+        except ConnectionError:  # the caller's side went away mid-send: a hang-up
+            raise CallEnds(hung_up("Twilio stream closed (caller gone)")) from None
+        # 20 ms frames of audio (160 bytes), however the model cuts its deltas
+        self.call.record.frames_out += (sent + 159) // 160
         return sent
 
     def forget(self) -> None:
+        """A new model session: the old one's items cannot be truncated any more."""
         self.state.forget()
         self._started.clear()
         self._item = None
         self._check_idle()
+
+    async def clear(self) -> None:
+        """The bridge itself cuts what is playing (an operator takes over, a hang-up): clear
+        Twilio's buffer; nothing is truncated (the model will be told in words if need be)."""
+        if self._send is None:
+            return
+        self.state.forget()
+        self._item = None
+        self._check_idle()
+        await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
+        for listener in self.listeners:
+            listener.on_clear()
 
     async def _flush(self) -> None:
         mark = self.state.flush()
@@ -251,17 +281,18 @@ class BargeIn(Feature):
         self.state.on_mark(name)
         self._check_idle()
 
-    async def on_openai(self, event: oai.OpenAIEvent) -> None:
-        if isinstance(event, oai.AudioDone):
+    async def on_model(self, event: ev.ModelEvent) -> None:
+        """The model events playback follows (the call hands them over before the features)."""
+        if isinstance(event, ev.AudioDone):
             await self._flush()
-        elif isinstance(event, oai.ResponseCreated):
+        elif isinstance(event, ev.ResponseCreated):
             self.state.on_response_created(event.response_id)
-        elif isinstance(event, oai.ResponseDone):
+        elif isinstance(event, ev.ResponseDone):
             await self._flush()
             self.state.on_response_done(event.response_id)
             self._started.discard(event.response_id)
             self._check_idle()
-        elif isinstance(event, oai.SpeechStarted):
+        elif isinstance(event, ev.SpeechStarted):
             await self._on_speech_started()
 
     async def _on_speech_started(self) -> None:
@@ -270,7 +301,9 @@ class BargeIn(Feature):
         if cut is None:
             return
         await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
-        await self.call.send_to_model(oai.truncate(cut.item_id, cut.audio_end_ms))
+        for listener in self.listeners:
+            listener.on_clear()
+        await self.call.model.truncate(cut.item_id, cut.audio_end_ms)
         self.call.log.info("barge-in: cleared playback, truncated %s at %d ms",
                            cut.item_id, cut.audio_end_ms)
-        self.call.notify(BargedIn(cut.item_id, cut.audio_end_ms))
+        self.call.publish(BargeIn(cut.item_id, cut.audio_end_ms))

@@ -1,8 +1,8 @@
 """Live calls: reserved at the webhook, claimed at the stream, counted, drained and closed.
 
-The registry is the app's `CallHooks`: it admits a stream (single-use token, capacity), tells
-observers (records, metrics) when a call starts and ends, and writes the call's decision for the
-`<Connect action>` request into the shared state, which may be read by another instance.
+The registry is the app's `CallHooks`: it admits a stream (single-use token, capacity, one live
+stream per call), keeps calls' plans, and writes each call's decision for the `<Connect action>`
+request into the shared state, which may be read by another instance.
 """
 
 from __future__ import annotations
@@ -16,37 +16,25 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode
 
-from server import twilio_protocol as tw
-from server.features import base
-from server.features.base import Ending, Refusal
+from server.call.ending import Ending, EndKind, Refusal
+from server.call.plan import CallPlan
+from server.call.record import iso, utc_now
+from server.fleet.state import SharedState
+from server.fleet.tokens import StreamTokens
 from server.metrics import REFUSED_BAD_TOKEN, REFUSED_CAPACITY, REFUSED_DUPLICATE
-from server.record import iso, utc_now
-from server.shared_state import SharedState
-from server.stream_tokens import StreamTokens
+from server.wire import twilio as tw
 
 if TYPE_CHECKING:
-    from server.call import Call
+    from server.call.call import Call
     from server.settings import Settings
 
 log = logging.getLogger("server.registry")
 
 DECISION_TTL = 600.0  # Twilio asks for the action within seconds of the stream closing
 CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it
+PLAN_TTL = 600.0  # a call's plan, from the webhook (or placing the call) to its stream
 _CLOSE_GRACE = 2.0  # for live calls' sockets to close once ended
 ACTION_WINDOW = 30.0  # an ended call's decision not fetched by then never will be
-
-
-class CallObserver:
-    """Something that follows every call (records writer, metrics); override what you need."""
-
-    def call_started(self, call: Call) -> None:
-        """The call is relaying (its record has its call_sid)."""
-
-    def call_ended(self, call: Call, ending: Ending) -> None:
-        """The call is over; its record is final. Must not block."""
-
-    def call_refused(self, call: Call, ending: Ending) -> None:
-        """A stream that was never admitted (bad token, no capacity) has closed."""
 
 
 class CallRegistry:
@@ -54,7 +42,6 @@ class CallRegistry:
         self._settings = settings
         self.state = state
         self.calls: set[Call] = set()
-        self.observers: list[CallObserver] = []
         # Streams whose token was good: only they may free their call_sid's slot at the end.
         self._admitted: set[Call] = set()
         self._idle = asyncio.Event()
@@ -128,6 +115,21 @@ class CallRegistry:
                       len(call.record.timeline))
         return context
 
+    async def plan(self, call: Call) -> CallPlan | None:
+        """The plan the webhook (or the outbound API) decided for this call, if any."""
+        saved = await self.state.get_plan(call.call_sid)
+        if saved is None:
+            return None
+        try:
+            return CallPlan.from_dict(saved)
+        except ValueError as e:
+            call.log.warning("ignoring the call's saved plan: %s", e)
+            return None
+
+    async def decide(self, call_sid: str, plan: CallPlan) -> None:
+        """Keep a call's plan where the instance that takes its stream can read it."""
+        await self.state.put_plan(call_sid, plan.to_dict(), PLAN_TTL)
+
     async def hand_over(self, call: Call) -> Ending:
         """SHUTDOWN_MODE=handover: save the conversation where any instance can read it and end
         the stream with a "reconnect" decision: Twilio's <Connect action> then opens a new
@@ -137,18 +139,12 @@ class CallRegistry:
         if record["sessions"]:
             record["sessions"] = [*record["sessions"][:-1], {
                 **record["sessions"][-1], "ended_at": iso(utc_now()), "ended_because": reason}]
-        await self.state.put_context(call.call_sid, {"record": record}, CONTEXT_TTL)
+        await self.state.put_context(call.call_sid, {"record": record,
+                                                     "plan": call.plan.to_dict()}, CONTEXT_TTL)
         # The new stream's slot, held from now: the old stream's release must not let another
         # caller take it in between (no limit check: the call holds a slot already).
         await self.state.reserve(call.call_sid, 0, CONTEXT_TTL)
-        return Ending(base.HANDOVER, reason, tw.Decision("reconnect"))
-
-    def started(self, call: Call) -> None:
-        for observer in self.observers:
-            try:
-                observer.call_started(call)
-            except Exception:
-                log.exception("observer failed at the start of call %s", call.call_sid)
+        return Ending(EndKind.HANDOVER, reason, tw.Decision("reconnect"))
 
     async def ended(self, call: Call, ending: Ending) -> None:
         admitted = call in self._admitted
@@ -156,28 +152,16 @@ class CallRegistry:
         if not admitted:
             # A refused stream (forged, replayed or expired token) may carry a live call's sid:
             # it must not free that call's slot, write its decision or touch its record.
-            for observer in self.observers:
-                try:
-                    observer.call_refused(call, ending)
-                except Exception:
-                    log.exception("observer failed for a refused stream")
             return
         decision = ending.decision
         if decision is None:
             decision = tw.say(self._settings.fallback_message)
-        if ending.kind != base.CALLER_HUNG_UP:  # Twilio asks what next: wait for it at exit
+        if ending.kind != EndKind.CALLER_HUNG_UP:  # Twilio asks what next: wait for it at exit
             self._expect_action(call.call_sid)
-        try:
-            # Released before the decision is readable: Twilio opens a handover's new stream
-            # only after reading it, and that stream must not look like a duplicate.
-            await self.state.release(call.call_sid)
-            await self.state.put_decision(call.call_sid, decision.to_dict(), DECISION_TTL)
-        finally:
-            for observer in self.observers:
-                try:
-                    observer.call_ended(call, ending)
-                except Exception:
-                    log.exception("observer failed at the end of call %s", call.call_sid)
+        # Released before the decision is readable: Twilio opens a handover's new stream only
+        # after reading it, and that stream must not look like a duplicate.
+        await self.state.release(call.call_sid)
+        await self.state.put_decision(call.call_sid, decision.to_dict(), DECISION_TTL)
 
     async def on_control(self, call_sid: str, action: dict[str, Any]) -> None:
         """An action published for a call this instance holds (admin hang-up)."""
@@ -187,7 +171,7 @@ class CallRegistry:
             return
         if action.get("action") == "hangup":
             call.log.info("hanging up on an operator's request")
-            call.end(Ending(base.ADMIN_HUNG_UP, "an operator hung up the call", tw.HANGUP))
+            call.end(Ending(EndKind.ADMIN_HUNG_UP, "an operator hung up the call", tw.HANGUP))
         else:
             call.log.warning("ignored unknown control action %r", action.get("action"))
 
@@ -265,7 +249,7 @@ class CallRegistry:
                     ending = await self.shutdown_ending(call)
                 except Exception:
                     log.exception("preparing the handover of %s failed", call.call_sid)
-            call.shutdown(ending or Ending(base.SHUTDOWN, "server shutting down", None,
+            call.shutdown(ending or Ending(EndKind.SHUTDOWN, "server shutting down", None,
                                            WSCloseCode.GOING_AWAY))
         try:
             await asyncio.wait_for(self._idle.wait(), grace)

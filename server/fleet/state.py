@@ -4,7 +4,7 @@ and call control.
 One process keeps it in memory (`MemoryState`). A fleet of bridges keeps it in Redis
 (`server.fleet.RedisState`), because the webhook, the stream, Twilio's `<Connect action>` request
 and an admin's hang-up can each land on a different instance. Both implement `SharedState`; the
-app talks only to that, and `open_state(settings)` picks one.
+app talks only to that, and `server.fleet.open.open_state(settings)` picks one.
 
 Every value that crosses this boundary (decisions, context, control actions) must be JSON:
 `MemoryState` round-trips it through JSON too, so a value that would break the fleet breaks a
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 import orjson
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    pass
 
 log = logging.getLogger("server.shared_state")
 
@@ -87,6 +87,12 @@ class SharedState(Protocol):
     async def get_decision(self, call_sid: str, wait: float = 0.0) -> dict[str, Any] | None:
         """The call's decision; waits up to `wait` seconds for one to appear."""
 
+    async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
+        """Keep a call's plan (decided before its stream) for the instance that takes it."""
+
+    async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
+        """The call's plan, or None."""
+
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         """Save a call's conversation for the instance that resumes it."""
 
@@ -98,21 +104,6 @@ class SharedState(Protocol):
 
     def on_control(self, handler: ControlHandler) -> None:
         """Set the handler for actions published for calls this instance holds."""
-
-
-async def open_state(settings: Settings) -> SharedState:
-    """The store the settings ask for, started: Redis when REDIS_URL is set, else memory.
-
-    Raises SharedStateError (one line, password masked) if Redis cannot be reached."""
-    state: SharedState
-    if settings.redis_url:
-        from server.fleet import RedisState  # redis is imported only by fleets
-
-        state = RedisState(settings.redis_url, lease=settings.fleet_lease_seconds)
-    else:
-        state = MemoryState()
-    await state.start()
-    return state
 
 
 def to_json(value: dict[str, Any]) -> bytes:
@@ -228,6 +219,7 @@ class MemoryState:
         self._decisions: Expiring[bytes] = Expiring(clock)
         self._contexts: Expiring[bytes] = Expiring(clock)
         self._fetched: Expiring[bool] = Expiring(clock)
+        self._plans: Expiring[bytes] = Expiring(clock)
         self._decided: asyncio.Condition | None = None
         self._dispatcher = Dispatcher()
 
@@ -311,6 +303,13 @@ class MemoryState:
 
     async def fetched(self, call_sid: str) -> bool:
         return call_sid in self._fetched
+
+    async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
+        self._plans.put(call_sid, to_json(plan), ttl)
+
+    async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
+        raw = self._plans.get(call_sid)
+        return None if raw is None else from_json(raw, "plan")
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
         self._contexts.put(call_sid, to_json(context), ttl)

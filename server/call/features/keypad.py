@@ -13,10 +13,10 @@ import functools
 from collections.abc import Callable
 from typing import ClassVar
 
-from server import openai_protocol as oai
-from server import twilio_protocol as tw
-from server.features.base import CallControl, Feature, KeypadEntry
+from server.call.events import KeypadEntry
+from server.call.features.base import CallControl, Feature
 from server.settings import Settings
+from server.wire import twilio as tw
 
 KEYS = frozenset("0123456789*#")
 MAX_DIGITS = 32  # an entry this long is sent at once: no unbounded buffer per call
@@ -45,7 +45,7 @@ class KeypadFeature(Feature):
         self._digits: list[str] = []
         self._timer: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time at which the entry ends, unless another key comes
-        self._show = bool(getattr(call.settings, "log_pii", False))
+        self._show = call.settings.log_pii
 
     async def on_twilio(self, event: tw.TwilioEvent) -> None:
         if not isinstance(event, tw.Dtmf):
@@ -81,6 +81,6 @@ class KeypadFeature(Feature):
             return
         shown = f": {digits}" if self._show else ""
         self.call.log.info("keypad: the caller typed %d key(s)%s", len(digits), shown)
-        self.call.notify(KeypadEntry(digits))
-        await self.call.send_to_model(oai.user_text(message(digits)))
+        self.call.publish(KeypadEntry(digits, self._show))
+        await self.call.model.add_text("user", message(digits))
         await self.call.request_response("keypad")

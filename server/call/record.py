@@ -1,6 +1,7 @@
 """One call's record: who, when, how it ended, what was said, how fast, what it used.
 
-The call owns one `CallRecord`; features add to it (timeline entries, latencies, usage); the
+The call owns one `CallRecord`; its `conversation` is the call's one typed account of what was
+said and done (the record's `timeline` is its JSON form); features add latencies and usage; the
 records store (server/records/) saves `to_dict()`. Counters that the relay bumps per frame are
 plain ints on the record so the hot path pays one attribute increment.
 """
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from server.call.conversation import Conversation
 
 
 def utc_now() -> datetime:
@@ -71,13 +74,14 @@ class CallRecord:
     latencies_ms: list[float] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     cost_usd: float | None = None
-    timeline: list[dict[str, Any]] = field(default_factory=list)
+    conversation: Conversation = field(default_factory=Conversation)
     sessions: list[dict[str, Any]] = field(default_factory=list)
     recording: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the plan's (an outbound call's)
     # what operators did on the console: {"time", "at", "operator", "action", "detail"}
     operator_actions: list[dict[str, Any]] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic, repr=False)
-    version: int = 0  # bumped on every change a store should write
+    _changes: int = field(default=0, repr=False)
     # The wall-clock time of the latest snapshot (`to_dict`): stores keep the newest state of a
     # call, so a retried or spooled old snapshot never replaces a newer one (handover).
     _updated_at: datetime | None = field(default=None, repr=False)
@@ -86,23 +90,15 @@ class CallRecord:
         """Seconds since the call started (monotonic)."""
         return time.monotonic() - self._t0
 
-    def add(self, kind: str, **data: Any) -> dict[str, Any]:
-        """Append a timeline entry (caller/assistant turn, keypad, tool, session, note)."""
-        entry = {"at": round(self.elapsed(), 3), "kind": kind, **data}
-        self.timeline.append(entry)
-        self.version += 1
-        return entry
+    @property
+    def timeline(self) -> list[dict[str, Any]]:
+        """The conversation as the record keeps it (JSON objects, in time order)."""
+        return self.conversation.to_dicts()
 
-    def insert(self, at: float, kind: str, **data: Any) -> dict[str, Any]:
-        """A timeline entry for a moment already past (a caller turn is transcribed after the
-        assistant may have answered it): kept in `at` order."""
-        entry = {"at": round(at, 3), "kind": kind, **data}
-        index = len(self.timeline)
-        while index > 0 and self.timeline[index - 1]["at"] > entry["at"]:
-            index -= 1
-        self.timeline.insert(index, entry)
-        self.version += 1
-        return entry
+    @property
+    def version(self) -> int:
+        """Bumped on every change a store should write."""
+        return self._changes + self.conversation.version
 
     def add_operator_action(self, operator: str, action: str,
                             detail: Any = None) -> dict[str, Any]:
@@ -111,16 +107,16 @@ class CallRecord:
         entry = {"time": iso(utc_now()), "at": round(self.elapsed(), 3), "operator": operator,
                  "action": action, "detail": detail}
         self.operator_actions.append(entry)
-        self.version += 1
+        self._changes += 1
         return entry
 
     def touch(self) -> None:
-        """Mark the record changed (after editing an entry or a counter in place)."""
-        self.version += 1
+        """Mark the record changed (after editing a counter in place)."""
+        self._changes += 1
 
     def add_usage(self, usage: dict[str, Any]) -> None:
         add_usage(self.usage, usage)
-        self.version += 1
+        self._changes += 1
 
     @property
     def duration(self) -> float:
@@ -133,13 +129,17 @@ class CallRecord:
         if isinstance(started, str):
             self.started_at = datetime.fromisoformat(started.replace("Z", "+00:00"))
             self._t0 = time.monotonic() - (utc_now() - self.started_at).total_seconds()
-        for key in ("timeline", "sessions", "latencies_ms", "operator_actions"):
+        self.conversation = Conversation.from_dicts(saved.get("timeline"))
+        for key in ("sessions", "latencies_ms", "operator_actions"):
             value = saved.get(key)
             if isinstance(value, list):
                 setattr(self, key, list(value))
-        usage = saved.get("usage")
-        if isinstance(usage, dict):
-            self.usage = dict(usage)
+        for key in ("usage", "metadata"):
+            value = saved.get(key)
+            if isinstance(value, dict):
+                setattr(self, key, dict(value))
+        if saved.get("direction") in ("inbound", "outbound"):
+            self.direction = str(saved["direction"])
         for key in ("frames_in", "frames_out", "barge_ins"):
             value = saved.get(key)
             if isinstance(value, int):
@@ -150,7 +150,7 @@ class CallRecord:
         before = parse_stamp(saved.get("updated_at"))
         if before is not None and (self._updated_at is None or before > self._updated_at):
             self._updated_at = before
-        self.version += 1
+        self._changes += 1
 
     def _stamp(self) -> str:
         """Now, but never earlier than (and always after) the previous snapshot's time."""
@@ -185,6 +185,7 @@ class CallRecord:
             "timeline": self.timeline,
             "sessions": self.sessions,
             "recording": self.recording,
+            "metadata": self.metadata,
             "operator_actions": self.operator_actions,
             "updated_at": self._stamp(),
         }

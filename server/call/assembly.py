@@ -1,0 +1,32 @@
+"""The one place that decides which features every call gets, from the settings and the app's
+shared pieces (tools, prices, the recorder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from server.call.features import greeting, keypad, time_limit
+from server.call.features import tools as tools_feature
+from server.call.features.base import CallControl, Feature
+from server.call.features.recording import Recorder
+from server.call.features.transcript import TranscriptFeature
+from server.records.pricing import PriceTable
+from server.settings import Settings
+from server.toolbox import Toolbox
+
+FeatureFactory = Callable[[CallControl], Feature | None]
+
+
+def assemble(settings: Settings, toolbox: Toolbox, prices: PriceTable | None,
+             recorder: Recorder | None) -> tuple[FeatureFactory, ...]:
+    """Every call's features, in the order they hear events. Loads HOLD_AUDIO now: ConfigError
+    if it is bad. The conversation (transcript) is always kept, whatever the records say."""
+    factories: list[FeatureFactory | None] = [
+        greeting.factory(),
+        keypad.factory(settings),
+        tools_feature.factory(settings, toolbox),
+        time_limit.factory(settings),
+        TranscriptFeature.factory(prices),
+        recorder.feature() if recorder is not None else None,
+    ]
+    return tuple(f for f in factories if f is not None)

@@ -1,0 +1,37 @@
+"""Greeting: the assistant speaks first.
+
+When the call's plan has a greeting (GREETING by default; a line's or an outbound call's own),
+as soon as the model session is ready the bridge asks, through the response gate, for a
+response whose instructions are to say it, so the caller hears it without having to say
+"hello?" first. Greetings may use the prompt placeholders ({{caller}}, {{called}},
+{{call_sid}}, and the plan's variables). None: the caller speaks first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from server.call.features.base import CallControl, Feature
+
+FeatureFactory = Callable[[CallControl], Feature | None]
+
+
+def factory() -> FeatureFactory:
+    """The greeting feature for every call (it says nothing when the plan has no greeting)."""
+    return GreetingFeature
+
+
+def instructions(text: str) -> str:
+    return (f'Greet the caller by saying exactly: "{text}" Then stop and wait for the '
+            "caller to answer.")
+
+
+class GreetingFeature(Feature):
+    name = "greeting"
+
+    async def on_session_ready(self, first: bool) -> None:
+        if not first:  # a reconnected session continues the conversation: no second hello
+            return
+        text = self.call.greeting
+        if text is not None:
+            await self.call.request_response("greeting", instructions(text))

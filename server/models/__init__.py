@@ -1,0 +1,1 @@
+"""The model boundary: one `ModelSession` interface, one implementation per OpenAI voice API."""

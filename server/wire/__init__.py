@@ -1,0 +1,1 @@
+"""The wire protocols: bytes in, typed events out, and back. Nothing else knows a field name."""
