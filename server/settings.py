@@ -108,6 +108,8 @@ class Settings:
     record_calls: bool = False
     recordings_dir: Path = Path("recordings")
     admin_token: str | None = field(default=None, repr=False)
+    # named operators for the console and the operator routes: ((name, token), ...)
+    operator_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     metrics_token: str | None = field(default=None, repr=False)
     call_webhook_url: str | None = None
     call_webhook_secret: str | None = field(default=None, repr=False)
@@ -220,6 +222,8 @@ class Settings:
             record_calls=r.flag("RECORD_CALLS", cls.record_calls),
             recordings_dir=Path(r.text("RECORDINGS_DIR") or cls.recordings_dir),
             admin_token=r.text("ADMIN_TOKEN"),
+            operator_tokens=parse_operator_tokens(r.text("OPERATOR_TOKENS") or "",
+                                                  r.text("ADMIN_TOKEN")),
             metrics_token=r.text("METRICS_TOKEN"),
             call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
             call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
@@ -270,7 +274,8 @@ class Settings:
         return tuple(s for s in (self.openai_api_key, self.twilio_auth_token, self.admin_token,
                                  self.metrics_token, self.call_webhook_secret, self.tools_secret,
                                  urlsplit(self.database_url).password,
-                                 urlsplit(self.redis_url or "").password) if s)
+                                 urlsplit(self.redis_url or "").password,
+                                 *(token for _, token in self.operator_tokens)) if s)
 
 
 N = TypeVar("N", int, float)
@@ -435,3 +440,34 @@ def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError("TRANSFER_TARGETS", f"{name!r} is listed twice")
         targets[name] = target
     return tuple(targets.items())
+
+
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MIN_OPERATOR_TOKEN = 16
+
+
+def parse_operator_tokens(raw: str, admin_token: str | None) -> tuple[tuple[str, str], ...]:
+    """`ann=<token>,bob=<token>` -> (("ann", "<token>"), ...). Messages name the operator, never
+    the token. `admin` is ADMIN_TOKEN's operator; a token shared by two operators (or with
+    ADMIN_TOKEN) would make them one person in the records, so both are refused."""
+    operators: dict[str, str] = {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, token = (part.strip() for part in entry.partition("="))
+        if not sep or not _OPERATOR_NAME.fullmatch(name):
+            raise ConfigError("OPERATOR_TOKENS", "an entry is not name=token (name: 1-32 "
+                                                 "letters, digits, _ or -)")
+        if name == "admin":
+            raise ConfigError("OPERATOR_TOKENS", "'admin' is ADMIN_TOKEN's operator: "
+                                                 "choose another name")
+        if len(token) < MIN_OPERATOR_TOKEN:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is shorter than "
+                                                 f"{MIN_OPERATOR_TOKEN} characters")
+        if name in operators:
+            raise ConfigError("OPERATOR_TOKENS", f"{name!r} is listed twice")
+        if token in operators.values() or token == admin_token:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is also another "
+                                                 "operator's (or ADMIN_TOKEN)")
+        operators[name] = token
+    return tuple(operators.items())
