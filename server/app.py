@@ -17,9 +17,12 @@ from server import NAME, __version__
 from server.call.assembly import assemble
 from server.call.call import Call, CallDeps, CallListener, FeatureFactory
 from server.call.plan import Plans
-from server.console.auth import operator_of, operators_for
+from server.console.auth import operators_for
+from server.console.live import LiveDesk
+from server.console.live import add_routes as add_live_routes
 from server.console.routes import add_routes as add_console_routes
 from server.fleet.events import EventBus
+from server.fleet.live import LiveBoard, board_for
 from server.fleet.open import open_bus, open_state
 from server.fleet.registry import CallRegistry
 from server.fleet.state import SharedState
@@ -39,6 +42,8 @@ PLANS = web.AppKey("plans", Plans)
 REGISTRY = web.AppKey("registry", CallRegistry)
 STATE = web.AppKey("state", SharedState)
 BUS = web.AppKey("bus", EventBus)
+BOARD = web.AppKey("board", LiveBoard)
+DESK = web.AppKey("desk", LiveDesk)
 DEPS = web.AppKey("deps", CallDeps)
 TOKENS: web.AppKey[StreamTokens | None] = web.AppKey("tokens")
 FEATURES: web.AppKey[list[FeatureFactory]] = web.AppKey("features")
@@ -89,6 +94,10 @@ def create_app(settings: Settings, state: SharedState | None = None,
     operators = operators_for(app, settings)
     records.add_routes(app)
     add_console_routes(app, operators, settings)
+    if operators.enabled:  # the console's live API: the live calls, their events and audio
+        desk = app[DESK] = LiveDesk(settings)
+        listeners.append(desk)  # keeps the fleet's index of live calls
+        add_live_routes(app, desk)
     add_metric_routes(app, metrics, token=settings.metrics_token,
                       draining=lambda: REGISTRY in app and app[REGISTRY].draining,
                       ping=lambda: _ready(app))
@@ -102,8 +111,6 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app.router.add_route("POST", ACTION_PATH, connect_action)
     app.router.add_get(STREAM_PATH, media_stream)
     app.router.add_get(RESUME_PATH, media_stream)
-    if operators.enabled:
-        app.router.add_post("/calls/{call_sid}/hangup", hang_up)
     return app
 
 
@@ -125,9 +132,14 @@ async def _shared_state(app: web.Application) -> AsyncIterator[None]:
     state.on_control(registry.on_control)
     if app[SETTINGS].shutdown_mode == "handover":
         registry.shutdown_ending = registry.hand_over
+    board = app[BOARD] = board_for(state)  # what the console shares: memory, or beside Redis
+    await board.start()
+    if DESK in app:
+        app[DESK].attach(registry, state, board, app[BUS])
     try:
         yield
     finally:
+        await board.close()
         if owned_bus:
             await app[BUS].close()
         if owned:
@@ -312,19 +324,6 @@ async def connect_action(request: web.Request) -> web.Response:
         request.app[REGISTRY].action_fetched(call_sid)
         await state.mark_fetched(call_sid)
     return _twiml(body)
-
-
-async def hang_up(request: web.Request) -> web.Response:
-    """POST /calls/{call_sid}/hangup (an operator: bearer token, or the console's cookie from
-    the console's own site): end a live call, wherever in the fleet it is (the shared state
-    delivers it to the instance that holds it)."""
-    operator = operator_of(request)  # 401 / 403
-    call_sid = request.match_info["call_sid"]
-    delivered = await request.app[STATE].publish(call_sid, {"action": "hangup"})
-    if not delivered:
-        return web.json_response({"error": f"no live call {call_sid}"}, status=404)
-    log.info("hang-up requested for %s by operator %s", call_sid, operator)
-    return web.json_response({"call_sid": call_sid, "hangup": "requested"}, status=202)
 
 
 def _twiml(body: str) -> web.Response:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from server.call.features import greeting, keypad, time_limit
 from server.call.features import tools as tools_feature
 from server.call.features.base import CallControl, Feature
+from server.call.features.operator import OperatorFeature
 from server.call.features.recording import Recorder
 from server.call.features.transcript import TranscriptFeature
 from server.records.pricing import PriceTable
@@ -20,12 +21,15 @@ FeatureFactory = Callable[[CallControl], Feature | None]
 def assemble(settings: Settings, toolbox: Toolbox, prices: PriceTable | None,
              recorder: Recorder | None) -> tuple[FeatureFactory, ...]:
     """Every call's features, in the order they hear events. Loads HOLD_AUDIO now: ConfigError
-    if it is bad. The conversation (transcript) is always kept, whatever the records say."""
+    if it is bad. The conversation (transcript) is always kept, whatever the records say. The
+    operator's powers come with the console (an operator token is set), before the transcript:
+    it tells the transcript which input turns were the operator's."""
     factories: list[FeatureFactory | None] = [
         greeting.factory(),
         keypad.factory(settings),
         tools_feature.factory(settings, toolbox),
         time_limit.factory(settings),
+        OperatorFeature.factory() if settings.admin_token or settings.operator_tokens else None,
         TranscriptFeature.factory(prices),
         recorder.feature() if recorder is not None else None,
     ]

@@ -39,10 +39,10 @@ from server.call.events import (
 )
 from server.call.features.base import Feature
 from server.call.gate import ResponseGate
-from server.call.latency import TurnLatency
-from server.call.model_link import ModelLink, SessionFactory, realtime_factory
+from server.call.latency import FRAME_MS, TurnLatency
+from server.call.model_link import ModelLink, SendWrapper, SessionFactory, realtime_factory
 from server.call.plan import CallPlan, Plans, Resolved
-from server.call.playback import Playback
+from server.call.playback import AudioListener, Playback
 from server.call.record import CallRecord, utc_now
 from server.fleet.tokens import StreamTokens
 from server.logs import CallLog, RepeatedWarnings, mask_number
@@ -59,6 +59,7 @@ log = logging.getLogger("server.call")
 TEXT = WSMsgType.TEXT
 FeatureFactory = Callable[["CallControl"], Feature | None]
 T = TypeVar("T")
+F = TypeVar("F", bound=Feature)
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
 BUILTIN_TOOLS = frozenset({"end_call"})  # offered whatever the plan's tool list says
@@ -240,6 +241,43 @@ class Call:
         self._session_ready = False
         self.playback.forget()  # the old session's items are gone: nothing left to truncate
         self.gate.reset()
+
+    # --- what an operator's powers need (server/call/features/operator.py) ---
+
+    def feature(self, kind: type[F]) -> F | None:
+        """This call's feature of that type, if it has one (the console's way to the
+        operator's powers)."""
+        for feature in self.features:
+            if isinstance(feature, kind):
+                return feature
+        return None
+
+    async def mute_assistant(self, on: bool) -> None:
+        """An operator takes the call (on): the model's audio stops reaching the caller (what
+        is playing is cleared) and the gate holds every response; off: both come back."""
+        if on:
+            self.playback.muted = True  # before the clear: no delta slips in after it
+            await self.playback.clear()
+        else:
+            self.playback.muted = False
+        await self.gate.hold(on)
+
+    def route_caller_audio(self, wrap: SendWrapper | None) -> None:
+        """The caller's audio to the model goes through `wrap` (an operator's mixer), or
+        straight again with None."""
+        self.link.route(wrap)
+
+    def input_frame(self, audio_ms: int | None = None) -> int:
+        """The caller frame (its index in `record.frames_in`) at `audio_ms` on the current
+        session's audio timeline; the next frame to arrive when None."""
+        if audio_ms is None:
+            return self.record.frames_in
+        return self.link.frames_base + audio_ms // FRAME_MS
+
+    @property
+    def audio_listeners(self) -> list[AudioListener]:
+        """Who hears the call's audio (recording, listen-in); add and remove at any time."""
+        return self.playback.listeners
 
     # --- lifecycle ---
 

@@ -66,6 +66,25 @@ class Transcript(CallEvent):
     final: bool
     interrupted: bool = False
     heard_ms: int | None = None
+    operator: str | None = None  # role "operator": who (left out of the JSON otherwise)
+
+    def fields(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.operator is None:
+            del data["operator"]
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerAttributed(CallEvent):
+    """While an operator has the call, the model hears the caller and the operator mixed: this
+    input turn (`item_id`) was the operator's (the transcript feature makes it an operator
+    turn). Turns not named here are the caller's."""
+
+    type: ClassVar[str] = "speaker.attributed"
+    public: ClassVar[bool] = False
+    item_id: str
+    operator: str
 
 
 @dataclass(frozen=True, slots=True)

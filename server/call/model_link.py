@@ -5,7 +5,9 @@ a handed-over call brings). When a session is lost (socket closed, heartbeat mis
 new one is opened within RECONNECT_WITHIN, in up to RECONNECT_ATTEMPTS tries, with the same
 configuration and the conversation so far; the caller's audio in the gap is kept (the newest
 RECONNECT_BUFFER_SECONDS) and sent to it. The relay sends caller audio through `send`, which is
-rebound, never checked, on the fast path: the session's own send, or the gap buffer.
+rebound, never checked, on the fast path: the session's own send, or the gap buffer; while an
+operator has the call, that wrapped in the operator's mixer (`route`), so a call without one pays
+nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from server.call.call import Call
 
 SessionFactory = Callable[[str], ModelSession]
+Send = Callable[[str], Awaitable[None]]
+SendWrapper = Callable[[Send], Send]
 
 
 class GapBuffer:
@@ -72,7 +76,9 @@ class ModelLink:
         self.session: ModelSession | None = None
         # Where caller audio goes: the session's send_audio, or a GapBuffer while a new session
         # is being opened (or before the first is ready).
-        self.send: Callable[[str], Awaitable[None]] = self._drop
+        self.send: Send = self._drop
+        self._target: Send = self._drop  # `send` before any wrapper
+        self._wrap: SendWrapper | None = None  # an operator's mixer, while they have the call
         self._gap: GapBuffer | None = None
         self.frames_base = 0  # record.frames_in when the current session's audio began
         self._seen, self._quiet_since, self._pinged = 0, time.monotonic(), False
@@ -80,6 +86,16 @@ class ModelLink:
     @staticmethod
     async def _drop(payload: str) -> None:
         """Before a session exists, the relay is not running: nothing arrives here."""
+
+    def _bind(self, target: Send) -> None:
+        self._target = target
+        self.send = target if self._wrap is None else self._wrap(target)
+
+    def route(self, wrap: SendWrapper | None) -> None:
+        """Send the caller's audio through `wrap(send)` from now on, whatever session (or gap
+        buffer) it goes to, until `route(None)`: an operator's take-over mixes their voice in."""
+        self._wrap = wrap
+        self._bind(self._target)
 
     # --- opening ---
 
@@ -97,7 +113,8 @@ class ModelLink:
         return session
 
     def _use(self, session: ModelSession) -> None:
-        self.session, self.send, self._gap = session, session.send_audio, None
+        self.session, self._gap = session, None
+        self._bind(session.send_audio)
         self._seen, self._quiet_since, self._pinged = session.received, time.monotonic(), False
 
     def _begin(self, why: str) -> None:
@@ -157,7 +174,7 @@ class ModelLink:
         if self._gap is None:
             frames = int(self._call.settings.reconnect_buffer_seconds * 1000 / FRAME_MS)
             self._gap = GapBuffer(frames)
-            self.send = self._gap.send
+            self._bind(self._gap.send)
         return self._gap
 
     async def gap_send(self, payload: str) -> None:

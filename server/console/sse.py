@@ -39,10 +39,12 @@ class EventStream:
         await response.prepare(request)
         return cls(response)
 
-    async def send(self, event: dict[str, Any], event_id: int | None = None) -> None:
-        """One event; `event_id` defaults to the event's `seq`. Raises ConnectionResetError
-        (or OSError) when the browser has gone."""
-        if event_id is None and isinstance(event.get("seq"), int):
+    async def send(self, event: dict[str, Any], event_id: int | None = None,
+                   with_id: bool = True) -> None:
+        """One event; `event_id` defaults to the event's `seq` (none at all without
+        `with_id`: a stream that cannot resume). Raises ConnectionResetError (or OSError) when
+        the browser has gone."""
+        if with_id and event_id is None and isinstance(event.get("seq"), int):
             event_id = event["seq"]
         head = f"id: {event_id}\n".encode() if event_id is not None else b""
         await self.response.write(head + b"data: " + orjson.dumps(event) + b"\n\n")

@@ -333,6 +333,11 @@ class RedisState:
         return True
 
     @property
+    def prefix(self) -> str:
+        """The prefix of every key and channel (what the console's live board shares)."""
+        return self._prefix
+
+    @property
     def circuit_open(self) -> bool:
         """True while this instance runs on its own state, leaving Redis alone."""
         return self._open

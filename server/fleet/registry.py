@@ -34,6 +34,8 @@ DECISION_TTL = 120.0  # Twilio asks for the action within seconds of the stream 
 CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it
 PLAN_TTL = 600.0  # a call's plan, from the webhook (or placing the call) to its stream
 _CLOSE_GRACE = 2.0  # for live calls' sockets to close once ended
+ControlAction = Callable[[str, "Call | None", dict[str, Any]], Awaitable[None]]
+"""Handles a control action by name: (call_sid, the live call here or None, the action)."""
 ACTION_WINDOW = 30.0  # an ended call's decision not fetched by then never will be
 
 
@@ -53,6 +55,8 @@ class CallRegistry:
         # process waits for those to be fetched. Ordered by time; older than ACTION_WINDOW
         # ones are dropped (Twilio asks within seconds, or never: the caller is gone).
         self._awaiting: dict[str, float] = {}
+        # Control actions by name that others handle (the console's operator actions).
+        self.controls: dict[str, ControlAction] = {}
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -164,8 +168,13 @@ class CallRegistry:
         await self.state.put_decision(call.call_sid, decision.to_dict(), DECISION_TTL)
 
     async def on_control(self, call_sid: str, action: dict[str, Any]) -> None:
-        """An action published for a call this instance holds (admin hang-up)."""
+        """An action published for a call this instance holds (admin hang-up, an operator's
+        action from the console on any instance)."""
         call = self.find(call_sid)
+        handler = self.controls.get(str(action.get("action")))
+        if handler is not None:
+            await handler(call_sid, call, action)
+            return
         if call is None:
             log.warning("control %r for %s: no such call here", action.get("action"), call_sid)
             return

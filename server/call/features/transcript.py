@@ -8,6 +8,10 @@ has begun answering), so each is placed at the moment the caller started speakin
 turns are placed where their first audio went to the caller, and marked `interrupted` with
 `heard_ms` when a barge-in cut them (a second final `transcript` event says so, when the cut
 comes after the words).
+
+While an operator has the call, the model hears them and the caller mixed: an input turn the
+operator feature attributes to the operator (`SpeakerAttributed`, before its words arrive) is
+kept as an operator turn, its words go out with role `operator`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from server.call.conversation import (
     CallerTurn,
     Keypad,
     ModelNote,
+    OperatorTurn,
     ToolCall,
     json_or_text,
 )
@@ -28,6 +33,7 @@ from server.call.events import (
     CallEvent,
     KeypadEntry,
     ReplyStarted,
+    SpeakerAttributed,
     ToolFinished,
     Transcript,
 )
@@ -46,7 +52,7 @@ class TranscriptFeature(Feature):
         ev.SpeechStarted, ev.CallerTranscript, ev.AssistantTranscript, ev.TranscriptDelta,
         ev.ResponseDone, ev.ModelError, ev.Usage)
     call_events: ClassVar[tuple[type[CallEvent], ...]] = (
-        BargeIn, ReplyStarted, ToolFinished, KeypadEntry)
+        BargeIn, ReplyStarted, ToolFinished, KeypadEntry, SpeakerAttributed)
 
     def __init__(self, call: CallControl, prices: PriceTable | None = None) -> None:
         super().__init__(call)
@@ -56,6 +62,7 @@ class TranscriptFeature(Feature):
         self._reply_latency: dict[str, float] = {}
         self._assistant: dict[str, AssistantTurn] = {}  # item -> its turn
         self._cut: dict[str, int] = {}  # item -> heard_ms, for a transcript still to come
+        self._operator: dict[str, str] = {}  # input item -> the operator who said it
 
     @classmethod
     def factory(cls, prices: PriceTable | None) -> Callable[[CallControl], Feature]:
@@ -68,11 +75,19 @@ class TranscriptFeature(Feature):
             self._speech_at[event.item_id] = record.elapsed()
         elif isinstance(event, ev.TranscriptDelta):
             if event.delta:
-                call.publish(Transcript(event.role, event.item_id, event.delta, False))
+                operator = self._operator.get(event.item_id) if event.role == "caller" else None
+                call.publish(Transcript("operator" if operator else event.role, event.item_id,
+                                        event.delta, False, operator=operator))
         elif isinstance(event, ev.CallerTranscript):
             text = event.transcript.strip()
             at = self._speech_at.pop(event.item_id, None)
-            if text:
+            operator = self._operator.pop(event.item_id, None)
+            if text and operator is not None:
+                call.conversation.add(OperatorTurn(record.elapsed() if at is None else at,
+                                                   text, operator, event.item_id))
+                call.publish(Transcript("operator", event.item_id, text, True,
+                                        operator=operator))
+            elif text:
                 call.conversation.add(CallerTurn(record.elapsed() if at is None else at, text,
                                                  event.item_id))
                 call.publish(Transcript("caller", event.item_id, text, True))
@@ -132,6 +147,10 @@ class TranscriptFeature(Feature):
             else:
                 self._cut[event.item_id] = event.heard_ms
             record.touch()
+        elif isinstance(event, SpeakerAttributed):
+            self._operator[event.item_id] = event.operator
+            if len(self._operator) > 100:  # a turn whose words never came
+                self._operator.pop(next(iter(self._operator)))
         elif isinstance(event, KeypadEntry):
             call.conversation.add(Keypad(record.elapsed(), event.digits))
         elif isinstance(event, ToolFinished):
