@@ -370,6 +370,7 @@ async def place_call(
     public_url: str | None = None,
     after_turn: AfterTurn | None = None,
     call_sid: str | None = None,
+    on_stream: Callable[[TwilioStream], None] | None = None,
 ) -> CallResult:
     """Place one simulated call; never raises for a failed call, the result says why.
 
@@ -377,7 +378,8 @@ async def place_call(
     pressed after the reply to turn `keys_at_turn` (0: before the first turn); `listen_first`:
     seconds the caller listens before speaking (a greeting). `after_turn(n)` runs once turn n
     is answered; if it returns an awaitable, the caller stays silent on the line until it is
-    done (the demo drops a model session or shuts an instance down there).
+    done (the demo drops a model session or shuts an instance down there). `on_stream` is told
+    each stream as it opens (a test watches what the caller hears).
 
     Routing: `base_url` is the instance the webhook and the first stream reach. `public_url`,
     when the bridge has PUBLIC_URL, is the URL Twilio knows and signs. `action_base` is the load
@@ -406,6 +408,8 @@ async def place_call(
             note(f"call failed: {e}")
             return result
         result.call_sid = call.call_sid
+        if on_stream is not None:
+            on_stream(call.stream)
         note(f"webhook answered in {call.webhook_ms:.0f} ms")
         note(f"stream started ({call.twiml.stream_url}, call {call.call_sid})")
         streams.append(call.stream)
@@ -444,6 +448,8 @@ async def place_call(
                 if len(streams) >= MAX_STREAMS:
                     raise ConnectionError(f"handed over {len(streams)} times: giving up")
                 streams.append(await follow.open_stream(twiml, call.call_sid))
+                if on_stream is not None:
+                    on_stream(streams[-1])
                 started = time.monotonic()
                 result.handover_reply_ms = None
                 closed_at = stream.closed_at or started

@@ -76,7 +76,7 @@ export class Listener {
     if (message.event === 'media' && message.media && typeof message.media.payload === 'string') {
       const track = message.media.track === 'outbound' ? 'outbound' : 'inbound';
       const bytes = base64ToBytes(message.media.payload);
-      mark('audio', {track, bytes: bytes.length});
+      mark('audio', {track, bytes: bytes.length, head: message.media.payload.slice(0, 24)});
       this.node.port.postMessage({track, bytes}, [bytes.buffer]);
     } else if (message.event === 'clear') {
       this.clears += 1;
