@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 demo: $(STAMP)
-	$(BIN)/python -m server.testing.demo
+	$(BIN)/python -m server.testing.demo $(if $(CONSOLE),--console)
 
 bench: $(STAMP)
 	$(BIN)/python -m server.testing.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(BENCH_ARGS)

@@ -4,12 +4,16 @@ the demo."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from server.testing.demo import run_demo, sum_metrics, verdict
-from server.testing.scenarios import SALES, SCENARIOS, Env, Outcome
+from server.records.store import CallQuery, SQLiteStore
+from server.testing.demo import run_console, run_demo, sum_metrics, verdict
+from server.testing.inbox import wait_until
+from server.testing.scenarios import ADMIN_TOKEN, SALES, SCENARIOS, Env, Outcome
 from server.testing.simulator import CallResult
 from tests.conftest import ROOT
 
@@ -125,3 +129,35 @@ def test_sum_metrics_adds_up_the_instances() -> None:
     assert sum_metrics([one, two]) == [
         'bridge_calls_total{end="handover"} 3', 'bridge_calls_total{end="caller_hung_up"} 1',
         "bridge_calls_active 0"]
+
+
+async def test_the_console_demo_serves_the_console_while_its_calls_go_on(tmp_path: Path) -> None:
+    """`make demo CONSOLE=1`: the console's URL is printed, it answers the demo's token, and
+    the simulated call is in its live list while it goes on, then in its history."""
+    lines: list[str] = []
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    demo = asyncio.ensure_future(run_console(tmp_path, port=0, calls=1, turns=2, pause=0.2,
+                                             fast=True, echo=lines.append,
+                                             ready=ready.set_result))
+    url = await asyncio.wait_for(ready, 10)
+    base = url.removesuffix("/console")
+    assert f"  open {url} and log in with the token {ADMIN_TOKEN}" in lines
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as page:  # not logged in: the login page
+            assert page.status == 200 and page.url.path == "/console/login"
+
+        async def live() -> bool:
+            async with http.get(f"{base}/calls?status=live", headers=auth) as response:
+                return bool((await response.json())["calls"])
+
+        await wait_until(live, 10, "the demo's call in the live list")
+        assert await asyncio.wait_for(demo, 30) == 1
+    assert any(line.startswith("  call 1: call OK") for line in lines), lines
+    store = SQLiteStore(tmp_path / "demo-calls.db")  # the console's history
+    await store.open()
+    try:
+        (call,), _ = await store.page(CallQuery(limit=10))
+        assert call["end_kind"] == "caller_hung_up" and call["recording"]
+    finally:
+        await store.close()

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from server.call.ending import Ending, EndKind
-from server.call.events import BargeIn, KeypadEntry, ReplyStarted, ToolFinished
+from server.call.events import (
+    BargeIn,
+    KeypadEntry,
+    ReplyStarted,
+    SpeakerAttributed,
+    ToolFinished,
+    Transcript,
+)
 from server.call.features.transcript import TranscriptFeature
 from server.models import events as ev
 from server.records.pricing import ModelPrice, PriceTable
@@ -152,3 +159,28 @@ async def test_a_cut_reply_without_its_transcript_event_is_taken_from_response_d
     (entry,) = call.record.timeline
     assert entry["text"] == "We open at nine and" and entry["interrupted"] is True
     assert entry["heard_ms"] == 900
+
+
+async def test_a_turn_the_operator_said_is_an_operator_turn() -> None:
+    """While an operator has the call the model hears them as its input: a turn attributed to
+    them (`SpeakerAttributed`, before its words) is theirs in the conversation, the events
+    and the text transcript; the next turn is the caller's again."""
+    call, _ = make()
+    await call.model_event(ev.SpeechStarted("item_U1", 0))
+    call.publish(SpeakerAttributed("item_U1", "ann"))
+    await call.model_event(ev.TranscriptDelta("caller", "item_U1", "I can refund "))
+    await call.model_event(ev.CallerTranscript("item_U1", "I can refund that today."))
+    await call.model_event(ev.SpeechStarted("item_U2", 4000))
+    await call.model_event(ev.CallerTranscript("item_U2", "Great, thanks."))
+    operator, caller = call.record.timeline
+    assert operator == {"at": operator["at"], "kind": "operator", "operator": "ann",
+                        "item_id": "item_U1", "text": "I can refund that today."}
+    assert caller["kind"] == "caller" and caller["text"] == "Great, thanks."
+    words = [(e.role, e.operator, e.final) for e in call.events if isinstance(e, Transcript)]
+    assert words == [("operator", "ann", False), ("operator", "ann", True),
+                     ("caller", None, True)]
+    public = Transcript("operator", "item_U1", "x", True, operator="ann").fields()
+    assert public["operator"] == "ann"
+    assert "operator" not in Transcript("caller", "item_U2", "x", True).fields()
+    text = transcript_text(call.record.to_dict())
+    assert "Operator (ann): I can refund that today." in text and "Caller: Great, thanks." in text

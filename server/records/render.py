@@ -66,6 +66,10 @@ def _entry(e: Mapping[str, Any]) -> str:
         return line
     if kind == "keypad":
         return f"Keypad: {e.get('digits', '')}"
+    if kind == "operator":
+        return f"Operator ({e.get('operator') or '?'}): {e.get('text', '')}"
+    if kind == "whisper":
+        return f"Whisper from {e.get('operator') or '?'} to the assistant: {e.get('text', '')}"
     if kind == "tool":
         outcome = e.get("outcome")
         value = e.get("result") if outcome == "ok" else e.get("error")

@@ -6,7 +6,14 @@ assistant ending the call; a transfer; a barge-in; a dropped model connection; a
 two instances. Prints each call's timeline and what Twilio does next, then the first call's
 stored record and transcript (read back by a freshly started bridge) and the metrics.
 
+With `--console` (`make demo CONSOLE=1`) it runs the operator console instead: one bridge with
+the console on (token `demo-admin-token`) at a printed URL, on the same records database, and
+simulated calls one after another (a tool, keypad digits, a dozen turns each) until Ctrl-C, so
+an operator can watch, listen in, whisper, take over, transfer or hang up; the history holds
+every call the demo made.
+
     python -m server.testing.demo [--scenario NAME] [--fast] [--verbose]
+    python -m server.testing.demo --console [--port 5051]
 """
 
 from __future__ import annotations
@@ -28,12 +35,17 @@ from server.app import create_app
 from server.logs import setup_logging
 from server.testing.scenarios import (
     ADMIN_TOKEN,
+    AUTH_TOKEN,
+    EXAMPLE_TOOLS,
+    SALES,
     SCENARIOS,
     Env,
     Outcome,
     Pace,
     serving,
 )
+from server.testing.simulator import place_call
+from server.testing.standin import StandinOptions, create_standin_app, tool_call
 
 RECORD_FIELDS = ("call_sid", "duration_seconds", "end_kind", "end_reason", "latencies_ms",
                  "barge_ins", "usage", "cost_usd", "timeline")
@@ -135,6 +147,55 @@ def sum_metrics(texts: Sequence[str]) -> list[str]:
     return lines
 
 
+CONSOLE_PORT = 5051
+
+
+async def run_console(out_dir: Path = Path("out"), *, port: int = CONSOLE_PORT,
+                      calls: int | None = None, turns: int = 12, pause: float = 2.0,
+                      fast: bool = False, echo: Callable[[str], None] = print,
+                      ready: Callable[[str], None] | None = None) -> int:
+    """The console demo: a bridge with the console on and simulated calls one after another
+    (`calls` of them, or until cancelled; `fast`: the tests' pace). `ready(url)` is told the
+    console's URL once it answers. Returns the number of calls placed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    placed = 0
+    pace = Pace.fast() if fast else Pace.normal()
+    standin = create_standin_app(StandinOptions(
+        greeting_ms=pace.greeting_ms, tool_reply_ms=pace.answer_ms,
+        tool_calls={2: tool_call("lookup_order", {"order_id": "1234"}, say_ms=pace.say_ms)}))
+    async with aiohttp.ClientSession() as http, serving(standin) as standin_base:
+        env = Env(out_dir, pace, echo, http)
+        settings = env.settings(standin_base, greeting="Thanks for calling, how can I help?",
+                                tools_module=str(EXAMPLE_TOOLS), record_calls=True,
+                                transfer_targets=(("sales", SALES),))
+        async with serving(create_app(settings), port=port) as bridge:
+            url = f"{bridge}/console"
+            echo("")
+            echo("== the operator console ==")
+            echo(f"  open {url} and log in with the token {ADMIN_TOKEN}")
+            echo("  simulated calls follow one another (Ctrl-C stops the demo); open one to "
+                 "listen in (your browser's sound on), whisper, take over (your microphone: "
+                 "you talk to the simulated caller), transfer or hang up; the History tab "
+                 f"has every call the demo made (records in {out_dir / 'demo-calls.db'})")
+            if ready is not None:
+                ready(url)
+            while calls is None or placed < calls:
+                placed += 1
+
+                async def breathe(turn: int) -> None:
+                    await asyncio.sleep(pause)  # the caller thinks, silent on the line
+
+                echo(f"  call {placed}: {turns} turns")
+                result = await place_call(
+                    bridge, speech=env.pace.speech, auth_token=AUTH_TOKEN, turns=turns,
+                    caller=f"+1555010{placed % 10000:04d}", settle=env.pace.settle,
+                    listen_first=0.5 if fast else 3.0, keys="1234#",
+                    keys_at_turn=min(turns, 4), echo=lambda _: None,
+                    after_turn=breathe)
+                echo(f"  call {placed}: {result.summary()}")
+    return placed
+
+
 def verdict(demo: Demo) -> tuple[str, int]:
     """The demo's last line and exit status."""
     if demo.ok:
@@ -151,12 +212,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the database and the caller's audio go")
     parser.add_argument("--fast", action="store_true", help="short audio (what the tests use)")
     parser.add_argument("--verbose", action="store_true", help="show the bridge's log too")
+    parser.add_argument("--console", action="store_true",
+                        help="run the operator console with simulated calls until Ctrl-C")
+    parser.add_argument("--port", type=int, default=CONSOLE_PORT,
+                        help="the console's port (with --console)")
     args = parser.parse_args(argv)
     setup_logging("INFO" if args.verbose else "ERROR", "text", ())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if args.console:
+        try:
+            asyncio.run(run_console(args.out_dir, port=args.port))
+        except KeyboardInterrupt:
+            print("\nconsole demo stopped")
+        return
     demo = asyncio.run(run_demo(args.out_dir, args.scenario, fast=args.fast))
     line, status = verdict(demo)
     print()
+    print("The operator console, live, with simulated calls: make demo CONSOLE=1")
     print(line)
     sys.exit(status)
 

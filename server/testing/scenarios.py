@@ -111,12 +111,13 @@ class Outcome:
 
 
 @asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """The app on a free loopback port; yields its base URL, cleans it up on exit."""
+async def serving(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """The app on a loopback port (a free one by default); yields its base URL, cleans it up
+    on exit."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
