@@ -185,6 +185,20 @@ async def test_keypad_entry_is_told_to_the_model(make_rig: MakeRig, api: str) ->
     await turns_recorded(c, "keypad", "tool")
 
 
+async def test_the_time_limit_says_goodbye_then_ends_the_call(make_rig: MakeRig,
+                                                              api: str) -> None:
+    rig = await rig_for(make_rig, api, {"greeting_ms": 400}, max_call_seconds=1.0)
+    call = await place(rig, marks="playback")
+    (c,) = rig.live_calls()
+    await asyncio.wait_for(c.finished.wait(), 15)
+    assert [i for i in call.instructions() if "time limit" in i]
+    assert c.ending is not None and c.ending.kind == "time_limit"
+    assert c.ending.decision is not None and c.ending.decision.action == "hangup"
+    assert audible_bytes(bytes(call.stream.heard)) >= 380 * 8  # the goodbye played first
+    # and without waiting out the longest wait for it
+    assert c.record.duration < 1.0 + 5.0
+
+
 async def test_a_barge_in_is_counted_and_the_turn_marked(make_rig: MakeRig, api: str) -> None:
     rig = await rig_for(make_rig, api)
     call = await place(rig, marks="playback")
