@@ -276,13 +276,7 @@ class Playback:
         sid = self.call.stream_sid
         item_id, delta = event.item_id, event.delta
         if item_id != self._item:  # a new item: the first audio of a reply?
-            self._item = item_id
-            key = event.response_id or item_id
-            if item_id and key not in self._started:  # "": continuous output before a turn
-                self._started.add(key)
-                latency = self.call.latency.reply_started()
-                self.call.publish(ReplyStarted(event.response_id, item_id, None if latency is None
-                                               else round(latency * 1000, 1)))
+            self._new_item(event.response_id, item_id)
         self._idle.clear()
         sent = 0
         listeners = self.listeners
@@ -305,6 +299,17 @@ class Playback:
         # 20 ms frames of audio (160 bytes), however the model cuts its deltas
         self.call.record.frames_out += (sent + 159) // 160
         return sent
+
+    def _new_item(self, response_id: str | None, item_id: str) -> None:
+        """Audio of another item from now on: the start of a reply, unless its response has
+        begun already ("": GPT-Live's output before its first turn)."""
+        self._item = item_id
+        key = response_id or item_id
+        if item_id and key not in self._started:
+            self._started.add(key)
+            latency = self.call.latency.reply_started()
+            self.call.publish(ReplyStarted(response_id, item_id, None if latency is None
+                                           else round(latency * 1000, 1)))
 
     def forget(self) -> None:
         """A new model session: the old one's items cannot be truncated any more."""
@@ -356,8 +361,13 @@ class Playback:
             if not self.continuous:  # GPT-Live yields by itself (ModelYielded)
                 await self._on_speech_started()
         elif isinstance(event, ev.TranscriptDelta):
-            if event.role == "assistant":
+            if event.role == "assistant" and self.continuous:
                 self._spoke_at = asyncio.get_running_loop().time()
+                # GPT-Live's first words of a turn come right after the audio that carries
+                # them, which is already on its way: the reply started now, not at the next
+                # audio (the rest of the turn's audio has this item id)
+                if event.item_id != self._item:
+                    self._new_item(None, event.item_id)
         elif isinstance(event, ev.ModelYielded):
             self.state.interruptions += 1
             self.call.log.info("barge-in: the model went quiet after %d ms of %s as the caller "

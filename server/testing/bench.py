@@ -34,8 +34,8 @@ RECORD_CALLS=off,on`, or `--compare MODEL_API=realtime,live` for the two OpenAI 
 stand-in processes play both), beside the bare relay, and prints each with its ratio.
 `--bridge-env NAME=VALUE` (repeatable) sets a variable for every bridge run. The bench sets the
 bridge's OPENAI_* (both APIs' URLs), HOST, PORT, PUBLIC_URL, TWILIO_AUTH_TOKEN,
-LOG_LEVEL=WARNING, MAX_CALLS=0 and INSTRUCTIONS; anything else comes from the environment (and .env) as for `make run`.
-Not a test: it prints numbers.
+LOG_LEVEL=WARNING, MAX_CALLS=0 and INSTRUCTIONS; anything else comes from the environment (and
+.env) as for `make run`. Not a test: it prints numbers.
 """
 
 from __future__ import annotations
