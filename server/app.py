@@ -17,6 +17,8 @@ from server import NAME, __version__
 from server.call.assembly import assemble
 from server.call.call import Call, CallDeps, CallListener, FeatureFactory
 from server.call.plan import Plans
+from server.console.auth import operator_of, operators_for
+from server.console.routes import add_routes as add_console_routes
 from server.fleet.events import EventBus
 from server.fleet.open import open_bus, open_state
 from server.fleet.registry import CallRegistry
@@ -84,7 +86,9 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app[LISTENERS] = listeners
     app[TOOLS_DESCRIPTION] = toolbox.describe()
     app.on_cleanup.append(lambda _app: _close_toolbox(toolbox))
+    operators = operators_for(app, settings)
     records.add_routes(app)
+    add_console_routes(app, operators, settings)
     add_metric_routes(app, metrics, token=settings.metrics_token,
                       draining=lambda: REGISTRY in app and app[REGISTRY].draining,
                       ping=lambda: _ready(app))
@@ -98,7 +102,7 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app.router.add_route("POST", ACTION_PATH, connect_action)
     app.router.add_get(STREAM_PATH, media_stream)
     app.router.add_get(RESUME_PATH, media_stream)
-    if settings.admin_token:
+    if operators.enabled:
         app.router.add_post("/calls/{call_sid}/hangup", hang_up)
     return app
 
@@ -311,18 +315,15 @@ async def connect_action(request: web.Request) -> web.Response:
 
 
 async def hang_up(request: web.Request) -> web.Response:
-    """POST /calls/{call_sid}/hangup (bearer ADMIN_TOKEN): end a live call, wherever in the
-    fleet it is (the shared state delivers it to the instance that holds it)."""
-    token = request.app[SETTINGS].admin_token
-    if token is None or not bearer_ok(request, token):
-        return web.json_response(
-            {"error": "a valid Authorization: Bearer <ADMIN_TOKEN> is needed"}, status=401,
-            headers={"WWW-Authenticate": "Bearer"})
+    """POST /calls/{call_sid}/hangup (an operator: bearer token, or the console's cookie from
+    the console's own site): end a live call, wherever in the fleet it is (the shared state
+    delivers it to the instance that holds it)."""
+    operator = operator_of(request)  # 401 / 403
     call_sid = request.match_info["call_sid"]
     delivered = await request.app[STATE].publish(call_sid, {"action": "hangup"})
     if not delivered:
         return web.json_response({"error": f"no live call {call_sid}"}, status=404)
-    log.info("admin hang-up requested for %s", call_sid)
+    log.info("hang-up requested for %s by operator %s", call_sid, operator)
     return web.json_response({"call_sid": call_sid, "hangup": "requested"}, status=202)
 
 

@@ -124,6 +124,8 @@ class Settings:
     record_calls: bool = False
     recordings_dir: Path = Path("recordings")
     admin_token: str | None = field(default=None, repr=False)
+    # named operators for the console and the operator routes: ((name, token), ...)
+    operator_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     metrics_token: str | None = field(default=None, repr=False)
     call_webhook_url: str | None = None
     call_webhook_secret: str | None = field(default=None, repr=False)
@@ -155,6 +157,13 @@ class Settings:
     prices_file: Path = Path("config") / "prices.json"  # USD per 1M tokens, for cost_usd
     numbers_file: Path | None = None  # the lines this bridge answers -> their plans (JSON)
     shutdown_action_grace: float = 5.0  # after the last call ended, wait for Twilio's action
+    # --- outbound calls and campaigns (issue 15) ---
+    twilio_account_sid: str | None = None  # the REST API's user name (not a secret)
+    twilio_from_number: str | None = None  # default caller ID of outbound calls (+E.164)
+    twilio_api_url: str = "https://api.twilio.com"  # or a Twilio-compatible provider, a fake
+    outbound_cps: float = 1.0  # calls placed per second, fleet-wide (Twilio's default limit)
+    amd_wait_s: float = 4.0  # an outbound call waits this long for the machine-detection result
+    do_not_call: Path = Path("do-not-call.txt")  # numbers never dialled, one per line
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -235,6 +244,8 @@ class Settings:
             record_calls=r.flag("RECORD_CALLS", cls.record_calls),
             recordings_dir=Path(r.text("RECORDINGS_DIR") or cls.recordings_dir),
             admin_token=r.text("ADMIN_TOKEN"),
+            operator_tokens=parse_operator_tokens(r.text("OPERATOR_TOKENS") or "",
+                                                  r.text("ADMIN_TOKEN")),
             metrics_token=r.text("METRICS_TOKEN"),
             call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
             call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
@@ -269,6 +280,14 @@ class Settings:
             numbers_file=_optional_file(r.text_or_off("NUMBERS_FILE", ""), DEFAULT_NUMBERS_FILE),
             shutdown_action_grace=r.number(
                 "SHUTDOWN_ACTION_GRACE", float, cls.shutdown_action_grace, 0.0, 300.0),
+            twilio_account_sid=r.text("TWILIO_ACCOUNT_SID"),
+            twilio_from_number=_check_e164("TWILIO_FROM_NUMBER", r.text("TWILIO_FROM_NUMBER")),
+            twilio_api_url=_check_base_url(
+                "TWILIO_API_URL", r.text("TWILIO_API_URL") or cls.twilio_api_url,
+                {"http", "https"}),
+            outbound_cps=r.number("OUTBOUND_CPS", float, cls.outbound_cps, 0.01, 1000.0),
+            amd_wait_s=r.number("AMD_WAIT_S", float, cls.amd_wait_s, 0.0, 60.0),
+            do_not_call=Path(r.text("DO_NOT_CALL") or cls.do_not_call),
         )
 
     @property
@@ -277,7 +296,8 @@ class Settings:
         return tuple(s for s in (self.openai_api_key, self.twilio_auth_token, self.admin_token,
                                  self.metrics_token, self.call_webhook_secret, self.tools_secret,
                                  urlsplit(self.database_url).password,
-                                 urlsplit(self.redis_url or "").password) if s)
+                                 urlsplit(self.redis_url or "").password,
+                                 *(token for _, token in self.operator_tokens)) if s)
 
 
 N = TypeVar("N", int, float)
@@ -426,6 +446,13 @@ _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _SIP = re.compile(r"sip:[^\s@<>\"]+@[^\s@<>\"]+")
 
 
+def _check_e164(name: str, number: str | None) -> str | None:
+    """A +E.164 number as given (spaces and dashes are not removed here: a setting is exact)."""
+    if number is not None and not _E164.fullmatch(number):
+        raise ConfigError(name, f"{number!r} is not a +E.164 number (+15550001111)")
+    return number
+
+
 def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:
     """`sales=+15550001111,support=sip:desk@example.com` -> (("sales", "+1555..."), ...)."""
     targets: dict[str, str] = {}
@@ -444,3 +471,34 @@ def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError("TRANSFER_TARGETS", f"{name!r} is listed twice")
         targets[name] = target
     return tuple(targets.items())
+
+
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MIN_OPERATOR_TOKEN = 16
+
+
+def parse_operator_tokens(raw: str, admin_token: str | None) -> tuple[tuple[str, str], ...]:
+    """`ann=<token>,bob=<token>` -> (("ann", "<token>"), ...). Messages name the operator, never
+    the token. `admin` is ADMIN_TOKEN's operator; a token shared by two operators (or with
+    ADMIN_TOKEN) would make them one person in the records, so both are refused."""
+    operators: dict[str, str] = {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, token = (part.strip() for part in entry.partition("="))
+        if not sep or not _OPERATOR_NAME.fullmatch(name):
+            raise ConfigError("OPERATOR_TOKENS", "an entry is not name=token (name: 1-32 "
+                                                 "letters, digits, _ or -)")
+        if name == "admin":
+            raise ConfigError("OPERATOR_TOKENS", "'admin' is ADMIN_TOKEN's operator: "
+                                                 "choose another name")
+        if len(token) < MIN_OPERATOR_TOKEN:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is shorter than "
+                                                 f"{MIN_OPERATOR_TOKEN} characters")
+        if name in operators:
+            raise ConfigError("OPERATOR_TOKENS", f"{name!r} is listed twice")
+        if token in operators.values() or token == admin_token:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is also another "
+                                                 "operator's (or ADMIN_TOKEN)")
+        operators[name] = token
+    return tuple(operators.items())

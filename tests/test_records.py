@@ -434,10 +434,12 @@ async def test_retention_deletes_old_records_and_recordings(tmp_path: Path) -> N
     rec_dir = tmp_path / "recordings"
     rec_dir.mkdir()
     old_wav, new_wav, stray = rec_dir / "CAold.wav", rec_dir / "CAnew.wav", rec_dir / "x.wav"
-    for path in (old_wav, new_wav, stray):
+    crashed, writing = rec_dir / "CAdead.1.wav.part", rec_dir / "CAlive.2.wav.part"
+    for path in (old_wav, new_wav, stray, crashed, writing):
         path.write_bytes(b"RIFF")
     ancient = (datetime.now(UTC) - timedelta(days=90)).timestamp()
     os.utime(stray, (ancient, ancient))
+    os.utime(crashed, (ancient, ancient))  # left by an instance that died mid-call
     store = open_store(f"sqlite:///{tmp_path}/calls.db")
     await store.open()
     now = datetime.now(UTC)
@@ -448,6 +450,7 @@ async def test_retention_deletes_old_records_and_recordings(tmp_path: Path) -> N
     assert await retention.sweep(store, 30, rec_dir) == 1
     assert await store.get("CAold") is None and await store.get("CAnew") is not None
     assert not old_wav.exists() and not stray.exists() and new_wav.exists()
+    assert not crashed.exists() and writing.exists()
     await store.close()
 
 

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from server.call.call import Call
     from server.settings import Settings
 
-log = logging.getLogger("server.registry")
+log = logging.getLogger("server.fleet")
 
-DECISION_TTL = 600.0  # Twilio asks for the action within seconds of the stream closing
+DECISION_TTL = 120.0  # Twilio asks for the action within seconds of the stream closing
 CONTEXT_TTL = 300.0  # a handed-over call's conversation, until the new stream takes it
 PLAN_TTL = 600.0  # a call's plan, from the webhook (or placing the call) to its stream
 _CLOSE_GRACE = 2.0  # for live calls' sockets to close once ended

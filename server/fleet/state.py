@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -24,9 +25,12 @@ import orjson
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("server.shared_state")
+log = logging.getLogger("server.fleet")
 
 FETCHED_TTL = 120.0  # a fetched decision is remembered this long (for a stopping instance)
+MAX_DECISIONS = 10_000
+"""Decisions kept for `<Connect action>` requests: Twilio asks within seconds of a stream's end,
+so this many covers far more than the calls that end in those seconds at any realistic rate."""
 
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 """Receives `(call_sid, action)` for a call this instance holds."""
@@ -111,6 +115,12 @@ def to_json(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value)
 
 
+def compact_json(value: dict[str, Any]) -> str:
+    """`to_json` as a str, for values kept in memory: the bytes orjson returns hold a buffer of
+    4 KB or more whatever the JSON's length (measured: a 56-byte decision held 4,096)."""
+    return to_json(value).decode()
+
+
 def from_json(raw: bytes | str, what: str = "value") -> dict[str, Any] | None:
     """Decode a shared value; None (logged, naming `what`) if it is not a JSON object."""
     try:
@@ -127,18 +137,34 @@ V = TypeVar("V")
 
 
 class Expiring(Generic[V]):
-    """A dict whose entries lapse after their ttl (monotonic clock), swept as it grows."""
+    """A dict whose entries lapse after their ttl (monotonic clock), swept as it grows, and of
+    at most `limit` entries (0: no limit), the oldest dropped first.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    Entries are kept in the order they were put, so the oldest are dropped (and, with one ttl
+    for all, the expired found) from the front in O(1)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, limit: int = 0) -> None:
         self._clock = clock
-        self._items: dict[str, tuple[V, float]] = {}
+        self.limit = limit
+        self._items: OrderedDict[str, tuple[V, float]] = OrderedDict()
         self._sweep_at = 64
+        self.dropped = 0  # entries dropped unexpired because of `limit`
 
     def put(self, key: str, value: V, ttl: float) -> None:
-        self._items[key] = (value, self._clock() + ttl)
-        if len(self._items) >= self._sweep_at:
+        items = self._items
+        items.pop(key, None)  # a new value is the newest
+        now = self._clock()
+        items[key] = (value, now + ttl)
+        while items:  # the oldest first: cheap, and enough when every ttl is the same
+            oldest = next(iter(items.values()))
+            if oldest[1] > now and not (self.limit and len(items) > self.limit):
+                break
+            if oldest[1] > now:
+                self.dropped += 1
+            items.popitem(last=False)
+        if len(items) >= self._sweep_at:
             self.sweep()
-            self._sweep_at = max(64, 2 * len(self._items))
+            self._sweep_at = max(64, 2 * len(items))
 
     def get(self, key: str) -> V | None:
         item = self._items.get(key)
@@ -170,7 +196,7 @@ class Expiring(Generic[V]):
 
     def sweep(self) -> None:
         now = self._clock()
-        self._items = {k: item for k, item in self._items.items() if item[1] > now}
+        self._items = OrderedDict((k, item) for k, item in self._items.items() if item[1] > now)
 
 
 class Dispatcher:
@@ -207,19 +233,27 @@ class Dispatcher:
 
 
 class MemoryState:
-    """`SharedState` for one process: plain dicts, nothing to connect to, never unhealthy."""
+    """`SharedState` for one process: plain dicts, nothing to connect to, never unhealthy.
+
+    What outlives a call is small and bounded: its decision (a short JSON string, about 300
+    bytes with its key, at most `max_decisions` of them, the oldest dropped first) until the
+    `<Connect action>` request could still come, and its spent stream token until it expires
+    (never dropped early: a dropped token could be replayed)."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time
+        self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+        max_decisions: int = MAX_DECISIONS,
     ) -> None:
         self._wall = wall
-        self._tokens: dict[str, float] = {}  # token -> expires_at (epoch seconds)
+        self._tokens: Expiring[bool] = Expiring(clock)  # spent tokens, until they expire
         self._reserved: Expiring[bool] = Expiring(clock)
         self._held: set[str] = set()
-        self._decisions: Expiring[bytes] = Expiring(clock)
-        self._contexts: Expiring[bytes] = Expiring(clock)
-        self._fetched: Expiring[bool] = Expiring(clock)
-        self._plans: Expiring[bytes] = Expiring(clock)
+        # JSON kept as str: orjson's bytes keep a 4 KB buffer however short the JSON is.
+        self._decisions: Expiring[str] = Expiring(clock, limit=max_decisions)
+        self._contexts: Expiring[str] = Expiring(clock)
+        self._fetched: Expiring[bool] = Expiring(clock, limit=max_decisions)
+        self._plans: Expiring[str] = Expiring(clock, limit=max_decisions)
+        self._dropped_logged = False
         self._decided: asyncio.Condition | None = None
         self._dispatcher = Dispatcher()
 
@@ -235,15 +269,10 @@ class MemoryState:
         return True
 
     async def claim_token(self, token: str, expires_at: float) -> bool:
-        now = self._wall()
-        if expires_at <= now:
+        ttl = expires_at - self._wall()
+        if ttl <= 0 or token in self._tokens:
             return False
-        if len(self._tokens) > 1024:
-            self._tokens = {t: e for t, e in self._tokens.items() if e > now}
-        known = self._tokens.get(token)
-        if known is not None and known > now:
-            return False
-        self._tokens[token] = expires_at
+        self._tokens.put(token, True, ttl)
         return True
 
     async def reserve(self, call_sid: str, max_calls: int, ttl: float) -> bool:
@@ -279,7 +308,11 @@ class MemoryState:
         return sorted(self._held)
 
     async def put_decision(self, call_sid: str, decision: dict[str, Any], ttl: float) -> None:
-        self._decisions.put(call_sid, to_json(decision), ttl)
+        self._decisions.put(call_sid, compact_json(decision), ttl)
+        if self._decisions.dropped and not self._dropped_logged:
+            self._dropped_logged = True
+            log.warning("more than %d call decisions kept: dropping the oldest (a <Connect "
+                        "action> request that late gets the fallback)", self._decisions.limit)
         cond = self._condition()
         async with cond:
             cond.notify_all()
@@ -305,14 +338,14 @@ class MemoryState:
         return call_sid in self._fetched
 
     async def put_plan(self, call_sid: str, plan: dict[str, Any], ttl: float) -> None:
-        self._plans.put(call_sid, to_json(plan), ttl)
+        self._plans.put(call_sid, compact_json(plan), ttl)
 
     async def get_plan(self, call_sid: str) -> dict[str, Any] | None:
         raw = self._plans.get(call_sid)
         return None if raw is None else from_json(raw, "plan")
 
     async def put_context(self, call_sid: str, context: dict[str, Any], ttl: float) -> None:
-        self._contexts.put(call_sid, to_json(context), ttl)
+        self._contexts.put(call_sid, compact_json(context), ttl)
 
     async def take_context(self, call_sid: str) -> dict[str, Any] | None:
         raw = self._contexts.pop(call_sid)

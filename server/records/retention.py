@@ -38,7 +38,8 @@ def _remove_files(paths: list[str], directory: Path | None, cutoff: float) -> in
         except OSError as e:
             log.warning("retention: cannot delete %s: %s", name, e.strerror or e)
     if directory is not None and directory.is_dir():
-        for path in directory.glob("*.wav"):
+        # Old recordings, and parts an instance that crashed mid-call left unfinished.
+        for path in (*directory.glob("*.wav"), *directory.glob("*.wav.part")):
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

@@ -164,10 +164,20 @@ def _call(env: Env, base: str, **options: Any) -> Awaitable[CallResult]:
                       **options)
 
 
+LATENCY_AGREES_MS = 20  # the record's per-turn latency and what the caller measured
+
+
 def _common(outcome: Outcome, result: CallResult, record: dict[str, Any] | None) -> None:
     outcome.result, outcome.record = result, record
     outcome.expect(result.ok, f"the call failed: {result.error}")
     outcome.expect(record is not None, "no final record was stored")
+    recorded = (record or {}).get("latencies_ms") or []
+    if record is not None and len(recorded) == len(result.latencies_ms):
+        apart = [abs(a - b) for a, b in zip(recorded, result.latencies_ms, strict=True)]
+        outcome.expect(all(d <= LATENCY_AGREES_MS for d in apart),
+                       f"the record's latencies {recorded} and the caller's "
+                       f"{[round(x) for x in result.latencies_ms]} differ by more than "
+                       f"{LATENCY_AGREES_MS} ms")
 
 
 # --- a. greeting, a tool, and the assistant ends the call ---

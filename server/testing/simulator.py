@@ -40,6 +40,7 @@ __all__ = ["ALLOWED", "CallResult", "TwilioStream", "balancer", "place_call", "r
            "sample_wav"]
 
 SILENCE = bytes([audio.ULAW_SILENCE]) * audio.FRAME_BYTES
+SPEECH_LEVEL = 500  # mean |sample| of a 20 ms frame above which it is speech (the stand-in's)
 KEY_GAP_FRAMES = 5  # 100 ms between two key presses
 MAX_STREAMS = 8  # a bridge that hands a call over forever is a failure, not a loop
 HOOK_WAIT = 10.0  # longest wait, after the call, for after-turn work still running
@@ -193,12 +194,21 @@ class _Line:
             self._note("bridge cleared the caller's playback (barge-in handled)")
 
     async def say(self, label: str) -> float:
+        """Send one turn; the moment its speech really ended (the last frame loud enough to be
+        speech, as a voice detector hears it: a recording's quiet tail is not speech), which
+        is where the bridge measures response latency from too."""
         speech = self._script.speech
         self._note(f"caller speaks ({label}, {len(speech) // audio.BYTES_PER_MS} ms)")
-        for frame in audio.frames(speech):
+        frames = list(audio.frames(speech))
+        last_loud = max((i for i, f in enumerate(frames) if audio.level(f) > SPEECH_LEVEL),
+                        default=len(frames) - 1)
+        ended = time.monotonic()
+        for i, frame in enumerate(frames):
             await self.send(frame)
+            if i == last_loud:
+                ended = time.monotonic()
         self._note("caller stopped speaking")
-        return time.monotonic()
+        return ended
 
     async def press(self, keys: str) -> float:
         self._note(f"caller presses {' '.join(keys)}")
