@@ -124,10 +124,13 @@ async def test_end_call_after_the_goodbye_played(make_rig: MakeRig, api: str) ->
 
 async def test_hold_audio_while_a_slow_tool_runs_then_the_answer(make_rig: MakeRig,
                                                                   api: str) -> None:
+    # long enough for hold audio (GPT-Live's starts once the model has been quiet for 0.7 s)
+    slow = 2.0 if api == "live" else 1.0
+
     @tool
     async def slow_lookup() -> dict[str, str]:
         """Takes a while."""
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(slow)
         return {"status": "found"}
 
     toolbox = Toolbox({"slow_lookup": python_tool(slow_lookup, "test")})

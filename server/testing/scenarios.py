@@ -389,7 +389,7 @@ async def gpt_live(env: Env) -> Outcome:
             # a caller who waits a moment after each reply (the bridge ends the call once
             # the model has been quiet for a moment and its goodbye has played)
             result = await _call(env, bridge, turns=2, listen_first=3.0, continuous=True,
-                                 settle=max(p.settle, 1.2))
+                                 settle=max(p.settle, 1.0))
             record = await fetch_record(env, bridge, result.call_sid)
             await keep_metrics(env, bridge)
         sessions: list[LiveStandinSession] = standin[LIVE_SESSIONS]
