@@ -357,8 +357,10 @@ class Call:
 
     async def _close(self, ending: Ending) -> None:
         self.ending = ending
-        try:  # the session's last word (GPT-Live: its final usage) before the record is final
-            await self.link.finish()
+        try:  # the session's last word (GPT-Live: its final usage) before the record is final;
+            # not for a handover: the caller waits for the new stream (closed alongside it)
+            if ending.kind != EndKind.HANDOVER:
+                await self.link.finish()
         except Exception:
             self.log.exception("finishing the model session failed")
         rec = self.record

@@ -486,7 +486,8 @@ class LiveSession:
         ws = self._ws
         if ws is None or ws.closed:
             return
-        if not self._running and not self._closed_seen.is_set() and self.session_id:
+        if not (self._running or self._finishing or self._closed_seen.is_set()) \
+                and self.session_id:
             with contextlib.suppress(TimeoutError, ConnectionError, aiohttp.ClientError):
                 async with asyncio.timeout(CLOSE_WAIT):
                     await ws.send_frame(live.session_close(), TEXT)
