@@ -109,6 +109,9 @@ class Plans:
         self._prompts: dict[tuple[str, str | None], Prompt] = {}
         # every plan's defaults (a line's, an outbound call's): MODEL_API chooses the API
         self.default = CallPlan(model_api=settings.model_api)
+        if self.default.model_api == "live" and self.default_prompt.hosted:
+            raise ConfigError("PROMPT_ID", f"{settings.prompt_id} is a hosted prompt (pmpt_…), "
+                              "which GPT-Live (MODEL_API=live) does not take: use a prompt file")
         self._numbers: dict[str, CallPlan] = {}
         if settings.numbers_file is not None:
             self._numbers = self._load_numbers(settings.numbers_file)
