@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +226,7 @@ async def test_the_record_has_the_transcript_latency_usage_and_cost(
         make_rig: MakeRig, api: str) -> None:
     rig = await rig_for(make_rig, api, {"tool_calls": {1: tool_call(
         "lookup_order", {"order_id": "1234"}, say_ms=200)}}, tools_module=EXAMPLE,
-        admin_token=ADMIN)
+        admin_token=ADMIN, record_calls=True)
     call = await place(rig)
     await call.say(frames=25)
     (c,) = rig.live_calls()
@@ -255,6 +257,14 @@ async def test_the_record_has_the_transcript_latency_usage_and_cost(
     text = await (await rig.bridge.get(f"/calls/{c.call_sid}",
                                        headers={**AUTH, "Accept": "text/plain"})).text()
     assert "Caller: caller turn 1 (500 ms)" in text
+    # the recording, both sides as heard (GPT-Live's continuous output too)
+    async with asyncio.timeout(WAIT):
+        while (resp := await rig.bridge.get(f"/calls/{c.call_sid}/recording.wav",
+                                            headers=AUTH)).status != 200:
+            await asyncio.sleep(0.02)
+    with wave.open(io.BytesIO(await resp.read()), "rb") as wav:
+        assert (wav.getnchannels(), wav.getframerate()) == (2, 8000)
+        assert wav.getnframes() >= record["frames_in"] * 160 * 0.9
 
 
 async def test_a_lost_session_is_replaced_with_the_conversation(make_rig: MakeRig,

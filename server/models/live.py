@@ -238,7 +238,10 @@ class LiveSession:
             msg = await ws.receive()
             self.received += 1
             if msg.type is not TEXT:
-                if msg.type in (WSMsgType.PING, WSMsgType.PONG):
+                if msg.type is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                    continue
+                if msg.type is WSMsgType.PONG:
                     continue
                 raise ModelUnavailable(f"GPT-Live closed the socket before the session started "
                                        f"(code {ws.close_code})")
