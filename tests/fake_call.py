@@ -56,6 +56,9 @@ class FakeModel:
     async def lose(self, reason: str) -> None:
         """Nothing to lose."""
 
+    async def finish(self) -> None:
+        """Nothing to finish."""
+
     async def close(self) -> None:
         """Nothing to close."""
 
@@ -105,6 +108,7 @@ class FakeCall:
         self.changed = asyncio.Condition()
         self.warnings: list[str] = []
         self.requests: list[tuple[str, str | None]] = []
+        self.holding: list[bool] = []  # hold_playback calls, in order
         self.gate = ResponseGate(self)  # type: ignore[arg-type]  # the call's own: first
 
     @property
@@ -149,6 +153,9 @@ class FakeCall:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    def hold_playback(self, on: bool) -> None:
+        self.holding.append(on)
 
     @property
     def playback_idle(self) -> bool:

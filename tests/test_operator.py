@@ -16,6 +16,7 @@ import pytest
 from server.app import STATE
 from server.call.conversation import CallerTurn, OperatorTurn, Whisper
 from server.call.features.operator import (
+    SAY_IT_NOW,
     Activity,
     Mixer,
     OperatorFeature,
@@ -24,9 +25,10 @@ from server.call.features.operator import (
     voiced,
 )
 from server.console.live import ListenTap
+from server.models.live import HANDED_BACK, TAKEN_OVER
 from server.testing.audio import tone
 from server.testing.inbox import wait_until
-from tests.conftest import SILENCE, MakeRig, Rig, loud, speak
+from tests.conftest import LIVE_OPTIONS, SILENCE, MakeRig, Rig, loud, speak
 
 ADMIN = "admin-token-0123456789abcdef"
 ANN = "ann-token-0123456789abcdef"
@@ -369,3 +371,57 @@ async def test_an_operator_hangs_up_and_it_is_recorded(make_rig: MakeRig) -> Non
     assert call.ending.reason == "operator ann hung up the call"
     assert [(a["operator"], a["action"]) for a in call.record.operator_actions] == [
         ("ann", "hangup")]
+
+
+# --- the same powers on GPT-Live (through the ModelSession interface) ---
+
+
+async def test_on_gpt_live_whisper_take_over_and_hand_back(make_rig: MakeRig) -> None:
+    rig = await console_rig(make_rig, model_api="live", standin=LIVE_OPTIONS)
+    stream, session, line = await rig.place_live()
+    (call,) = rig.live_calls()
+    sid = call.call_sid
+    # A whisper is an instruction; "say it now" asks the model to act in words (it decides
+    # its own turns: there is no response to create).
+    assert (await post(rig, f"/calls/{sid}/whisper",
+                       body={"text": "Offer the 10 % discount", "respond": True}))[0] == 202
+    whisper = await session.wait_for("session.instructions.append")
+    assert whisper["content"] == "Offer the 10 % discount"
+    now = await session.wait_for("session.instructions.append", count=2)
+    assert now["content"] == SAY_IT_NOW
+    # Taken over: the model is told to listen only, and its audio (it talks all the time)
+    # stops reaching the caller; the operator's does.
+    await line.say(frames=10, variant=1)
+    await wait_until(lambda: stream.counts["media"] > 0, WAIT, "the model's audio")
+    assert (await post(rig, f"/calls/{sid}/takeover"))[0] == 202
+    told = await session.wait_for("session.instructions.append", count=3)
+    assert told["content"] == TAKEN_OVER
+    media = stream.counts["media"]
+    ws = await talk_socket(rig, sid)
+    voice = [tone(20, 1000.0, 9000 - n) for n in range(20)]
+    await say_as_operator(ws, voice)
+    await line.say(frames=10, variant=2)  # the model answers the caller: nobody hears it
+    await stream.wait_for("media", count=media + 20)
+    feature = feature_of(rig)
+    await wait_until(lambda: call.record.frames_in > 0 and feature.control is not None
+                     and feature.control.frames == 20, WAIT, "the operator's frames")
+    assert [base64.b64decode(m["media"]["payload"]) for m in stream.received
+            if m.get("event") == "media"][media:] == voice
+    # The model hears the operator mixed into the caller's line.
+    def mixed_in() -> int:
+        appended = {base64.b64decode(e["audio"]) for e in session.received
+                    if e.get("type") == "session.input_audio.append"}
+        return sum(any(mix(caller, v) in appended for caller in (SILENCE, loud(2)))
+                   for v in voice)
+
+    await wait_until(lambda: mixed_in() == 20, WAIT, "the operator's voice at the model")
+    # Handed back: the model is told, and is heard again.
+    assert (await post(rig, f"/calls/{sid}/handback"))[0] == 202
+    back = await session.wait_for("session.instructions.append", count=4)
+    assert back["content"] == HANDED_BACK
+    note = await session.wait_for("session.instructions.append", count=5)
+    assert "operator" in note["content"]
+    heard_back = stream.counts["media"]
+    await line.say(frames=10, variant=3)
+    await stream.wait_for("media", count=heard_back + 1)
+    await line.close()

@@ -113,7 +113,7 @@ async def decide_plan(call: Call, deps: CallDeps, resume: bool) -> Resolved:
     record.direction = call.plan.direction
     record.metadata = {**record.metadata, **call.plan.metadata}
     record.prompt = resolved.prompt.describe()
-    record.model = deps.settings.openai_model
+    record.model = resolved.model  # the plan's API's model (Realtime's or GPT-Live's)
     return resolved
 
 
