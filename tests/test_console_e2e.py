@@ -63,7 +63,7 @@ if CHROMIUM.exists():
     from playwright.async_api import BrowserContext, Page
 
 WAIT = 10.0
-SPEECH = audio.ulaw_encode(audio.read_wav(sample_wav()))[: 800 * audio.BYTES_PER_MS]
+SPEECH = audio.ulaw_encode(audio.read_wav(sample_wav()))[: 400 * audio.BYTES_PER_MS]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -243,7 +243,7 @@ async def test_login_then_a_call_appears_streams_and_is_heard_and_whispered_to(
     await log_in(page, bridge.url)
     await page.wait_for_selector(".conn-live")
     await page.wait_for_selector("text=No calls right now")
-    sim = SimCall(bridge.url, turns=3, sid=new_sid(1)).start()
+    sim = SimCall(bridge.url, turns=2, sid=new_sid(1)).start()
     try:
         row = page.locator(f"tr[data-sid='{sim.sid}']")
         await row.wait_for()
@@ -269,7 +269,7 @@ async def test_login_then_a_call_appears_streams_and_is_heard_and_whispered_to(
         await sim.turn_done(2)
         await page.wait_for_function(
             "() => { const s = window.consoleProbe.listen.stats;"
-            " return s.outboundFrames >= 5 && s.outboundPlayed > 0 && s.inboundPlayed > 0; }")
+            " return s.outboundFrames >= 3 && s.outboundPlayed > 0 && s.inboundPlayed > 0; }")
         # Whisper, "say it now": the model gets a system message, then a response is asked.
         session = bridge.sessions[-1]
         creates = sum(e.get("type") == "response.create" for e in session.received)
@@ -303,7 +303,7 @@ async def test_login_then_a_call_appears_streams_and_is_heard_and_whispered_to(
                 relayed = [t for head, t in times.frames if head == m["head"] and t <= m["t"] + 1]
                 if relayed:
                     delays.append(m["t"] - max(relayed))
-        assert len(delays) >= 40
+        assert len(delays) >= 15
         report("audio to page (caller frames, bridge relay to the page's socket)", delays)
         await times.close()
     finally:
@@ -313,7 +313,7 @@ async def test_login_then_a_call_appears_streams_and_is_heard_and_whispered_to(
 async def test_take_over_hand_back_hang_up_and_the_recording(
         page: Page, bridge: Bridge) -> None:
     await log_in(page, bridge.url)
-    sim = SimCall(bridge.url, turns=3, sid=new_sid(2), reply_wait=1.5).start()
+    sim = SimCall(bridge.url, turns=3, sid=new_sid(2), reply_wait=1.0).start()
     try:
         await page.locator(f"tr[data-sid='{sim.sid}']").click()
         await sim.turn_done(1)
@@ -341,7 +341,7 @@ async def test_take_over_hand_back_hang_up_and_the_recording(
         sim.go_on(1)  # the caller speaks while the operator has the call
         await sim.turn_done(2)
         await page.wait_for_function("() => window.consoleProbe.talk && "
-                                     "window.consoleProbe.talk.sent >= 100")
+                                     "window.consoleProbe.talk.sent >= 60")
         # The model heard the operator: its input carries the microphone's tone.
         appended = [base64.b64decode(e["audio"]) for e in session.received
                     if e.get("type") == "input_audio_buffer.append"][-50:]
@@ -358,9 +358,9 @@ async def test_take_over_hand_back_hang_up_and_the_recording(
         operator_frames = [base64.b64decode(m["media"]["payload"]) for m, at in
                            zip(sim.stream.received, sim.stream.arrivals, strict=True)
                            if m.get("event") == "media" and taken_at <= at <= back_at]
-        assert control.frames >= len(operator_frames) >= 75
+        assert control.frames >= len(operator_frames) >= 50
         assert {len(f) for f in operator_frames} == {160}
-        assert dominant_hz(b"".join(operator_frames[25:75]),
+        assert dominant_hz(b"".join(operator_frames[10:50]),
                            (250.0, 500.0, MIC_HZ, 2000.0)) == MIC_HZ
         assert sum(e.get("type") == "response.create" for e in session.received) == creates
         back = len(sim.media())
@@ -424,7 +424,7 @@ async def test_a_console_on_one_instance_controls_a_call_on_another(
         async with running_bridge(tmp_path / "a", redis_url=url) as a, \
                 running_bridge(tmp_path / "b", redis_url=url) as b:
             await log_in(page, a.url)
-            sim = SimCall(b.url, turns=2, sid=new_sid(3), reply_wait=1.5).start()
+            sim = SimCall(b.url, turns=1, sid=new_sid(3), reply_wait=1.0).start()
             try:
                 await page.locator(f"tr[data-sid='{sim.sid}']").click()
                 await sim.turn_done(1)
@@ -436,8 +436,8 @@ async def test_a_console_on_one_instance_controls_a_call_on_another(
                 feature = call.feature(OperatorFeature)
                 assert feature is not None
                 await wait_until(lambda: feature.control is not None
-                                 and feature.control.frames >= 50, WAIT, "the operator's audio")
-                heard = sim.media()[-50:]
+                                 and feature.control.frames >= 30, WAIT, "the operator's audio")
+                heard = sim.media()[-25:]
                 assert dominant_hz(b"".join(heard), (250.0, 500.0, MIC_HZ, 2000.0)) == MIC_HZ
                 await page.wait_for_function(  # A's listen-in hears B's caller
                     "() => window.consoleProbe.listen && window.consoleProbe.listen.stats"

@@ -151,7 +151,7 @@ async def test_the_console_demo_serves_the_console_while_its_calls_go_on(tmp_pat
     the simulated call is in its live list while it goes on, then in its history."""
     lines: list[str] = []
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    demo = asyncio.ensure_future(run_console(tmp_path, port=0, calls=1, turns=2, pause=0.2,
+    demo = asyncio.ensure_future(run_console(tmp_path, port=0, calls=1, turns=1, pause=0.1,
                                              fast=True, echo=lines.append,
                                              ready=ready.set_result))
     url = await asyncio.wait_for(ready, 10)

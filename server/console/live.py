@@ -277,6 +277,9 @@ class LiveDesk:
         call = registry.find(call_sid)
         if call is not None:
             answer = await self.perform(call_sid, call, action)
+        elif not await self.live_elsewhere(call_sid):
+            # (an instance ignores actions for calls it no longer holds: no need to wait)
+            return 404, {"error": f"no live call {call_sid}"}
         else:
             key = self.board.reply_key()
             delivered = await state.publish(call_sid, {**action, "action": "operator",
@@ -292,6 +295,14 @@ class LiveDesk:
         if not isinstance(status, int) or not isinstance(body, dict):
             return 502, {"error": "a malformed answer from the instance holding the call"}
         return status, body
+
+    async def tell(self, call_sid: str, action: dict[str, Any]) -> None:
+        """`act` without waiting for the answer (a listener leaving)."""
+        call = self.registry.find(call_sid) if self.registry is not None else None
+        if call is not None:
+            await self.perform(call_sid, call, action)
+        elif self.state is not None:
+            await self.state.publish(call_sid, {**action, "action": "operator"})
 
     async def on_control(self, call_sid: str, call: Call | None,
                          action: dict[str, Any]) -> None:
@@ -674,7 +685,7 @@ async def listen(request: web.Request) -> web.StreamResponse:
         await _serve(ws, _relay_listen(ws, desk, subscription, sid, operator, listener))
     finally:
         await subscription.close()
-    await desk.act(sid, {"op": "unlisten", "operator": operator, "listener": listener})
+    await desk.tell(sid, {"op": "unlisten", "operator": operator, "listener": listener})
     return ws
 
 
