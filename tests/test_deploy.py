@@ -23,7 +23,9 @@ DEPLOY = ROOT / "deploy"
 EXPOSED = ("/incoming-call", "/connect-action", "/media-stream", "/call-status", "/amd-status",
            "/calls", "/calls/CA0123", "/calls/CA0123/hangup", "/calls/CA0123/recording.wav",
            "/console", "/console/app.js", "/events", "/stats", "/calls/CA0123/events",
-           "/calls/CA0123/listen", "/calls/CA0123/talk", "/console/static/js/main.js")
+           "/calls/CA0123/listen", "/calls/CA0123/talk", "/console/static/js/main.js",
+           "/calls/CA0123/whisper", "/calls/CA0123/takeover", "/calls/CA0123/handback",
+           "/calls/CA0123/transfer")
 INTERNAL = ("/metrics", "/healthz", "/readyz", "/", "/metrics/", "/incoming-call/x",
             "/callsx", "/anything", "/statsx")
 AIOHTTP_SHUTDOWN = 5  # server.main: runner shutdown_timeout after the drain
