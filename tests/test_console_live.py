@@ -18,13 +18,19 @@ import pytest
 
 from server.call.conversation import OperatorTurn
 from server.call.features.operator import OperatorFeature
-from server.fleet.events import RedisBus
+from server.console.live import REQUEST_TIMEOUT, LiveDesk
+from server.fleet.events import MemoryBus, RedisBus
+from server.fleet.live import MemoryBoard
 from server.fleet.redis import RedisState
+from server.fleet.registry import CallRegistry
+from server.fleet.state import MemoryState
+from server.settings import Settings
 from server.testing.audio import tone
 from server.testing.inbox import wait_until
 from tests.conftest import SILENCE, MakeRig, Rig, speak
 from tests.redis_server import RedisServer
 from tests.test_operator import (
+    ADMIN,
     ANN,
     BOB,
     OPERATOR_VOICE,
@@ -268,3 +274,23 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
         ("bob", "hangup")]
     assert (await post(a, f"/calls/{sid}/whisper", body={"text": "late"}))[0] == 404
     await events.response.release()
+
+
+async def test_an_action_for_a_call_live_nowhere_is_404_without_waiting() -> None:
+    """An instance ignores actions for calls it no longer holds (a call just ended, its owner
+    entry not yet gone): the asking instance answers 404 from the live index rather than wait
+    for an answer that never comes (it was a 504 after 3 s, a listener's socket lingering)."""
+    published: list[dict[str, Any]] = []
+
+    class Owner(MemoryState):
+        async def publish(self, call_sid: str, action: dict[str, Any]) -> bool:
+            published.append(action)
+            return True  # delivered to an instance that will not answer
+
+    desk = LiveDesk(Settings(openai_api_key="sk-x", admin_token=ADMIN))
+    state = Owner()
+    desk.attach(CallRegistry(desk.settings, state), state, MemoryBoard(), MemoryBus())
+    status, body = await asyncio.wait_for(
+        desk.act("CAgone", {"op": "whisper", "operator": "ann", "text": "x", "respond": False}),
+        REQUEST_TIMEOUT / 2)
+    assert (status, published) == (404, []) and "no live call" in body["error"]

@@ -15,11 +15,13 @@ import aiohttp
 import pytest
 
 from server.app import STATE
+from server.call.call import Call
 from server.call.conversation import CallerTurn, OperatorTurn, Whisper
 from server.call.features.operator import (
     SAY_IT_NOW,
     Activity,
     Mixer,
+    OperatorCall,
     OperatorFeature,
     mix,
     ulaw_linear,
@@ -29,6 +31,7 @@ from server.console.live import ListenTap
 from server.models.live import HANDED_BACK, TAKEN_OVER
 from server.testing.audio import tone
 from server.testing.inbox import wait_until
+from server.testing.standin import next_session
 from tests.conftest import LIVE_OPTIONS, SILENCE, MakeRig, Rig, loud, speak
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -46,6 +49,11 @@ def bearer(token: str) -> dict[str, str]:
 async def console_rig(make_rig: MakeRig, **overrides: Any) -> Rig:
     return await make_rig(admin_token=ADMIN, operator_tokens=(("ann", ANN), ("bob", BOB)),
                           transfer_targets=TARGETS, **overrides)
+
+
+def operator_call(call: Call) -> OperatorCall:
+    """(mypy checks here that a `Call` is what the operator feature needs.)"""
+    return call
 
 
 def feature_of(rig: Rig) -> OperatorFeature:
@@ -265,6 +273,29 @@ async def test_a_dropped_talk_socket_hands_the_call_back(make_rig: MakeRig) -> N
     assert (call.playback.muted, call.gate.held) == (False, False)
     await speak(stream, frames=10, variant=4)  # the assistant answers again
     await stream.wait_for("media")
+
+
+async def test_a_new_model_session_while_taken_over_listens_only_too(make_rig: MakeRig) -> None:
+    rig = await console_rig(make_rig)
+    stream, session = await rig.place()
+    (call,) = rig.live_calls()
+    assert operator_call(call).audio_listeners == []
+    assert (await post(rig, f"/calls/{call.call_sid}/takeover"))[0] == 202
+    await session.wait_for("session.update", count=2)
+    await session.close(1011)  # the model's socket drops mid take-over
+    replacement = await next_session(rig.standin.app)
+    update = await replacement.wait_for("session.update", count=2)
+    detection = update["session"]["audio"]["input"]["turn_detection"]
+    assert detection["create_response"] is False
+    # The caller speaks: the new session answers nothing, the caller hears nothing of it.
+    media = stream.counts["media"]
+    await speak(stream, frames=10, variant=7)
+    await wait_until(lambda: any(e.get("type") == "input_audio_buffer.append"
+                                 for e in replacement.received), WAIT, "audio to the new session")
+    assert (await post(rig, f"/calls/{call.call_sid}/handback"))[0] == 202
+    await replacement.wait_for("session.update", count=3)
+    assert stream.counts["media"] == media
+    assert not any(e.get("type") == "response.create" for e in replacement.received)
 
 
 async def test_bad_talk_messages_close_the_socket_not_the_call(make_rig: MakeRig) -> None:

@@ -33,7 +33,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
 from server.call.conversation import OperatorTurn, Whisper
 from server.call.ending import Ending, EndKind
@@ -241,8 +241,14 @@ class OperatorFeature(Feature):
     @classmethod
     def factory(cls) -> Callable[[CallControl], Feature]:
         def make(call: CallControl) -> Feature:
-            return cls(call)  # type: ignore[arg-type]  # the call is a `Call`: OperatorCall
+            return cls(cast("OperatorCall", call))  # the call is a `Call`, which is one
         return make
+
+    async def on_session_ready(self, first: bool) -> None:
+        """A new model session (a reconnect) while an operator has the call: it listens only
+        too (the gate and the muted playback outlive sessions; the session's settings do not)."""
+        if self.control is not None:
+            await self.call.model.listen_only(True)
 
     @property
     def taken_over_by(self) -> str | None:
