@@ -256,6 +256,19 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
         if got["event"] == "media" and got["media"]["track"] == "outbound" \
                 and base64.b64decode(got["media"]["payload"]) == voice[0]:
             break
+    # ann, listening on A too, is not played her own voice back.
+    own = await a.bridge.ws_connect(f"/calls/{sid}/listen", headers=bearer(ANN))
+    await say_as_operator(talk, [OPERATOR_VOICE] * 5)
+    await stream.send_media(tone(20, 300.0, 9000))  # then a caller frame: the end
+    end = base64.b64encode(tone(20, 300.0, 9000)).decode()
+    tracks = []
+    while True:
+        got = await asyncio.wait_for(own.receive_json(), WAIT)
+        tracks.append(got["media"]["track"])
+        if got["media"]["payload"] == end:
+            break
+    assert "outbound" not in tracks
+    await own.close()
     # Hand back from A: B stops taking the talk socket's audio; A closes it.
     assert (await post(a, f"/calls/{sid}/handback"))[0] == 202
     await say_as_operator(talk, [OPERATOR_VOICE] * 60)
@@ -270,8 +283,8 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
         await asyncio.wait_for(listen.receive(), WAIT)
     assert listen.close_code == 1000, (listen.close_code, listen.exception())
     assert [(x["operator"], x["action"]) for x in call.record.operator_actions] == [
-        ("bob", "listen"), *[("ann", "whisper")] * 10, ("ann", "takeover"), ("ann", "handback"),
-        ("bob", "hangup")]
+        ("bob", "listen"), *[("ann", "whisper")] * 10, ("ann", "takeover"), ("ann", "listen"),
+        ("ann", "handback"), ("bob", "hangup")]
     assert (await post(a, f"/calls/{sid}/whisper", body={"text": "late"}))[0] == 404
     await events.response.release()
 

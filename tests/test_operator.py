@@ -190,6 +190,10 @@ async def test_take_over_mixes_the_operator_in_attributes_turns_and_hands_back(
         await talk_socket(rig, sid, BOB)
     assert refused.value.status == 409
 
+    # Bob listens in, and so does ann (who has the call).
+    listeners = {name: await rig.bridge.ws_connect(f"/calls/{sid}/listen", headers=bearer(token))
+                 for name, token in (("bob", BOB), ("ann", ANN))}
+    await wait_until(lambda: len(call.audio_listeners) == 2, WAIT, "the listeners")
     ws = await talk_socket(rig, sid)
     heard_before = len([m for m in stream.received if m.get("event") == "media"])
     voice = [tone(20, 1000.0, 9000 - n) for n in range(10)]  # ten distinct operator frames
@@ -209,6 +213,18 @@ async def test_take_over_mixes_the_operator_in_attributes_turns_and_hands_back(
     assert appended(session, start)[:10] == [mix(SILENCE, v) for v in voice]
     operator_turn = next(e for e in call.conversation if isinstance(e, OperatorTurn))
     assert operator_turn.operator == "ann" and operator_turn.text.startswith("caller turn 2")
+    # Bob hears what the caller hears; ann is not played her own voice back.
+    await stream.send_media(loud(9))  # a caller frame after the operator's: the end
+    for name, listener in listeners.items():
+        outbound = []
+        while True:
+            message = await asyncio.wait_for(listener.receive_json(), WAIT)
+            if message["media"]["track"] == "outbound":
+                outbound.append(base64.b64decode(message["media"]["payload"]))
+            elif base64.b64decode(message["media"]["payload"]) == loud(9):
+                break
+        assert outbound == (voice if name == "bob" else []), name
+        await listener.close()
     # Then the caller speaks alone: a caller turn, and still no answer from the model.
     await speak(stream, frames=10, variant=2)
     await wait_until(lambda: sum(isinstance(e, CallerTurn) for e in call.conversation) == 2,
@@ -233,7 +249,7 @@ async def test_take_over_mixes_the_operator_in_attributes_turns_and_hands_back(
     await speak(stream, frames=10, variant=3)
     await stream.wait_for("media", count=before + 1)
     assert [(a["operator"], a["action"]) for a in call.record.operator_actions] == [
-        ("ann", "takeover"), ("ann", "handback")]
+        ("ann", "takeover"), ("bob", "listen"), ("ann", "listen"), ("ann", "handback")]
     seen: list[dict[str, Any]] = []
     async for event in events:
         seen.append(event)

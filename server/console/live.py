@@ -92,22 +92,33 @@ def _error(status: int, message: str, **extra: Any) -> Answer:
 
 class ListenTap:
     """One listen-in's share of a call's audio (an `AudioListener`): a bounded queue that drops
-    the oldest for a reader that falls behind; the call never waits for it."""
+    the oldest for a reader that falls behind; the call never waits for it.
 
-    __slots__ = ("_queue", "closed", "dropped", "ready")
+    An operator who has the call is not played their own voice back (heard a moment late, it
+    makes talking hard): their tap leaves it out; a tap for listeners on other instances marks
+    it (`"operator"` in the message) for each of them to leave out their own."""
 
-    def __init__(self, size: int = LISTEN_QUEUE) -> None:
-        self._queue: deque[tuple[str, str]] = deque(maxlen=size)
+    __slots__ = ("_queue", "closed", "dropped", "operator", "ready", "tagged")
+
+    def __init__(self, size: int = LISTEN_QUEUE, operator: str | None = None,
+                 tagged: bool = False) -> None:
+        self._queue: deque[tuple[str, str, str | None]] = deque(maxlen=size)
         self.ready = asyncio.Event()
         self.dropped = 0
         self.closed = False
+        self.operator = operator
+        self.tagged = tagged
 
-    def _put(self, track: str, payload: str) -> None:
+    def _put(self, track: str, payload: str, operator: str | None = None) -> None:
         queue = self._queue
         if len(queue) == queue.maxlen:
             self.dropped += 1
-        queue.append((track, payload))
+        queue.append((track, payload, operator))
         self.ready.set()
+
+    def on_operator_audio(self, operator: str, payload: str) -> None:
+        if operator != self.operator:
+            self._put("outbound", payload, operator if self.tagged else None)
 
     def on_caller_audio(self, payload: str) -> None:
         self._put("inbound", payload)
@@ -129,9 +140,15 @@ class ListenTap:
     def take(self) -> list[str]:
         """Everything queued, as Twilio's media messages."""
         queue, self._queue = self._queue, deque(maxlen=self._queue.maxlen)
-        return [orjson.dumps({"event": "media", "media": {"track": track, "payload": payload}}
-                             ).decode() if track != "clear" else '{"event":"clear"}'
-                for track, payload in queue]
+        return [_media(track, payload, operator) if track != "clear" else '{"event":"clear"}'
+                for track, payload, operator in queue]
+
+
+def _media(track: str, payload: str, operator: str | None) -> str:
+    message: dict[str, Any] = {"event": "media", "media": {"track": track, "payload": payload}}
+    if operator is not None:
+        message["operator"] = operator
+    return orjson.dumps(message).decode()
 
 
 class ListenRelay:
@@ -143,7 +160,7 @@ class ListenRelay:
         self.call = call
         self.feature = feature
         self.channel = f"listen:{call.call_sid}"
-        self.tap = ListenTap()
+        self.tap = ListenTap(tagged=True)
         self.leases: dict[str, float] = {}  # listener id -> monotonic expiry
 
     def renew(self, listener: str) -> bool:
@@ -661,7 +678,7 @@ async def listen(request: web.Request) -> web.StreamResponse:
         if feature is None:
             raise json_error(web.HTTPServiceUnavailable, "listening is off on this server")
         ws = await _socket(request)
-        tap = ListenTap()
+        tap = ListenTap(operator=operator)
         feature.listening(operator)
         feature.add_listener(tap)
         log.info("operator %s listens to %s", operator, sid)
@@ -735,6 +752,8 @@ async def _relay_listen(ws: web.WebSocketResponse, desk: LiveDesk, subscription:
         for message in await subscription.get(1.0) or ():
             if message == STOP:
                 return
+            if '"operator":' in message and orjson.loads(message).get("operator") == operator:
+                continue  # their own voice (see ListenTap)
             await ws.send_str(message)
         if loop.time() >= renew_at:
             renew_at = loop.time() + LISTEN_REFRESH

@@ -367,7 +367,11 @@ class OperatorFeature(Feature):
         call = self.ops
         await call.send_to_caller(tw.media_frame(call.stream_sid, payload))
         for listener in call.audio_listeners:  # what the caller hears: recording, listen-in
-            listener.on_assistant_audio(payload)
+            own = getattr(listener, "on_operator_audio", None)  # (a listener may tell who)
+            if own is not None:
+                own(operator, payload)
+            else:
+                listener.on_assistant_audio(payload)
         control.mixer.add(audio)
 
     # --- hang up, transfer, listen ---
