@@ -258,7 +258,13 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
             break
     # ann, listening on A too, is not played her own voice back.
     own = await a.bridge.ws_connect(f"/calls/{sid}/listen", headers=bearer(ANN))
+    await wait_until(lambda: call.record.operator_actions[-1]["operator"] == "ann", WAIT,
+                     "ann listening")
+    control = feature.control
+    assert control is not None
+    frames = control.frames
     await say_as_operator(talk, [OPERATOR_VOICE] * 5)
+    await wait_until(lambda: control.frames == frames + 5, WAIT, "the operator's audio at B")
     await stream.send_media(tone(20, 300.0, 9000))  # then a caller frame: the end
     end = base64.b64encode(tone(20, 300.0, 9000)).decode()
     tracks = []
