@@ -105,6 +105,7 @@ class FakeCall:
         self.changed = asyncio.Condition()
         self.warnings: list[str] = []
         self.requests: list[tuple[str, str | None]] = []
+        self.holds: list[str] = []  # hold / release / cut of the assistant, in order
         self.gate = ResponseGate(self)  # type: ignore[arg-type]  # the call's own: first
 
     @property
@@ -149,6 +150,15 @@ class FakeCall:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    async def hold_assistant(self, held: bool) -> None:
+        self.holds.append("hold" if held else "release")
+        await self.gate.hold(held)
+
+    async def cut_assistant(self) -> None:
+        self.holds.append("cut")
+        self.gate.withdraw()
+        await self.gate.hold(False)
 
     @property
     def playback_idle(self) -> bool:

@@ -83,6 +83,14 @@ class CallControl(Protocol):
         response is active and the caller is not speaking, else queued; retried once if the
         service refuses it as colliding. Plain requests are answered by any later response."""
 
+    async def hold_assistant(self, held: bool) -> None:
+        """Keep the assistant from speaking, or let it speak again: while held, response
+        requests wait in the gate and the model's audio is kept back (played on release)."""
+
+    async def cut_assistant(self) -> None:
+        """Stop the assistant now: waiting requests withdrawn, audio kept back or playing
+        dropped (the model told what was heard); it may be asked to speak again at once."""
+
     def warn(self, message: str) -> None:
         """Log a warning this call's input caused (bad keys, repeated frames): the first few
         are logged, the rest counted in one line at the end of the call."""
