@@ -20,6 +20,7 @@ from server.fleet.events import EventBus
 from server.fleet.state import SharedState
 from server.settings import Settings
 from server.testing.dial import call_form, dial, post_webhook
+from server.testing.inbox import wait_until
 from server.testing.sdk_check import EventChecker, problems
 from server.testing.simulator import TwilioStream
 from server.testing.standin import (
@@ -85,6 +86,10 @@ class Rig:
         self.streams.append(stream)
         session = await next_session(self.standin.app)
         await session.wait_for("session.update")
+        # The session may have been opened at the webhook (pre-warmed): wait until the
+        # stream's call has it and has started, as it had when it sent session.update itself.
+        await wait_until(lambda: any(c.call_sid == call.call_sid and c.events.seq > 0
+                                     for c in self.live_calls()), 5.0, "the call started")
         return stream, session
 
     def live_calls(self) -> list[Call]:
@@ -199,3 +204,6 @@ def heard(stream: TwilioStream) -> bytes:
     return b"".join(base64.b64decode(m["media"]["payload"])
                     for m in stream.received if m.get("event") == "media")
 
+
+
+from tests.outbound_rig import make_line  # noqa: E402, F401  (fixture; it imports this module)
