@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis import Redis as SyncRedis
 
-from server.fleet.state import MemoryState
 from server.testing.dial import ACCOUNT_SID
 from server.testing.inbox import wait_until
 from server.testing.standin import StandinOptions
 from server.testing.twilio_rest import FakeCall, FakeTwilio
 from tests.conftest import API_KEY, AUTH_TOKEN, MakeRig, Rig
+from tests.redis_server import RedisServer
 
 PUBLIC = "https://bridge.example"
 ADMIN = "admin-token-0123456789"
@@ -35,6 +37,8 @@ class Line:
     api: TestServer
     rigs: list[Rig] = field(default_factory=list)
     down: set[int] = field(default_factory=set)  # instances the load balancer skips
+    # another instance like the first (a deploy's new one): its own state, same database
+    another: Callable[[], Awaitable[Rig]] | None = None
     _turn: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -59,6 +63,10 @@ class Line:
                    headers: Mapping[str, str] = AUTH) -> tuple[int, Any]:
         rig = rig or self.rig
         resp = await rig.bridge.post(path, json=body, headers=dict(headers))
+        return resp.status, await resp.json()
+
+    async def get(self, path: str, rig: Rig | None = None) -> tuple[int, Any]:
+        resp = await (rig or self.rig).bridge.get(path, headers=AUTH)
         return resp.status, await resp.json()
 
     async def place(self, rig: Rig | None = None, **body: Any) -> str:
@@ -102,16 +110,34 @@ def prompts(tmp: Path) -> Path:
     return root
 
 
+_DATABASES = itertools.count(0)
+
+
+def redis_db(request: pytest.FixtureRequest) -> str:
+    """A REDIS_URL with a database of this test's own, emptied (the bridge has no key prefix
+    setting: a fleet's instances share the default prefix inside it). Skips without Redis."""
+    server: RedisServer = request.getfixturevalue("redis_server")
+    db = 15 - next(_DATABASES) % 8  # test_fleet counts up from 1
+    url = f"redis://127.0.0.1:{server.port}/{db}"
+    client = SyncRedis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url
+
+
 @pytest.fixture
 async def make_line(make_rig: MakeRig, aiohttp_server: Callable[..., Awaitable[TestServer]],
-                    tmp_path: Path) -> AsyncIterator[MakeLine]:
+                    tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[MakeLine]:
     lines: list[Line] = []
-    states: list[MemoryState] = []
 
     async def make(instances: int = 1, standin: StandinOptions | None = None,
-                   marks: str = "playback", **overrides: Any) -> Line:
-        """`instances` bridges behind PUBLIC; with more than one they share a MemoryState
-        (what Redis is to a fleet) and one records database. `marks`: how the fake's streams
+                   marks: str = "playback",
+                   prepare: Callable[[web.Application], None] | None = None,
+                   **overrides: Any) -> Line:
+        """`instances` bridges behind PUBLIC; with more than one they share Redis (a database
+        of the test's own) and one records database. `marks`: how the fake's streams
         echo marks ("playback": once their audio has played, in real time, as Twilio does).
         `overrides`: Settings fields."""
         lb: list[Line] = []  # the load balancer in front of the bridges, once they exist
@@ -127,16 +153,21 @@ async def make_line(make_rig: MakeRig, aiohttp_server: Callable[..., Awaitable[T
             "amd_wait_s": 4.0, "do_not_call": tmp_path / "do-not-call.txt",
             "prompts_dir": prompts(tmp_path),
         }
-        state = None
-        if instances > 1:
-            state = MemoryState()
-            await state.start()
-            states.append(state)
+        if instances > 1:  # a fleet: Redis (control actions, capacity, pacing), one database
+            settings["redis_url"] = redis_db(request)
             settings["database_url"] = f"sqlite:///{tmp_path}/fleet.db"
         settings.update(overrides)
         for _ in range(instances):
             line.rigs.append(await make_rig(standin or StandinOptions(api_key=API_KEY),
-                                            state=state, **settings))
+                                            prepare=prepare, **settings))
+
+        async def another() -> Rig:
+            rig = await make_rig(standin or StandinOptions(api_key=API_KEY), prepare=prepare,
+                                 **{**settings, "database_url": line.rig.settings.database_url})
+            line.rigs.append(rig)
+            return rig
+
+        line.another = another
         lines.append(line)
         return line
 
@@ -145,5 +176,3 @@ async def make_line(make_rig: MakeRig, aiohttp_server: Callable[..., Awaitable[T
         for call in line.fake.calls.values():
             for stream in call.streams:
                 await stream.close()
-    for state in states:
-        await state.close()

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from server.app import DEPS, METRICS, REGISTRY
+from server.outbound import cli
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, StandinSession
 from server.testing.twilio_rest import Callee, FakeCall, answering_machine, speech
 from tests.conftest import API_KEY
-from tests.outbound_rig import AUTH, FROM, Line, MakeLine
+from tests.outbound_rig import ADMIN, AUTH, FROM, Line, MakeLine
 
 TO = "+15550100001"
 
@@ -242,3 +243,33 @@ async def test_callbacks_are_signature_checked(make_line: MakeLine) -> None:
         assert resp.status == 403
     resp = await line.rig.bridge.get("/calls", headers=AUTH)  # GET /calls is the records'
     assert resp.status == 200
+
+
+async def test_the_cli_places_a_call_and_waits_for_its_end(
+        make_line: MakeLine, monkeypatch: pytest.MonkeyPatch) -> None:
+    line = await make_line()
+    line.fake.callees[TO] = Callee("human", audio=b"", amd_after_s=0.1, hang_up_after_s=1.0)
+    line.fake.callees["+15550100009"] = Callee("busy", ring_s=0.1)
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN)
+    server = str(line.rig.bridge.make_url("")).rstrip("/")
+    printed: list[str] = []
+    args = cli.call_parser().parse_args([TO, "--greeting", "Hi {{name}}", "--var", "name=Ann",
+                                         "--wait", "--server", server])
+    assert await cli.place(args, printed.append) == 0
+    assert printed[0].startswith("placed CA") and printed[0].endswith(f"to {TO} (queued)")
+    assert printed[1] == ("outcome: completed, answered by human; ended: Twilio stopped the "
+                          "stream (call over) [caller_hung_up]")
+    assert "Outcome: completed, answered by human" in printed[2]
+    assert "Assistant:" in printed[2]  # the transcript: the greeting was said
+    (session,) = sessions(line)
+    assert "Hi Ann" in creates(session)[0]["response"]["instructions"]
+    printed.clear()
+    args = cli.call_parser().parse_args(["+15550100009", "--wait", "--server", server])
+    assert await cli.place(args, printed.append) == 0
+    assert printed[1] == "outcome: busy; ended: the line was busy [busy]"
+    args = cli.call_parser().parse_args(["+1555", "--server", server])
+    with pytest.raises(cli.Failed, match=r"refused \(HTTP 400\): to has 4 digits"):
+        await cli.place(args, printed.append)
+    monkeypatch.delenv("ADMIN_TOKEN")
+    with pytest.raises(cli.Failed, match="ADMIN_TOKEN is not set"):
+        await cli.place(args, printed.append)

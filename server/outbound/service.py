@@ -133,6 +133,7 @@ class Outbound:
         self._ended: Expiring[bool] = Expiring(limit=10_000)  # final statuses handled here
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.placed = 0  # calls this instance placed, since it started
 
     # --- placing ---
 
@@ -186,6 +187,7 @@ class Outbound:
             await self.state.release(placement)
             raise
         sid = placed.sid
+        self.placed += 1
         # The slot and the plan under the CallSid (the TwiML request may have done it already)
         await self.state.reserve(sid, 0, hold)
         await self.state.release(placement)
@@ -212,8 +214,10 @@ class Outbound:
         try:
             return await self.place(request, paced=False, operator=f"campaign {campaign.id}")
         except PlaceRefused as e:
-            if e.status in (429, 503):
+            if e.status == 429:  # at MAX_CALLS: in a while
                 return PlaceDeferred(e.message, DEFERRED_RETRY_S)
+            if e.status == 503:  # this instance is stopping: another may take it now
+                return PlaceDeferred(e.message, 0.0)
             code = f" (Twilio code {e.twilio.code})" if e.twilio and e.twilio.code else ""
             return PlaceFailed(f"{e.message}{code}")
 
