@@ -155,6 +155,11 @@ class FakeCall:
         self.holds.append("hold" if held else "release")
         await self.gate.hold(held)
 
+    async def listen_only(self, on: bool) -> None:
+        self.holds.append("listen only" if on else "answer")
+        self.gate.auto_responses = not on
+        await self.model.listen_only(on)
+
     async def cut_assistant(self) -> None:
         self.holds.append("cut")
         self.gate.withdraw()

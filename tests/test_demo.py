@@ -126,3 +126,26 @@ def test_sum_metrics_adds_up_the_instances() -> None:
         'bridge_calls_total{direction="inbound",end="handover"} 3',
         'bridge_calls_total{direction="inbound",end="caller_hung_up"} 1',
         "bridge_calls_active 0"]
+
+
+async def test_outbound_calls_to_a_person_and_an_answering_machine(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["outbound"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    assert any("answering-machine detection: human" in line for line in lines)
+    assert any("answering-machine detection: machine_end_beep" in line for line in lines)
+    assert any("end_kind voicemail" in line for line in lines)
+    assert 'bridge_calls_total{direction="outbound",end="voicemail"} 1' in demo.metrics
+    assert demo.record is not None and demo.record["end_kind"] == "caller_hung_up"
+    assert "Outcome: completed, answered by human" in demo.transcript
+
+
+async def test_a_small_campaign(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["campaign"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    assert any(line.startswith("  * outcomes {") and "at most 2 calls at once" in line
+               for line in lines)
+    assert 'bridge_calls_total{direction="outbound",end="busy"} 2' in demo.metrics

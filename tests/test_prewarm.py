@@ -19,6 +19,7 @@ from server.call.prewarm import Prewarmer
 from server.fleet.state import MemoryState
 from server.models.session import SessionConfig, prewarm_level
 from server.testing.inbox import wait_until
+from server.testing.prewarm import measure
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, StandinSession, next_session
 from tests.conftest import API_KEY, CALLED, CALLER, MakeRig, Rig, speak
 
@@ -159,3 +160,12 @@ async def test_a_backend_that_does_not_allow_it_is_not_prewarmed(make_rig: MakeR
         assert not prewarm.start("CA" + "5" * 32, CallPlan(), CALLER, CALLED)
         assert len(prewarm) == 0 and not fake.opened
         await prewarm.close()
+
+
+async def test_the_measurement_runs_both_ways() -> None:
+    """`python -m server.testing.prewarm` (make bench), shortened: it places its calls and
+    reports a time for each configuration (the numbers are the benchmark's, not asserted)."""
+    results = await measure(calls=1, gaps=[0.1], handshake=0.05, first_audio=0.0)
+    assert [(r.prewarm, r.gap, len(r.ms)) for r in results] == [(False, 0.1, 1), (True, 0.1, 1)]
+    assert all(r.median > 0 for r in results)
+    assert "pre-warm on " in results[1].row()

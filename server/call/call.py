@@ -246,6 +246,12 @@ class Call:
             await self.gate.hold(False)
             await self.playback.release()
 
+    async def listen_only(self, on: bool) -> None:
+        """The model listens (transcribes, remembers) but makes no response of its own, nor
+        is it interrupted; requests through the gate still make one."""
+        self.gate.auto_responses = not on
+        await self.model.listen_only(on)
+
     async def cut_assistant(self) -> None:
         """Stop the assistant now and forget what it was about to say (an answering machine
         answered): requests still waiting are withdrawn, audio kept back or playing is dropped

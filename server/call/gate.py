@@ -61,6 +61,9 @@ class ResponseGate:
         self._timer: asyncio.Task[None] | None = None
         self._closed = False
         self.held = False  # an operator has the call: nothing is sent until it is handed back
+        # The model answers a caller's turn on its own (turn detection's create_response);
+        # False while it only listens: no response of its own is awaited after a turn.
+        self.auto_responses = True
         self.sent = 0  # response.create events sent
         # Requests already answered by a response sent before the call had its gate (a
         # pre-warmed session's greeting): the first request with that reason is dropped.
@@ -137,7 +140,8 @@ class ResponseGate:
             self._speaking = True
         elif isinstance(event, ev.SpeechStopped):
             self._speaking = False
-            self._auto_until = asyncio.get_running_loop().time() + self._auto_wait
+            if self.auto_responses:
+                self._auto_until = asyncio.get_running_loop().time() + self._auto_wait
             await self._pump()
         elif isinstance(event, ev.ModelError):
             await self._on_error(event)

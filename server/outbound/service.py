@@ -132,6 +132,7 @@ class Outbound:
             None if rest is not None else "outbound calling is not configured")
         self._ended: Expiring[bool] = Expiring(limit=10_000)  # final statuses handled here
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[None]] = set()
         self._closing = False
         self.placed = 0  # calls this instance placed, since it started
 
@@ -267,7 +268,8 @@ class Outbound:
             self._unanswered(sid, status, stored, fields)
         elif status == "completed":
             if self.registry.find(sid) is None:
-                self._spawn(self._completed(sid, stored, fields), "outbound-completed")
+                self._spawn(self._completed(sid, stored, fields), "outbound-completed",
+                            finish=False)
         elif self.registry.find(sid) is None:  # before the stream: its record does the rest
             await self._progress(sid, "queued" if status == "initiated" else status, stored,
                                  fields)
@@ -288,7 +290,7 @@ class Outbound:
                 log.warning("campaign: AMD result of %s not recorded: %s: %s", sid,
                             type(e).__name__, e)
         self._spawn(self._deliver(sid, {"action": "amd", "answered_by": answered_by}),
-                    "outbound-amd")
+                    "outbound-amd", finish=False)
 
     def hang_up_later(self, call_sid: str) -> None:
         """Ask Twilio to end the call (`Status=completed`), in the background."""
@@ -296,23 +298,29 @@ class Outbound:
             self._spawn(self._hang_up(call_sid), "outbound-hang-up")
 
     async def close(self) -> None:
-        """Stop: work still under way (deliveries, hang-ups, records) is given a moment."""
+        """Stop: hang-ups and record writes under way are given a moment; waiting work
+        (deliveries to a stream still to come, checks on calls that ended) is dropped."""
         self._closing = True
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=2.0)
+        for task in self._waiting:
+            task.cancel()
+        tasks = self._tasks | self._waiting
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=2.0)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the work behind them ---
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str, finish: bool = True) -> None:
+        """A task this service owns; `finish`: given a moment at close, else cancelled."""
         if self._closing:
             coro.close()
             return
         task = asyncio.get_running_loop().create_task(self._guarded(coro, name), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        owner = self._tasks if finish else self._waiting
+        owner.add(task)
+        task.add_done_callback(owner.discard)
 
     @staticmethod
     async def _guarded(coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -102,6 +102,9 @@ class QuietCall:
     async def cut_assistant(self) -> None:
         """Nothing to cut."""
 
+    async def listen_only(self, on: bool) -> None:
+        """No model."""
+
     def warn(self, message: str) -> None:
         """Nothing to warn about."""
 

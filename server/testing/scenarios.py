@@ -357,3 +357,15 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "model-drop": ("the model connection drops", model_drop),
     "handover": ("handover: a deploy moves the call to another instance", handover),
 }
+
+
+def _outbound() -> None:
+    """The outbound scenarios (their module uses this one's helpers)."""
+    from server.testing import outbound_scenarios as out
+
+    SCENARIOS["outbound"] = ("outbound calls: a person, then an answering machine", out.outbound)
+    SCENARIOS["campaign"] = ("a small campaign: two at a time, a retry, do-not-call",
+                             out.campaign)
+
+
+_outbound()

@@ -88,12 +88,12 @@ class Answering(Feature):
         call = self.call
         if not first:  # a new session after a reconnect: it must not answer either
             if self.phase in (WAITING, MESSAGE):
-                await call.model.listen_only(True)
+                await call.listen_only(True)
             return
         self.ready = True
         if self.phase != WAITING:
             return
-        await call.model.listen_only(True)
+        await call.listen_only(True)
         await call.hold_assistant(True)
         if self.pending is not None:
             await self._decide(self.pending)
@@ -147,7 +147,7 @@ class Answering(Feature):
             if answered_by != "timeout":
                 call.log.info("answered by %s: the assistant greets", answered_by)
             self.phase = TALKING
-            await call.model.listen_only(False)
+            await call.listen_only(False)
             await call.hold_assistant(False)  # a greeting made at the webhook plays now
             text = call.greeting
             if text is not None:
@@ -164,7 +164,7 @@ class Answering(Feature):
             return
         call.log.info("answered by %s: leaving the voicemail message%s", answered_by,
                       " (the assistant was cut off)" if talking else "")
-        await call.model.listen_only(True)  # the machine's recording must not be answered
+        await call.listen_only(True)  # the machine's recording must not be answered
         await call.cut_assistant()
         self._asked = True
         await call.request_response("voicemail", voicemail_instructions(message))

@@ -87,6 +87,9 @@ class CallControl(Protocol):
         """Keep the assistant from speaking, or let it speak again: while held, response
         requests wait in the gate and the model's audio is kept back (played on release)."""
 
+    async def listen_only(self, on: bool) -> None:
+        """The model listens but makes no response of its own (requests still do)."""
+
     async def cut_assistant(self) -> None:
         """Stop the assistant now: waiting requests withdrawn, audio kept back or playing
         dropped (the model told what was heard); it may be asked to speak again at once."""
