@@ -135,10 +135,11 @@ async def make_line(make_rig: MakeRig, aiohttp_server: Callable[..., Awaitable[T
     async def make(instances: int = 1, standin: StandinOptions | None = None,
                    marks: str = "playback",
                    prepare: Callable[[web.Application], None] | None = None,
-                   **overrides: Any) -> Line:
+                   fleet: bool | None = None, **overrides: Any) -> Line:
         """`instances` bridges behind PUBLIC; with more than one they share Redis (a database
         of the test's own) and one records database. `marks`: how the fake's streams
         echo marks ("playback": once their audio has played, in real time, as Twilio does).
+        `fleet`: Redis and one database even for one instance (`another()` joins it).
         `overrides`: Settings fields."""
         lb: list[Line] = []  # the load balancer in front of the bridges, once they exist
         fake = FakeTwilio(auth_token=AUTH_TOKEN, marks=marks,
@@ -153,7 +154,8 @@ async def make_line(make_rig: MakeRig, aiohttp_server: Callable[..., Awaitable[T
             "amd_wait_s": 4.0, "do_not_call": tmp_path / "do-not-call.txt",
             "prompts_dir": prompts(tmp_path),
         }
-        if instances > 1:  # a fleet: Redis (control actions, capacity, pacing), one database
+        if instances > 1 if fleet is None else fleet:
+            # a fleet: Redis (control actions, capacity, pacing, decisions), one database
             settings["redis_url"] = redis_db(request)
             settings["database_url"] = f"sqlite:///{tmp_path}/fleet.db"
         settings.update(overrides)

@@ -142,7 +142,7 @@ async def test_a_restart_mid_campaign_resumes_it(make_line: MakeLine) -> None:
     """A deploy: a new instance starts on the same database, the old one stops (its live
     calls end, its scheduler with them); the new one resumes the running campaign."""
     clock = Clock()
-    line = await make_line(prepare=injected(clock))
+    line = await make_line(prepare=injected(clock), fleet=True)
     line.fake.default = Callee("human", audio=b"", amd_after_s=0.05, hang_up_after_s=0.6)
     listed = numbers(12, 100)
     status, created = await line.post("/campaigns", {

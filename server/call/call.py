@@ -244,6 +244,8 @@ class Call:
             await self.gate.hold(True)
         else:
             await self.gate.hold(False)
+            # What was kept back answers no caller turn: it counts toward no reply latency.
+            self.latency.reply_started()
             await self.playback.release()
 
     async def listen_only(self, on: bool) -> None:
