@@ -19,6 +19,8 @@ from server.call.assembly import assemble
 from server.call.call import Call, CallDeps, CallListener, FeatureFactory
 from server.call.plan import Plans
 from server.call.prewarm import Prewarmer, offered_tools
+from server.console.auth import operator_of, operators_for
+from server.console.routes import add_routes as add_console_routes
 from server.fleet.events import EventBus
 from server.fleet.open import open_bus, open_state
 from server.fleet.registry import CallRegistry
@@ -98,13 +100,16 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app[LISTENERS] = listeners
     app[TOOLS_DESCRIPTION] = toolbox.describe()
     app.on_cleanup.append(lambda _app: _close_toolbox(toolbox))
+    operators = operators_for(app, settings)
     calls_api.add_routes(app, outbound=lambda: app.get(OUTBOUND), authorize=authorize,
-                         signed_form=_signed_form)  # POST /calls: before GET /calls' routes
-    add_campaign_routes(app, campaigns=lambda: app.get(CAMPAIGNS),
-                        do_not_call=lambda: app.get(DO_NOT_CALL), authorize=authorize,
-                        check_prompt=lambda pid, version: _check_prompt(app, pid, version),
-                        unavailable=lambda: _campaigns_unavailable(app))
+                         signed_form=_signed_form, operator_routes=operators.enabled)
+    if operators.enabled:  # POST /calls above: before GET /calls' routes
+        add_campaign_routes(app, campaigns=lambda: app.get(CAMPAIGNS),
+                            do_not_call=lambda: app.get(DO_NOT_CALL), authorize=authorize,
+                            check_prompt=lambda pid, version: _check_prompt(app, pid, version),
+                            unavailable=lambda: _campaigns_unavailable(app))
     records.add_routes(app)
+    add_console_routes(app, operators, settings)
     add_metric_routes(app, metrics, token=settings.metrics_token,
                       draining=lambda: REGISTRY in app and app[REGISTRY].draining,
                       ping=lambda: _ready(app))
@@ -121,7 +126,7 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app.router.add_route("POST", ACTION_PATH, connect_action)
     app.router.add_get(STREAM_PATH, media_stream)
     app.router.add_get(RESUME_PATH, media_stream)
-    if settings.admin_token:
+    if operators.enabled:
         app.router.add_post("/calls/{call_sid}/hangup", hang_up)
     return app
 
@@ -355,30 +360,23 @@ async def connect_action(request: web.Request) -> web.Response:
 
 
 async def hang_up(request: web.Request) -> web.Response:
-    """POST /calls/{call_sid}/hangup (bearer ADMIN_TOKEN): end a live call, wherever in the
-    fleet it is (the shared state delivers it to the instance that holds it)."""
-    token = request.app[SETTINGS].admin_token
-    if token is None or not bearer_ok(request, token):
-        return web.json_response(
-            {"error": "a valid Authorization: Bearer <ADMIN_TOKEN> is needed"}, status=401,
-            headers={"WWW-Authenticate": "Bearer"})
+    """POST /calls/{call_sid}/hangup (an operator: bearer token, or the console's cookie from
+    the console's own site): end a live call, wherever in the fleet it is (the shared state
+    delivers it to the instance that holds it)."""
+    operator = operator_of(request)  # 401 / 403
     call_sid = request.match_info["call_sid"]
     delivered = await request.app[STATE].publish(call_sid, {"action": "hangup"})
     if not delivered:
         return web.json_response({"error": f"no live call {call_sid}"}, status=404)
-    log.info("admin hang-up requested for %s", call_sid)
+    log.info("hang-up requested for %s by operator %s", call_sid, operator)
     return web.json_response({"call_sid": call_sid, "hangup": "requested"}, status=202)
 
 
 async def authorize(request: web.Request) -> str:
-    """The operator behind a request to the operator routes (POST /calls, campaigns,
-    do-not-call): for now `Authorization: Bearer <ADMIN_TOKEN>`, operator "admin". Raises
-    HTTPUnauthorized otherwise. One function, the one place to change for operator logins."""
-    token = request.app[SETTINGS].admin_token
-    if token is None or not bearer_ok(request, token):
-        raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"},
-                                   text="a valid Authorization: Bearer <ADMIN_TOKEN> is needed")
-    return "admin"
+    """The operator behind a request to the outbound routes (POST /calls, campaigns,
+    do-not-call): a bearer token (ADMIN_TOKEN is `admin`, OPERATOR_TOKENS named ones) or the
+    console's session; raises 401/403 (server.console.auth)."""
+    return operator_of(request)
 
 
 def _hang_up_later(app: web.Application, call_sid: str) -> None:

@@ -32,6 +32,10 @@ DEFAULT_LOG_EVENT_TYPES = frozenset(
         "input_audio_buffer.speech_stopped",
         "session.created",
         "session.updated",
+        # GPT-Live's (a session's start and end, and each task it hands to its backend)
+        "session.started",
+        "session.closed",
+        "session.delegation.created",
     }
 )
 
@@ -45,6 +49,13 @@ LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
 LOG_FORMATS = frozenset({"text", "json"})
 ON_OFF = frozenset({"on", "off"})
 SHUTDOWN_MODES = frozenset({"drain", "handover"})
+MODEL_APIS = frozenset({"realtime", "live"})  # OpenAI Realtime, or GPT-Live (full duplex)
+DEFAULT_LIVE_URL = "wss://api.openai.com/v1/live/sessions"
+# GPT-Live's backend (Responses delegation) runs the tools. OpenAI's model guide recommends
+# gpt-5.4-mini when optimizing for latency and cost (it has function calling); a caller waits
+# on every delegated step, so the faster mini model is the default.
+DEFAULT_LIVE_BACKEND_MODEL = "gpt-5.4-mini"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Shipped inside the package (package data), so it is found wherever the server is installed.
 DEFAULT_HOLD_AUDIO = Path(__file__).resolve().parent / "sounds" / "hold.wav"
 # Like the prompts, relative to the working directory; loaded only if it exists.
@@ -82,6 +93,11 @@ class Settings:
     vad_eagerness: str = "auto"
     noise_reduction: str = "off"
     transcription_model: str | None = "gpt-4o-mini-transcribe"  # None: caller side untranscribed
+    # GPT-Live: which API a call uses by default (a plan may choose), and GPT-Live's own models
+    model_api: str = "realtime"  # realtime | live
+    openai_live_url: str = DEFAULT_LIVE_URL
+    openai_live_model: str = "gpt-live-1"
+    live_backend_model: str = DEFAULT_LIVE_BACKEND_MODEL  # runs the tools (Responses delegation)
     # Twilio and the server: where it listens, how streams are admitted, logged and ended
     host: str = "0.0.0.0"
     port: int = 5050
@@ -108,6 +124,8 @@ class Settings:
     record_calls: bool = False
     recordings_dir: Path = Path("recordings")
     admin_token: str | None = field(default=None, repr=False)
+    # named operators for the console and the operator routes: ((name, token), ...)
+    operator_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     metrics_token: str | None = field(default=None, repr=False)
     call_webhook_url: str | None = None
     call_webhook_secret: str | None = field(default=None, repr=False)
@@ -167,6 +185,8 @@ class Settings:
             r.text("OPENAI_REALTIME_URL") or cls.openai_realtime_url,
             {"ws", "wss"},
         )
+        live_url = _check_base_url(
+            "OPENAI_LIVE_URL", r.text("OPENAI_LIVE_URL") or cls.openai_live_url, {"ws", "wss"})
         event_types = r.text("LOG_EVENT_TYPES")
         return cls(
             openai_api_key=api_key,
@@ -187,6 +207,10 @@ class Settings:
             noise_reduction=r.choice("NOISE_REDUCTION", NOISE_REDUCTION, cls.noise_reduction),
             transcription_model=_off_text(
                 r.text_or_off("TRANSCRIPTION_MODEL", cls.transcription_model)),
+            model_api=r.choice("MODEL_API", MODEL_APIS, cls.model_api),
+            openai_live_url=live_url,
+            openai_live_model=r.model("OPENAI_LIVE_MODEL", cls.openai_live_model),
+            live_backend_model=r.model("LIVE_BACKEND_MODEL", cls.live_backend_model),
             host=r.text("HOST") or cls.host,
             port=r.number("PORT", int, cls.port, 0, 65535),
             public_url=public_url,
@@ -222,6 +246,8 @@ class Settings:
             record_calls=r.flag("RECORD_CALLS", cls.record_calls),
             recordings_dir=Path(r.text("RECORDINGS_DIR") or cls.recordings_dir),
             admin_token=r.text("ADMIN_TOKEN"),
+            operator_tokens=parse_operator_tokens(r.text("OPERATOR_TOKENS") or "",
+                                                  r.text("ADMIN_TOKEN")),
             metrics_token=r.text("METRICS_TOKEN"),
             call_webhook_url=_check_webhook_url(r.text("CALL_WEBHOOK_URL")),
             call_webhook_secret=r.text("CALL_WEBHOOK_SECRET"),
@@ -273,7 +299,8 @@ class Settings:
         return tuple(s for s in (self.openai_api_key, self.twilio_auth_token, self.admin_token,
                                  self.metrics_token, self.call_webhook_secret, self.tools_secret,
                                  urlsplit(self.database_url).password,
-                                 urlsplit(self.redis_url or "").password) if s)
+                                 urlsplit(self.redis_url or "").password,
+                                 *(token for _, token in self.operator_tokens)) if s)
 
 
 N = TypeVar("N", int, float)
@@ -304,6 +331,15 @@ class _Reader:
         value = value.upper() if upper else value.lower()
         if value not in allowed:
             raise ConfigError(name, f"{value!r} is not one of {', '.join(sorted(allowed))}")
+        return value
+
+    def model(self, name: str, default: str) -> str:
+        """A model name: letters, digits, `.`, `-`, `_`, `:` (what OpenAI's names use)."""
+        value = self.text(name)
+        if value is None:
+            return default
+        if not _MODEL_NAME.fullmatch(value):
+            raise ConfigError(name, f"{value!r} is not a model name (letters, digits, . - _ :)")
         return value
 
     def flag(self, name: str, default: bool) -> bool:
@@ -438,3 +474,34 @@ def parse_transfer_targets(raw: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError("TRANSFER_TARGETS", f"{name!r} is listed twice")
         targets[name] = target
     return tuple(targets.items())
+
+
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MIN_OPERATOR_TOKEN = 16
+
+
+def parse_operator_tokens(raw: str, admin_token: str | None) -> tuple[tuple[str, str], ...]:
+    """`ann=<token>,bob=<token>` -> (("ann", "<token>"), ...). Messages name the operator, never
+    the token. `admin` is ADMIN_TOKEN's operator; a token shared by two operators (or with
+    ADMIN_TOKEN) would make them one person in the records, so both are refused."""
+    operators: dict[str, str] = {}
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, token = (part.strip() for part in entry.partition("="))
+        if not sep or not _OPERATOR_NAME.fullmatch(name):
+            raise ConfigError("OPERATOR_TOKENS", "an entry is not name=token (name: 1-32 "
+                                                 "letters, digits, _ or -)")
+        if name == "admin":
+            raise ConfigError("OPERATOR_TOKENS", "'admin' is ADMIN_TOKEN's operator: "
+                                                 "choose another name")
+        if len(token) < MIN_OPERATOR_TOKEN:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is shorter than "
+                                                 f"{MIN_OPERATOR_TOKEN} characters")
+        if name in operators:
+            raise ConfigError("OPERATOR_TOKENS", f"{name!r} is listed twice")
+        if token in operators.values() or token == admin_token:
+            raise ConfigError("OPERATOR_TOKENS", f"the token of {name!r} is also another "
+                                                 "operator's (or ADMIN_TOKEN)")
+        operators[name] = token
+    return tuple(operators.items())

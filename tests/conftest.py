@@ -1,10 +1,13 @@
-"""Shared rig: the bridge on a loopback port, the Realtime stand-in as OpenAI, and a Twilio
-stream client, all over real sockets."""
+"""Shared rig: the bridge on a loopback port, the Realtime stand-in (or, with
+`model_api="live"`, the GPT-Live stand-in) as OpenAI, and a Twilio stream client, all over real
+sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +24,12 @@ from server.fleet.state import SharedState
 from server.settings import Settings
 from server.testing.dial import call_form, dial, post_webhook
 from server.testing.inbox import wait_until
+from server.testing.live_standin import (
+    LiveStandinOptions,
+    LiveStandinSession,
+    create_live_standin_app,
+    next_live_session,
+)
 from server.testing.sdk_check import EventChecker, problems
 from server.testing.simulator import TwilioStream
 from server.testing.standin import (
@@ -47,6 +56,44 @@ def loud(variant: int = 0) -> bytes:
     return bytes([0x80 + variant, 0x00 + variant] * 80)
 
 
+class Line:
+    """The caller's side of a stream as Twilio sends it: a 20 ms frame every 20 ms, speech when
+    a test says so, silence otherwise. GPT-Live needs it: its timeline (its turns, its output)
+    advances only while input arrives."""
+
+    def __init__(self, stream: TwilioStream, period: float = 0.02) -> None:
+        self.stream = stream
+        self.period = period
+        self.sent = 0
+        self._queue: deque[bytes] = deque()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while not self.stream.closed.is_set():
+            frame = self._queue.popleft() if self._queue else SILENCE
+            try:
+                await self.stream.send_media(frame)
+            except (ConnectionError, RuntimeError):  # the bridge closed the stream
+                return
+            self.sent += 1
+            due += self.period
+            await asyncio.sleep(max(due - loop.time(), 0))
+
+    async def say(self, frames: int = 10, variant: int = 0) -> bytes:
+        """One caller turn: `frames` of speech (then the line goes on in silence); returns
+        once they are sent."""
+        spoken = loud(variant)
+        self._queue.extend([spoken] * frames)
+        await wait_until(lambda: not self._queue or self._task.done(), 10.0, "speech sent")
+        return spoken
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 @dataclass
 class Rig:
     standin: TestServer
@@ -54,7 +101,13 @@ class Rig:
     settings: Settings
     streams: list[TwilioStream] = field(default_factory=list)
     # every event both ways through the stand-in, checked against openai-python's GA types
+    # (or GPT-Live's)
     events: EventChecker = field(default_factory=EventChecker)
+    lines: list[Line] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return self.settings.model_api
 
     @property
     def app(self) -> web.Application:
@@ -91,6 +144,29 @@ class Rig:
         await wait_until(lambda: any(c.call_sid == call.call_sid and c.events.seq > 0
                                      for c in self.live_calls()), 5.0, "the call started")
         return stream, session
+
+    async def place_live(self, marks: str = "immediate",
+                         **start: Any) -> tuple[TwilioStream, LiveStandinSession, Line]:
+        """`place` on a GPT-Live rig: the caller's line keeps sending frames from the start."""
+        assert self.api == "live", "a GPT-Live rig: make_rig(model_api='live')"
+        call = await dial(self.bridge.session, str(self.bridge.make_url("")),
+                          auth_token=self.settings.twilio_auth_token, caller=CALLER,
+                          called=CALLED, marks=marks, parameters=start.get("parameters"))
+        stream = call.stream
+        self.streams.append(stream)
+        line = self.line(stream)
+        session = await next_live_session(self.standin.app)
+        await session.wait_for("session.start")
+        return stream, session, line
+
+    def line(self, stream: TwilioStream) -> Line:
+        """The stream's line (started on first use)."""
+        for line in self.lines:
+            if line.stream is stream:
+                return line
+        line = Line(stream)
+        self.lines.append(line)
+        return line
 
     def live_calls(self) -> list[Call]:
         return list(self.app[REGISTRY].calls)
@@ -139,21 +215,34 @@ async def make_rig(
 ) -> Any:
     rigs: list[Rig] = []
 
-    async def make(standin: StandinOptions | None = None,
+    async def make(standin: StandinOptions | LiveStandinOptions | None = None,
                    prepare: Callable[[web.Application], None] | None = None,
                    state: SharedState | None = None,
                    bus: EventBus | None = None,
                    **overrides: Any) -> Rig:
-        """`prepare`, if given, may change the app before it starts (e.g. its features)."""
-        events = EventChecker()
-        standin = standin or StandinOptions(api_key=API_KEY)
-        if standin.check_events is None:  # a test may pass its own hook to opt out
-            standin = replace(standin, check_events=events)
-        standin_server = await aiohttp_server(create_standin_app(standin))
+        """`prepare`, if given, may change the app before it starts (e.g. its features).
+        `model_api="live"` (or LiveStandinOptions): the GPT-Live stand-in plays OpenAI."""
+        live = overrides.get("model_api") == "live" or isinstance(standin, LiveStandinOptions)
+        events = EventChecker("live" if live else "realtime")
+        app_factory: Callable[[], web.Application]
+        if live:
+            options = standin if isinstance(standin, LiveStandinOptions) else LIVE_OPTIONS
+            if options.check_events is None:
+                options = replace(options, check_events=events)
+            overrides.setdefault("model_api", "live")
+            app_factory = lambda: create_live_standin_app(options)  # noqa: E731
+        else:
+            realtime = standin if isinstance(standin, StandinOptions) \
+                else StandinOptions(api_key=API_KEY)
+            if realtime.check_events is None:  # a test may pass its own hook to opt out
+                realtime = replace(realtime, check_events=events)
+            app_factory = lambda: create_standin_app(realtime)  # noqa: E731
+        standin_server = await aiohttp_server(app_factory())
+        base = str(standin_server.make_url("")).replace("http://", "ws://").rstrip("/")
         settings = Settings(
             openai_api_key=API_KEY,
-            openai_realtime_url=str(standin_server.make_url("/v1/realtime")).replace(
-                "http://", "ws://"),
+            openai_realtime_url=base + "/v1/realtime",
+            openai_live_url=base + "/v1/live/sessions",
             twilio_auth_token=AUTH_TOKEN,
             vad_silence_ms=100,
             openai_connect_timeout=5.0,
@@ -175,6 +264,8 @@ async def make_rig(
 
     yield make
     for rig in rigs:
+        for line in rig.lines:
+            await line.close()
         for stream in rig.streams:
             await stream.close()
     for rig in rigs:
@@ -184,6 +275,17 @@ async def make_rig(
 @pytest.fixture
 async def rig(make_rig: MakeRig) -> Rig:
     return await make_rig()
+
+
+# The GPT-Live stand-in in tests: unpaced (its output follows the input, which the rig's lines
+# send in real time), a caller turn over after 200 ms of quiet.
+LIVE_OPTIONS = LiveStandinOptions(api_key=API_KEY, pace=0, silence_ms=200)
+
+
+@pytest.fixture(params=["realtime", "live"])
+def api(request: pytest.FixtureRequest) -> str:
+    """Run the test once per model API."""
+    return str(request.param)
 
 
 async def speak(stream: TwilioStream, frames: int = 10, variant: int = 0,

@@ -56,6 +56,9 @@ class FakeModel:
     async def lose(self, reason: str) -> None:
         """Nothing to lose."""
 
+    async def finish(self) -> None:
+        """Nothing to finish."""
+
     async def close(self) -> None:
         """Nothing to close."""
 
@@ -106,6 +109,7 @@ class FakeCall:
         self.warnings: list[str] = []
         self.requests: list[tuple[str, str | None]] = []
         self.holds: list[str] = []  # hold / release / cut of the assistant, in order
+        self.holding: list[bool] = []  # hold_playback calls, in order
         self.gate = ResponseGate(self)  # type: ignore[arg-type]  # the call's own: first
 
     @property
@@ -164,6 +168,9 @@ class FakeCall:
         self.holds.append("cut")
         self.gate.withdraw()
         await self.gate.hold(False)
+
+    def hold_playback(self, on: bool) -> None:
+        self.holding.append(on)
 
     @property
     def playback_idle(self) -> bool:

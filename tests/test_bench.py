@@ -11,11 +11,13 @@ from server.testing.bench import BARE, BRIDGE, _comparison, configs, run, table
 from server.testing.loadgen import Histogram
 
 
-async def test_bench_smoke() -> None:
+async def test_bench_smoke_compares_the_two_model_apis() -> None:
     lines: list[str] = []
-    report = await run(calls=3, seconds=0.4, rounds=1, warmup=0.1, echo=lines.append)
-    assert report["order"] == ["bridge", "bare relay"]
-    assert len(lines) == 2  # one progress line per run
+    report = await run(calls=3, seconds=0.4, rounds=1, warmup=0.1, echo=lines.append,
+                       compare=_comparison("MODEL_API=realtime,live"))
+    realtime, live = "bridge MODEL_API=realtime", "bridge MODEL_API=live"
+    assert report["order"] == [realtime, live, "bare relay"]
+    assert len(lines) == 3  # one progress line per run
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     for label in report["order"]:
         summary = report["configs"][label]["summary"]
@@ -28,12 +30,16 @@ async def test_bench_smoke() -> None:
         assert summary["setup_ms"]["max"] > 0
         assert summary["load_generator"]["processes"] == 2
         assert "cpu_us_per_relayed_frame" in summary
-    assert report["configs"]["bridge"]["summary"]["marks_echoed_per_second"] > 0
-    assert report["ratios"]["bridge"]["vs"] == "bare relay"
+        assert summary["errors"] == {}  # every session of either API started and streamed
+    # Realtime marks its replies as they play; GPT-Live's continuous output only on demand
+    assert report["configs"][realtime]["summary"]["marks_echoed_per_second"] > 0
+    assert report["configs"][live]["summary"]["marks_echoed_per_second"] == 0
+    assert report["configs"][live]["env"] == {"MODEL_API": "live"}
+    assert report["ratios"][live]["vs"] == "bare relay"
     text = table(report)
     for row in ("machine: ", "caller->model latency p50/p99/max", "RSS per call",
                 "load generator CPU, busiest process", "caller clock lateness",
-                "bridge CPU per relayed frame: "):
+                f"{realtime} CPU per relayed frame: ", f"{live} CPU per relayed frame: "):
         assert row in text
 
 

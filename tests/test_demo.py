@@ -92,6 +92,21 @@ async def test_handover(tmp_path: Path) -> None:
     assert 'bridge_calls_total{direction="inbound",end="caller_hung_up"} 1' in demo.metrics
 
 
+async def test_gpt_live(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["gpt-live"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    result, record = outcome.result, outcome.record
+    assert result is not None and record is not None
+    assert result.greeting_ms is not None and len(result.latencies_ms) == 2
+    assert (result.hung_up_by, result.next_action) == ("bridge", "hangup")
+    assert record["model"] == "gpt-live-1" and record["end_kind"] == "assistant_ended"
+    assert record["usage"]["seconds"] > 0 and record["usage"]["input_tokens"] > 0
+    assert record["cost_usd"] > record["usage"]["seconds"] / 60 * 0.05  # + the backend's
+    assert any(line.startswith("  * GPT-Live session ") for line in lines)
+
+
 async def test_a_scenario_that_goes_wrong_fails_the_demo(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken(env: Env) -> Outcome:

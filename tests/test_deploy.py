@@ -23,9 +23,10 @@ DEPLOY = ROOT / "deploy"
 EXPOSED = ("/incoming-call", "/connect-action", "/media-stream", "/call-status", "/amd-status",
            "/calls", "/calls/CA0123", "/calls/CA0123/hangup", "/calls/CA0123/recording.wav",
            "/campaigns", "/campaigns/cmp_1/pause", "/do-not-call",
-           "/console", "/console/app.js", "/events")
+           "/console", "/console/app.js", "/events", "/stats", "/calls/CA0123/events",
+           "/calls/CA0123/listen", "/calls/CA0123/talk", "/console/static/js/main.js")
 INTERNAL = ("/metrics", "/healthz", "/readyz", "/", "/metrics/", "/incoming-call/x",
-            "/callsx", "/anything")
+            "/callsx", "/anything", "/statsx")
 AIOHTTP_SHUTDOWN = 5  # server.main: runner shutdown_timeout after the drain
 
 

@@ -25,7 +25,7 @@ from server.call.record import CallRecord, parse_stamp, utc_now
 from server.records import cli, spool
 from server.records import writer as writer_module
 from server.records.service import Records
-from server.records.store import CallQuery, RecordStore, open_store
+from server.records.store import CallQuery, RecordStore, StatsQuery, open_store
 from server.records.writer import RecordWriter
 from server.testing.inbox import wait_until
 from tests import test_records
@@ -84,6 +84,9 @@ class Outage:
 
     async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
         return await self.store.page(query)
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        return await self.store.stats(query)
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
         return await self.store.delete_older_than(cutoff)

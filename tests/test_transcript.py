@@ -152,3 +152,30 @@ async def test_a_cut_reply_without_its_transcript_event_is_taken_from_response_d
     (entry,) = call.record.timeline
     assert entry["text"] == "We open at nine and" and entry["interrupted"] is True
     assert entry["heard_ms"] == 900
+
+
+async def test_gpt_live_usage_snapshots_add_up_across_sessions_with_backend_tokens() -> None:
+    """GPT-Live's session seconds are cumulative per session (keep the last, never add the
+    snapshots); a new session (reconnect, handover) starts from zero, so what earlier sessions
+    used is kept; the backend's tokens (each backend response's usage) add up beside them."""
+    call = FakeCall()
+    call.record.model = "gpt-live-1"
+    prices = PriceTable({"gpt-live-1": ModelPrice(usd_per_minute=0.05),
+                         call.settings.live_backend_model: ModelPrice(text_input=1.0,
+                                                                     text_output=2.0)})
+    call.add(TranscriptFeature(call, prices))
+    await call.session_ready()
+    for seconds in (1.0, 2.0, 3.5):
+        await call.model_event(ev.Usage({"seconds": seconds}, cumulative=True))
+    await call.model_event(ev.ResponseDone("deleg_1", "completed", None,
+                                           {"input_tokens": 300, "output_tokens": 20}))
+    assert call.record.usage == {"seconds": 3.5, "input_tokens": 300, "output_tokens": 20}
+    await call.session_ready()  # a new session: its own seconds from zero
+    await call.model_event(ev.Usage({"seconds": 1.0}, cumulative=True))
+    await call.model_event(ev.Usage({"seconds": 2.25}, cumulative=True))
+    await call.model_event(ev.ResponseDone("deleg_2", "completed", None,
+                                           {"input_tokens": 100, "output_tokens": 10}))
+    assert call.record.usage == {"seconds": 5.75, "input_tokens": 400, "output_tokens": 30}
+    await call.finish(Ending(EndKind.CALLER_HUNG_UP, "caller hung up"))
+    assert call.record.cost_usd == pytest.approx(5.75 / 60 * 0.05 + (400 + 30 * 2) / 1e6,
+                                                 abs=1e-6)

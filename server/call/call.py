@@ -63,7 +63,8 @@ T = TypeVar("T")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
 BUILTIN_TOOLS = frozenset({"end_call"})  # offered whatever the plan's tool list says
-PLAYBACK_EVENTS = (ev.AudioDone, ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted)
+PLAYBACK_EVENTS = (ev.AudioDone, ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted,
+                   ev.TranscriptDelta, ev.ModelYielded)
 GATE_EVENTS = (ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted, ev.SpeechStopped,
                ev.ModelError)
 
@@ -262,6 +263,11 @@ class Call:
         await self.playback.cut()
         await self.gate.hold(False)
 
+    def hold_playback(self, on: bool) -> None:
+        """Hold audio plays (on) or stopped (off): the model's audio is not played meanwhile
+        (GPT-Live's flows all the time; Realtime sends none while a tool runs)."""
+        self.playback.holding = on
+
     def warn(self, message: str) -> None:
         """A warning caused by this call's input: the first few are logged, the rest counted
         and reported once when the call ends."""
@@ -383,6 +389,12 @@ class Call:
 
     async def _close(self, ending: Ending) -> None:
         self.ending = ending
+        try:  # the session's last word (GPT-Live: its final usage) before the record is final;
+            # not for a handover: the caller waits for the new stream (closed alongside it)
+            if ending.kind != EndKind.HANDOVER:
+                await self.link.finish()
+        except Exception:
+            self.log.exception("finishing the model session failed")
         rec = self.record
         rec.ended_at = rec.ended_at or utc_now()
         rec.end_kind, rec.end_reason = ending.kind, ending.reason
@@ -546,6 +558,7 @@ class Call:
             self.record.session_ready_ms = (time.monotonic() - self.started) * 1000
             self.log.info("session ready %.0f ms after the stream opened",
                           self.record.session_ready_ms)
+        self.playback.continuous = self.model.decides_turns  # GPT-Live: marks only on demand
         self.publish(ModelReady(first, (self.record.session_ready_ms or 0.0) / 1000))
         for feature in self.features:
             await feature.on_session_ready(first)

@@ -22,6 +22,7 @@ from server.call.ending import EndKind, failed
 from server.call.events import SessionReplaced
 from server.call.latency import FRAME_MS
 from server.call.record import iso, utc_now
+from server.models.live import LiveSession
 from server.models.realtime import RealtimeSession
 from server.models.session import (
     AudioHandler,
@@ -79,6 +80,7 @@ class ModelLink:
         # A session made ready before the stream (server.call.prewarm), taken instead of
         # opening one when it was made with the same configuration; None if there is none.
         self.adopt: Callable[[SessionConfig], Awaitable[ModelSession | None]] | None = None
+        self._finishing = False  # the call is ending: a session lost now is not replaced
 
     @staticmethod
     async def _drop(payload: str) -> None:
@@ -127,7 +129,10 @@ class ModelLink:
             assert session is not None
             try:
                 await session.run(on_audio, on_event)
+                return  # it closed at our request (`finish`): the call is ending
             except ModelLost as lost:
+                if self._finishing:
+                    return
                 await self._reconnect(lost.reason)
             except ModelFailed as e:
                 raise self._call.ending_error(failed(EndKind.OPENAI_ERROR, e.reason)) from None
@@ -220,6 +225,16 @@ class ModelLink:
             EndKind.OPENAI_ERROR,
             f"{reason}; no new session: {'; '.join(failures) or 'out of time'}"))
 
+    async def finish(self) -> None:
+        """The call is ending, its relays still run: let the session say its last (GPT-Live's
+        final usage, bounded) before the record is final. Nothing more is played meanwhile."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        self._finishing = True
+        self._call.playback.muted = True  # the ending is decided: the caller hears no more
+        await session.finish()
+
     async def close(self) -> None:
         session = self.session
         if session is not None:
@@ -227,9 +242,11 @@ class ModelLink:
 
 
 def realtime_factory(call: Call) -> SessionFactory:
-    """Sessions for a call: Realtime (GPT-Live comes with its own module)."""
+    """Sessions for a call, by its plan's model API: Realtime or GPT-Live."""
     def new(api: str) -> ModelSession:
         if api == "realtime":
             return RealtimeSession(call.settings, call.http, call.log)
+        if api == "live":
+            return LiveSession(call.settings, call.http, call.log)
         raise ModelUnavailable(f"model API {api!r} is not available")
     return new

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from server.prompts import VARIABLES, Prompt, load_named_prompt, load_prompt, template
-from server.settings import VOICES, ConfigError, Settings
+from server.settings import MODEL_APIS, VOICES, ConfigError, Settings
 
-MODEL_APIS = frozenset({"realtime", "live"})
 DIRECTIONS = frozenset({"inbound", "outbound"})
 _PLAN_KEYS = frozenset({"prompt", "greeting", "voice", "model_api", "tools", "variables",
                         "metadata"})
@@ -40,7 +39,7 @@ class CallPlan:
     greeting: str | None = None  # None: GREETING (which may be unset: the caller speaks first)
     voice: str | None = None  # None: VOICE
     tools: tuple[str, ...] | None = None  # the tools allowed by name; None: all of them
-    model_api: str = "realtime"
+    model_api: str = "realtime"  # Plans.default: MODEL_API
     metadata: Mapping[str, Any] = field(default_factory=dict)  # kept in the record
     voicemail: str | None = None  # outbound: the message to leave on a machine (None: hang up)
 
@@ -90,6 +89,12 @@ class Resolved:
     greeting: Prompt | None
     voice: str
     model_api: str
+    model: str  # the model the session uses: OPENAI_REALTIME_MODEL or OPENAI_LIVE_MODEL
+
+
+def plan_model(settings: Settings, model_api: str) -> str:
+    """The model a plan's API means, from the settings."""
+    return settings.openai_live_model if model_api == "live" else settings.openai_model
 
 
 class Plans:
@@ -102,13 +107,18 @@ class Plans:
         self.default_greeting = (template("greeting", None, "GREETING", settings.greeting,
                                           "GREETING") if settings.greeting else None)
         self._prompts: dict[tuple[str, str | None], Prompt] = {}
+        # every plan's defaults (a line's, an outbound call's): MODEL_API chooses the API
+        self.default = CallPlan(model_api=settings.model_api)
+        if self.default.model_api == "live" and self.default_prompt.hosted:
+            raise ConfigError("PROMPT_ID", f"{settings.prompt_id} is a hosted prompt (pmpt_…), "
+                              "which GPT-Live (MODEL_API=live) does not take: use a prompt file")
         self._numbers: dict[str, CallPlan] = {}
         if settings.numbers_file is not None:
             self._numbers = self._load_numbers(settings.numbers_file)
 
     def inbound(self, called: str) -> CallPlan:
         """The plan of a call to `called`: its line's, else the app's defaults."""
-        return self._numbers.get(called.strip(), CallPlan())
+        return self._numbers.get(called.strip(), self.default)
 
     def resolve(self, plan: CallPlan) -> Resolved:
         """The prompt, greeting and voice of a plan; ConfigError names what is wrong."""
@@ -120,7 +130,11 @@ class Plans:
         voice = plan.voice or self._settings.voice
         if voice not in VOICES:
             raise ConfigError("VOICE", f"{voice!r} is not one of {', '.join(sorted(VOICES))}")
-        return Resolved(prompt, greeting, voice, plan.model_api)
+        if plan.model_api == "live" and prompt.hosted:
+            raise ConfigError("PROMPT_ID", f"{prompt.describe()} is a hosted prompt (pmpt_…), "
+                              "which GPT-Live does not take: use a prompt file")
+        return Resolved(prompt, greeting, voice, plan.model_api,
+                        plan_model(self._settings, plan.model_api))
 
     def prompt(self, prompt_id: str | None, version: str | None,
                variables: Mapping[str, str] = {}) -> Prompt:
@@ -158,8 +172,7 @@ class Plans:
             numbers[str(number).strip()] = plan
         return numbers
 
-    @staticmethod
-    def _number_plan(number: str, entry: Any) -> CallPlan:
+    def _number_plan(self, number: str, entry: Any) -> CallPlan:
         def bad(problem: str) -> ConfigError:
             return ConfigError("NUMBERS_FILE", f"{number}: {problem}")
 
@@ -174,6 +187,7 @@ class Plans:
         version = prompt.get("version")
         data = {"prompt_id": prompt.get("id"),
                 "prompt_version": str(version) if version is not None else None,
+                "model_api": self.default.model_api,
                 **{k: entry[k] for k in ("greeting", "voice", "model_api", "tools",
                                          "variables", "metadata") if k in entry}}
         try:

@@ -8,6 +8,12 @@ each audio item, and remember how far into its item each mark reaches. When the 
 speaking while marks are pending, audio is still playing: clear Twilio's buffer and truncate the
 playing item at the last echoed mark, so the model's memory of the conversation matches what the
 caller actually heard (mu-law at 8 kHz: 8 bytes per millisecond).
+
+GPT-Live (`continuous`) is different: its output is one continuous track, silence included, and
+the model handles barge-in itself. Nothing is truncated, so no periodic marks are sent; a mark
+goes only when the bridge must know that what it sent so far has played (the goodbye before a
+hang-up or a transfer, the time limit's goodbye, before hold audio), and "played" means: the
+model has been quiet for a moment (QUIET seconds without a word) and that mark has come back.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ MARK_EVERY_MS = 120  # most audio sent without a mark: the precision of a trunca
 MARK_BYTES = MARK_EVERY_MS * BYTES_PER_MS
 MARK_CHARS = MARK_BYTES // 3 * 4  # as base64; a multiple of 4 chars
 TEXT = WSMsgType.TEXT
+QUIET = 0.7  # continuous output: seconds without a word of the model's that mean it is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,24 @@ class PlayState:
     def playing(self) -> bool:
         """Audio sent to Twilio that it has not confirmed playing."""
         return bool(self._pending) or self._unmarked > 0
+
+    @property
+    def last_mark(self) -> int | None:
+        """The newest mark still waiting for its echo."""
+        return self._pending[-1][0] if self._pending else None
+
+    def played_up_to(self, mark: int) -> bool:
+        """Twilio echoed this mark (or it was cleared): the audio before it is over."""
+        return not self._pending or self._pending[0][0] > mark
+
+    def sent(self, item_id: str, nbytes: int) -> None:
+        """Continuous output: account for audio sent without marking it (a mark goes only
+        when asked for, by `flush`)."""
+        if item_id != self._item:
+            self._item = item_id
+            self._sent = 0
+        self._sent += nbytes
+        self._unmarked += nbytes
 
     def on_response_created(self, response_id: str) -> None:
         self._response = response_id
@@ -197,6 +222,10 @@ class Playback:
         # Held (an outbound call waiting for its answering-machine result): the model's audio
         # is kept here, in order, and played on `release` (or dropped by `cut`).
         self.held: list[ev.AudioDelta] | None = None
+        self.holding = False  # hold audio plays instead of the model's (continuous) audio
+        self.continuous = False  # GPT-Live: output flows all the time; marks only on demand
+        self._spoke_at = float("-inf")  # loop time of the model's latest word (continuous)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (mark, its echo)
         # Shared with the caller-side relay: listeners added mid-call (listen-in) are heard.
         self.listeners: list[AudioListener] = []
 
@@ -209,18 +238,42 @@ class Playback:
         return not self.state.playing
 
     async def wait_played(self, timeout: float) -> bool:
+        """Until the assistant's last words have played; False after `timeout`. Realtime:
+        until nothing sent is unplayed. Continuous output: until the model has been quiet for
+        QUIET (counted from now at the earliest), then until what was sent by then has
+        played."""
         try:
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                if not self.continuous:
+                    await self._idle.wait()
+                    return True
+                loop = asyncio.get_running_loop()
+                asked = loop.time()
+                while (wait := max(self._spoke_at, asked) + QUIET - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                await self._sent_played()
         except TimeoutError:
             return False
         return True
+
+    async def _sent_played(self) -> None:
+        """A mark now, then its echo: what was sent so far has played (or was cleared)."""
+        await self._flush()
+        mark = self.state.last_mark
+        if mark is None:
+            return
+        echo = asyncio.get_running_loop().create_future()
+        self._waiters.append((mark, echo))
+        try:
+            await echo
+        finally:
+            self._waiters = [(m, f) for m, f in self._waiters if f is not echo]
 
     async def play(self, event: ev.AudioDelta) -> int:
         """Send one delta to the caller (split and marked); the bytes of audio sent (0: it was
         dropped)."""
         state = self.state
-        if state.dropped(event.response_id) or self.muted:
+        if state.dropped(event.response_id) or self.muted or self.holding:
             return 0
         if self.held is not None:
             self.held.append(event)
@@ -230,22 +283,20 @@ class Playback:
         sid = self.call.stream_sid
         item_id, delta = event.item_id, event.delta
         if item_id != self._item:  # a new item: the first audio of a reply?
-            self._item = item_id
-            key = event.response_id or item_id
-            if key not in self._started:
-                self._started.add(key)
-                latency = self.call.latency.reply_started()
-                self.call.publish(ReplyStarted(event.response_id, item_id, None if latency is None
-                                               else round(latency * 1000, 1)))
+            self._new_item(event.response_id, item_id)
         self._idle.clear()
         sent = 0
         listeners = self.listeners
+        continuous = self.continuous
         try:
             for piece in (delta,) if len(delta) <= MARK_CHARS else split(delta):
                 nbytes = decoded_length(piece)
-                mark = state.add(item_id, nbytes)
-                if mark is not None:
-                    await send(tw.mark_frame(sid, mark), TEXT)
+                if continuous:
+                    state.sent(item_id, nbytes)
+                else:
+                    mark = state.add(item_id, nbytes)
+                    if mark is not None:
+                        await send(tw.mark_frame(sid, mark), TEXT)
                 await send(tw.media_frame(sid, piece), TEXT)
                 sent += nbytes
                 for listener in listeners:
@@ -300,6 +351,17 @@ class Playback:
                 entry.interrupted, entry.heard_ms = True, heard_ms
                 conversation.changed()
 
+    def _new_item(self, response_id: str | None, item_id: str) -> None:
+        """Audio of another item from now on: the start of a reply, unless its response has
+        begun already ("": GPT-Live's output before its first turn)."""
+        self._item = item_id
+        key = response_id or item_id
+        if item_id and key not in self._started:
+            self._started.add(key)
+            latency = self.call.latency.reply_started()
+            self.call.publish(ReplyStarted(response_id, item_id, None if latency is None
+                                           else round(latency * 1000, 1)))
+
     def forget(self) -> None:
         """A new model session: the old one's items cannot be truncated any more."""
         self.state.forget()
@@ -327,6 +389,9 @@ class Playback:
     def _check_idle(self) -> None:
         if not self.state.playing:
             self._idle.set()
+        for mark, echo in self._waiters:
+            if not echo.done() and self.state.played_up_to(mark):
+                echo.set_result(None)
 
     def mark_played(self, name: str) -> None:
         self.state.on_mark(name)
@@ -344,7 +409,21 @@ class Playback:
             self._started.discard(event.response_id)
             self._check_idle()
         elif isinstance(event, ev.SpeechStarted):
-            await self._on_speech_started()
+            if not self.continuous:  # GPT-Live yields by itself (ModelYielded)
+                await self._on_speech_started()
+        elif isinstance(event, ev.TranscriptDelta):
+            if event.role == "assistant" and self.continuous:
+                self._spoke_at = asyncio.get_running_loop().time()
+                # GPT-Live's first words of a turn come right after the audio that carries
+                # them, which is already on its way: the reply started now, not at the next
+                # audio (the rest of the turn's audio has this item id)
+                if event.item_id != self._item:
+                    self._new_item(None, event.item_id)
+        elif isinstance(event, ev.ModelYielded):
+            self.state.interruptions += 1
+            self.call.log.info("barge-in: the model went quiet after %d ms of %s as the caller "
+                               "spoke", event.heard_ms, event.item_id)
+            self.call.publish(BargeIn(event.item_id, event.heard_ms))
 
     async def _on_speech_started(self) -> None:
         if self.held is not None:

@@ -179,6 +179,9 @@ class PrewarmedSession:
     async def ping(self) -> None:
         await self.inner.ping()
 
+    async def finish(self) -> None:
+        await self.inner.finish()
+
     async def close(self) -> None:
         await self.inner.close()
         reader = self._reader

@@ -82,6 +82,8 @@ class CallRecord:
     sessions: list[dict[str, Any]] = field(default_factory=list)
     recording: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # the plan's (an outbound call's)
+    # what operators did on the console: {"time", "at", "operator", "action", "detail"}
+    operator_actions: list[dict[str, Any]] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic, repr=False)
     _changes: int = field(default=0, repr=False)
     # The wall-clock time of the latest snapshot (`to_dict`): stores keep the newest state of a
@@ -101,6 +103,16 @@ class CallRecord:
     def version(self) -> int:
         """Bumped on every change a store should write."""
         return self._changes + self.conversation.version
+
+    def add_operator_action(self, operator: str, action: str,
+                            detail: Any = None) -> dict[str, Any]:
+        """Who did what to this call from the console (listen, whisper, takeover, handback,
+        transfer, hangup), and when: kept in the record for good."""
+        entry = {"time": iso(utc_now()), "at": round(self.elapsed(), 3), "operator": operator,
+                 "action": action, "detail": detail}
+        self.operator_actions.append(entry)
+        self._changes += 1
+        return entry
 
     def touch(self) -> None:
         """Mark the record changed (after editing a counter in place)."""
@@ -122,7 +134,7 @@ class CallRecord:
             self.started_at = datetime.fromisoformat(started.replace("Z", "+00:00"))
             self._t0 = time.monotonic() - (utc_now() - self.started_at).total_seconds()
         self.conversation = Conversation.from_dicts(saved.get("timeline"))
-        for key in ("sessions", "latencies_ms"):
+        for key in ("sessions", "latencies_ms", "operator_actions"):
             value = saved.get(key)
             if isinstance(value, list):
                 setattr(self, key, list(value))
@@ -183,5 +195,6 @@ class CallRecord:
             "sessions": self.sessions,
             "recording": self.recording,
             "metadata": self.metadata,
+            "operator_actions": self.operator_actions,
             "updated_at": self._stamp(),
         }

@@ -119,8 +119,9 @@ async def decide_plan(call: Call, deps: CallDeps, resume: bool) -> Resolved:
 
 
 def session_model(settings: Settings, resolved: Resolved) -> str:
-    """The model a plan's session uses (also for a session pre-warmed at the webhook)."""
-    return settings.openai_model
+    """The model a plan's session uses, its API's (Realtime's or GPT-Live's); also for a
+    session pre-warmed at the webhook."""
+    return resolved.model
 
 
 def values(call: Call) -> dict[str, str]:

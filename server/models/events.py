@@ -2,8 +2,11 @@
 
 Realtime and GPT-Live speak different protocols; their sessions (`server.models.realtime`,
 `server.models.live`) turn them into these typed events, so the call and its features never
-see either API's JSON. A model that decides its own turns (GPT-Live) simply never emits the
-Realtime-only ones (speech started/stopped, responses created/done).
+see either API's JSON. A model that decides its own turns (GPT-Live) never emits
+`ResponseCreated` or `AudioDone`; it says what it can observe instead: the caller's speech from
+the input transcript (`SpeechStarted` at a turn's first words, `SpeechStopped` at each word's
+end, on the session timeline), a backend response that made tool calls (`ResponseDone`, keyed by
+its delegation), and the model going quiet while the caller talks (`ModelYielded`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class ModelError:
 
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
-    """The model heard the caller start speaking (Realtime's VAD)."""
+    """The model heard the caller start speaking (Realtime's VAD; GPT-Live: a caller turn's
+    first transcribed words, later than the speech itself). Only Realtime's cuts playback."""
 
     item_id: str
     audio_start_ms: int | None
@@ -61,6 +65,15 @@ class SpeechStopped:
 
     item_id: str
     audio_end_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelYielded:
+    """GPT-Live stopped talking while the caller talked over it (its own barge-in): nothing is
+    cleared or truncated; the call counts a barge-in with `heard_ms` of the turn said."""
+
+    item_id: str
+    heard_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,6 @@ class Other:
 
 ModelEvent = (
     AudioDelta | AudioDone | SessionReady | ModelError | SpeechStarted | SpeechStopped
-    | ResponseCreated | ResponseDone | FunctionCall | AssistantTranscript | CallerTranscript
-    | TranscriptDelta | Usage | Other
+    | ModelYielded | ResponseCreated | ResponseDone | FunctionCall | AssistantTranscript
+    | CallerTranscript | TranscriptDelta | Usage | Other
 )

@@ -249,6 +249,9 @@ class RealtimeSession:
         self._lost_because = reason
         await self.close()
 
+    async def finish(self) -> None:
+        """Nothing to ask for at the end: usage came with each response."""
+
     async def ping(self) -> None:
         ws = self._ws
         if ws is not None:

@@ -75,7 +75,7 @@ class _NoSession:
         return None
 
     add_tool_result = add_text = create_response = truncate = listen_only = _nothing
-    send_audio = ping = close = lose = _nothing
+    send_audio = ping = close = lose = finish = _nothing
     open = run = _nothing
 
 
@@ -141,5 +141,10 @@ class ModelSession(Protocol):
         """Give up a session that stopped answering: its `run` raises ModelLost(reason)."""
 
     async def ping(self) -> None: ...
+
+    async def finish(self) -> None:
+        """The call is ending and `run` still relays: a session that reports at its close
+        (GPT-Live's final usage in `session.closed`) asks for it now and waits (bounded), so
+        the call's record has it; `run` then returns. A no-op for Realtime."""
 
     async def close(self) -> None: ...

@@ -49,15 +49,13 @@ MAX_BODY = 64 * 1024  # one call's request: a few variables and a greeting
 
 
 def add_routes(app: web.Application, *, outbound: Callable[[], Outbound | None],
-               authorize: Authorize, signed_form: SignedForm) -> None:
-    """Add the routes; `outbound()` is read at request time (it starts with the app)."""
+               authorize: Authorize, signed_form: SignedForm,
+               operator_routes: bool = True) -> None:
+    """Add the routes; `outbound()` is read at request time (it starts with the app).
+    `operator_routes` False (no operator can log in): only Twilio's callbacks."""
 
     async def create(request: web.Request) -> web.Response:
-        try:
-            operator = await authorize(request)
-        except web.HTTPException as e:
-            headers = {k: v for k, v in e.headers.items() if k.lower() == "www-authenticate"}
-            return _error(e.status, e.text or e.reason, headers)
+        operator = await authorize(request)  # 401 / 403, answered as the authorizer says
         service = outbound()
         if service is None:
             return _error(503, "outbound calling is not running")
@@ -98,7 +96,8 @@ def add_routes(app: web.Application, *, outbound: Callable[[], Outbound | None],
             await service.on_amd(fields)
         return web.Response(status=204)
 
-    app.router.add_post("/calls", create)
+    if operator_routes:
+        app.router.add_post("/calls", create)
     app.router.add_post("/call-status", status)
     app.router.add_post("/amd-status", amd)
 

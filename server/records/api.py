@@ -1,9 +1,15 @@
-"""The records over HTTP, for operators: every route needs `Authorization: Bearer <ADMIN_TOKEN>`.
+"""The records over HTTP, for operators: every route needs an operator's credential
+(`Authorization: Bearer <ADMIN_TOKEN or an OPERATOR_TOKENS token>`, or the console's session
+cookie: server/console/auth.py).
 
 GET /calls                         newest first; ?limit= ?cursor= ?number= ?since= ?until=
-                                   (`cursor`: the `next` of the previous page)
+                                   ?end_kind= (`cursor`: the `next` of the previous page);
+                                   ?status=live: the live calls, from whoever provides them
+                                   (LIVE_CALLS), in the same shape
 GET /calls/{call_sid}              the full record as JSON (Accept: text/plain: a transcript)
-GET /calls/{call_sid}/recording.wav
+GET /calls/{call_sid}/recording.wav (HTTP Range answered: the console seeks in it)
+GET /stats                         ?since= ?until=: calls per hour, a latency histogram and
+                                   the count of each ending, for the console's charts
 
 Every error is JSON, `{"error": "..."}`: 400 for a query this API cannot answer (never a 500),
 401, 404, 405, 503 while the store is unavailable.
@@ -12,24 +18,29 @@ Every error is JSON, `{"error": "..."}`: 400 for a query this API cannot answer 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from server.metrics import bearer_ok
+from server.console.auth import OPERATOR, Operators
 from server.records.render import transcript_text
-from server.records.store import MAX_PAGE, CallQuery, StoreError, decode_cursor
+from server.records.store import MAX_PAGE, CallQuery, StatsQuery, StoreError, decode_cursor
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from server.records.store import RecordStore
 
 log = logging.getLogger("server.records")
 
 MAX_TEXT = 200  # a call SID, number or cursor longer than this is not one
+STATS_DEFAULT = timedelta(hours=24)  # /stats without ?since=: the last day
+
+# The live calls across the fleet as record summaries (`GET /calls?status=live`); set by the
+# part of the app that knows them. Unset: that query answers 503.
+LiveCalls = Callable[[], Awaitable[list[dict[str, Any]]]]
+LIVE_CALLS: web.AppKey[LiveCalls] = web.AppKey("live_calls")
 
 
 class BadQuery(Exception):
@@ -37,20 +48,19 @@ class BadQuery(Exception):
 
 
 def add_routes(app: web.Application, store: Callable[[], RecordStore],
-               admin_token: str | None) -> None:
-    """Add the routes, or log that they are off when ADMIN_TOKEN is unset. `store` returns the
-    opened store at request time (it is opened after the routes are added)."""
-    if not admin_token:
-        log.info("ADMIN_TOKEN is not set: the /calls records API is off")
+               operators: Operators) -> None:
+    """Add the routes, or log that they are off when no operator token (ADMIN_TOKEN,
+    OPERATOR_TOKENS) is set. `store` returns the opened store at request time (it is opened
+    after the routes are added)."""
+    if not operators.enabled:
+        log.info("ADMIN_TOKEN is not set: the /calls records API is off "
+                 "(OPERATOR_TOKENS is not set either)")
         return
-    token = admin_token
 
     def guarded(handler: Callable[[web.Request, RecordStore], Awaitable[web.StreamResponse]]
                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def check(request: web.Request) -> web.StreamResponse:
-            if not bearer_ok(request, token):
-                return web.json_response({"error": "unauthorized"}, status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="calls"'})
+            request[OPERATOR] = operators.authenticate(request)  # raises 401 / 403
             try:
                 return await handler(request, store())
             except BadQuery as e:
@@ -67,7 +77,8 @@ def add_routes(app: web.Application, store: Callable[[], RecordStore],
         return check
 
     for path, handler in (("/calls", list_calls), ("/calls/{call_sid}", get_call),
-                          ("/calls/{call_sid}/recording.wav", get_recording)):
+                          ("/calls/{call_sid}/recording.wav", get_recording),
+                          ("/stats", get_stats)):
         app.router.add_get(path, guarded(handler))
         app.router.add_route("*", path, _method_not_allowed)
 
@@ -123,18 +134,43 @@ def query_from(request: web.Request) -> CallQuery:
         raise BadQuery("since/until are not dates (2025-01-31) or ISO 8601 times "
                        "from 0001-01-02 to 9999-12-30") from None
     number = _text((q.get("number") or "").replace(" ", "+").strip(), "number") or None
+    end_kind = _text(q.get("end_kind") or "", "end_kind") or None
     cursor = _text(q.get("cursor") or "", "cursor") or None
     if cursor is not None:
         try:
             decode_cursor(cursor)
         except StoreError as e:
             raise BadQuery(str(e)) from None
-    return CallQuery(limit=limit, cursor=cursor, number=number, since=since, until=until)
+    return CallQuery(limit=limit, cursor=cursor, number=number, since=since, until=until,
+                     end_kind=end_kind)
 
 
 async def list_calls(request: web.Request, store: RecordStore) -> web.Response:
+    status = request.query.get("status", "")
+    if status == "live":
+        live = request.app.get(LIVE_CALLS)
+        if live is None:
+            return web.json_response({"error": "live calls are not available on this server"},
+                                     status=503)
+        return web.json_response({"calls": await live(), "next": None})
+    if status:
+        raise BadQuery("status is not `live` (leave it out for the records)")
     calls, cursor = await store.page(query_from(request))
     return web.json_response({"calls": calls, "next": cursor})
+
+
+async def get_stats(request: web.Request, store: RecordStore) -> web.Response:
+    q = request.query
+    try:
+        since = (parse_moment(q["since"]) if q.get("since")
+                 else datetime.now(UTC) - STATS_DEFAULT)
+        until = parse_moment(q["until"], end_of_day=True) if q.get("until") else None
+    except ValueError:
+        raise BadQuery("since/until are not dates (2025-01-31) or ISO 8601 times "
+                       "from 0001-01-02 to 9999-12-30") from None
+    if until is not None and until <= since:
+        raise BadQuery("until is not after since")
+    return web.json_response(await store.stats(StatsQuery(since=since, until=until)))
 
 
 async def get_call(request: web.Request, store: RecordStore) -> web.Response:

@@ -132,6 +132,18 @@ class PriceTable:
         ) / 1_000_000
         return round(total, 6)
 
+    def estimate(self, model: str, usage: Mapping[str, Any],
+                 backend_model: str | None = None) -> float | None:
+        """A call's cost, however its model is priced: per minute (GPT-Live: `usage` holds
+        the session `seconds` and its backend's summed Responses tokens) or per token."""
+        price = self.price(model)
+        if price is not None and price.usd_per_minute is not None:
+            seconds = usage.get("seconds")
+            return self.cost_live(model, float(seconds) if isinstance(seconds, (int, float))
+                                  and not isinstance(seconds, bool) else None,
+                                  backend_model, usage)
+        return self.cost(model, usage)
+
     def cost_live(self, model: str, seconds: float | None, backend_model: str | None = None,
                   backend_usage: Mapping[str, Any] | None = None) -> float | None:
         """USD for a GPT-Live call: its session seconds at the model's per-minute price, plus

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.call.events import CallEnded, CallEvent, CallStarted
 from server.call.features.recording import Recorder
+from server.console.auth import operators_for
 from server.records import api, retention, spool
 from server.records.pricing import PriceTable
 from server.records.store import NullStore, RecordStore, StoreError, open_store
@@ -124,5 +125,6 @@ class Records:
             self.writer.finish(call.record)
 
     def add_routes(self, app: web.Application) -> None:
-        """GET /calls... behind ADMIN_TOKEN (off, with a log line, when it is unset)."""
-        api.add_routes(app, lambda: self.store, self.settings.admin_token)
+        """GET /calls..., /stats behind the operators' tokens (off, with a log line, when
+        neither ADMIN_TOKEN nor OPERATOR_TOKENS is set)."""
+        api.add_routes(app, lambda: self.store, operators_for(app, self.settings))

@@ -47,6 +47,19 @@ class CallQuery:
     number: str | None = None  # matches `from` or `to` exactly
     since: datetime | None = None  # started_at >= since
     until: datetime | None = None  # started_at < until
+    end_kind: str | None = None  # how the call ended (EndKind value), exactly
+
+
+# The response-latency histogram's bucket edges (ms); the last bucket is open-ended.
+LATENCY_EDGES_MS = (250, 500, 750, 1000, 1250, 1500, 2000, 3000, 5000)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    """`GET /stats`: calls that started in [since, until)."""
+
+    since: datetime
+    until: datetime | None = None
 
 
 class RecordStore(Protocol):
@@ -84,6 +97,10 @@ class RecordStore(Protocol):
 
     async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
         """Summaries, newest first, and the cursor of the next page (None on the last)."""
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        """What the console's charts need (`stats_answer`): calls per hour, a latency
+        histogram, and the count of each ending."""
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
         """Delete records that started before `cutoff`; return their recordings' paths."""
@@ -133,6 +150,9 @@ class NullStore:
 
     async def page(self, query: CallQuery) -> tuple[list[dict[str, Any]], str | None]:
         return [], None
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        return stats_answer(query, [], [], [], (0, None))
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
         return []
@@ -246,6 +266,64 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 def _limit(query: CallQuery) -> int:
     return max(1, min(query.limit, MAX_PAGE))
+
+
+def _bucket_case(value: str) -> str:
+    """SQL that maps a latency to its bucket's index (the same in SQLite and PostgreSQL)."""
+    whens = " ".join(f"WHEN {value} < {edge} THEN {i}" for i, edge in enumerate(LATENCY_EDGES_MS))
+    return f"CASE {whens} ELSE {len(LATENCY_EDGES_MS)} END"
+
+
+def stats_answer(query: StatsQuery, hours: list[tuple[str, int]],
+                 endings: list[tuple[str | None, int]], buckets: list[tuple[int, int]],
+                 latency: tuple[float, float | None]) -> dict[str, Any]:
+    """The `GET /stats` JSON from the stores' aggregates: `hours` (hour as `YYYY-MM-DDTHH`,
+    calls), `endings` (end_kind or None while a call is unfinished, calls), `buckets` (index,
+    count) and `latency` (sum of every latency, the largest)."""
+    counts = [0] * (len(LATENCY_EDGES_MS) + 1)
+    for index, count in buckets:
+        if 0 <= index < len(counts):
+            counts[index] += int(count)
+    total, largest = latency
+    n = sum(counts)
+    edges = (0, *LATENCY_EDGES_MS)
+    histogram = [{"from": edges[i], "to": LATENCY_EDGES_MS[i] if i < len(LATENCY_EDGES_MS)
+                  else None, "count": counts[i]} for i in range(len(counts))]
+    return {
+        "since": _iso(query.since),
+        "until": _iso(query.until) if query.until else None,
+        "calls": sum(c for _, c in endings),
+        "per_hour": [{"hour": f"{hour}:00:00Z", "calls": int(calls)} for hour, calls in hours],
+        "endings": [{"kind": kind, "calls": int(calls)}
+                    for kind, calls in sorted(endings, key=lambda e: (-e[1], e[0] or ""))],
+        "latency_ms": {
+            "count": n,
+            "mean": round(total / n, 1) if n else None,
+            "max": round(largest, 1) if n and largest is not None else None,
+            "p50": _estimate(histogram, n, 0.5),
+            "p90": _estimate(histogram, n, 0.9),
+            "buckets": histogram,
+        },
+    }
+
+
+def _estimate(histogram: list[dict[str, Any]], n: int, q: float) -> float | None:
+    """A percentile from the histogram, interpolated inside its bucket (an estimate: the
+    stores keep no sorted latencies); in the open last bucket, its lower edge."""
+    if not n:
+        return None
+    rank = q * n
+    seen = 0
+    for bucket in histogram:
+        count = bucket["count"]
+        if count and seen + count >= rank:
+            if bucket["to"] is None:
+                return float(bucket["from"])
+            share = (rank - seen) / float(count)
+            low, high = float(bucket["from"]), float(bucket["to"])
+            return float(round(low + share * (high - low), 1))
+        seen += count
+    return None
 
 
 # --- SQLite ---
@@ -423,6 +501,9 @@ class SQLiteStore:
         if query.until:
             where.append("started_at < ?")
             args.append(_sql_time(query.until))
+        if query.end_kind:
+            where.append("end_kind = ?")
+            args.append(query.end_kind)
         limit = _limit(query)
         sql = (f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM calls"
                + (f" WHERE {' AND '.join(where)}" if where else "")
@@ -434,6 +515,31 @@ class SQLiteStore:
 
         rows = await self._run(read)
         return _page([dict(r) for r in rows], limit)
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        where = "started_at >= ?" + (" AND started_at < ?" if query.until else "")
+        args = [_sql_time(query.since)] + ([_sql_time(query.until)] if query.until else [])
+        value = "CAST(j.value AS REAL)"
+
+        def read(db: sqlite3.Connection) -> dict[str, Any]:
+            hours = db.execute(f"SELECT substr(started_at, 1, 13) AS hour, count(*) FROM calls "
+                               f"WHERE {where} GROUP BY hour ORDER BY hour", args).fetchall()
+            endings = db.execute(f"SELECT end_kind, count(*) FROM calls WHERE {where} "
+                                 f"GROUP BY end_kind", args).fetchall()
+            latencies = (f"FROM calls, json_each(calls.body, '$.latencies_ms') AS j "
+                         f"WHERE {where} AND json_valid(calls.body) "
+                         f"AND json_type(calls.body, '$.latencies_ms') = 'array' "
+                         f"AND j.type IN ('integer', 'real')")
+            buckets = db.execute(f"SELECT {_bucket_case(value)} AS b, count(*) {latencies} "
+                                 f"GROUP BY b", args).fetchall()
+            total, largest = db.execute(f"SELECT coalesce(sum({value}), 0), max({value}) "
+                                        f"{latencies}", args).fetchone()
+            return stats_answer(query, [(str(h), int(c)) for h, c in hours],
+                                [(k, int(c)) for k, c in endings],
+                                [(int(b), int(c)) for b, c in buckets],
+                                (float(total), float(largest) if largest is not None else None))
+
+        return await self._run(read)
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
         def delete(db: sqlite3.Connection) -> list[str]:
@@ -667,12 +773,39 @@ class PostgresStore:
             where.append(f"started_at >= {arg(query.since)}")
         if query.until:
             where.append(f"started_at < {arg(query.until)}")
+        if query.end_kind:
+            where.append(f"end_kind = {arg(query.end_kind)}")
         limit = _limit(query)
         sql = (f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM calls"
                + (f" WHERE {' AND '.join(where)}" if where else "")
                + f" ORDER BY started_at DESC, call_sid DESC LIMIT {arg(limit + 1)}")
         rows = await (await self._ready()).fetch(sql, *args)
         return _page([dict(r) for r in rows], limit)
+
+    async def stats(self, query: StatsQuery) -> dict[str, Any]:
+        args: list[Any] = [query.since] + ([query.until] if query.until else [])
+        where = "started_at >= $1" + (" AND started_at < $2" if query.until else "")
+        latencies = ("FROM calls, LATERAL json_array_elements(CASE WHEN "
+                     "json_typeof(body->'latencies_ms') = 'array' THEN body->'latencies_ms' "
+                     f"END) AS j(v) WHERE {where} AND json_typeof(j.v) = 'number'")
+        value = "(j.v::text)::float8"
+        pool = await self._ready()
+        async with pool.acquire() as db, db.transaction(readonly=True):  # one snapshot
+            hours = await db.fetch(
+                "SELECT to_char(date_trunc('hour', started_at AT TIME ZONE 'UTC'), "
+                f"'YYYY-MM-DD\"T\"HH24') AS hour, count(*) AS n FROM calls WHERE {where} "
+                "GROUP BY hour ORDER BY hour", *args)
+            endings = await db.fetch(f"SELECT end_kind, count(*) AS n FROM calls WHERE {where} "
+                                     "GROUP BY end_kind", *args)
+            buckets = await db.fetch(f"SELECT {_bucket_case(value)} AS b, count(*) AS n "
+                                     f"{latencies} GROUP BY b", *args)
+            total = await db.fetchrow(f"SELECT coalesce(sum({value}), 0) AS s, max({value}) AS m "
+                                      f"{latencies}", *args)
+        return stats_answer(query, [(str(r["hour"]), int(r["n"])) for r in hours],
+                            [(r["end_kind"], int(r["n"])) for r in endings],
+                            [(int(r["b"]), int(r["n"])) for r in buckets],
+                            (float(total["s"]), float(total["m"]) if total["m"] is not None
+                             else None))
 
     async def delete_older_than(self, cutoff: datetime) -> list[str]:
         rows = await (await self._ready()).fetch(

@@ -22,18 +22,20 @@ warning when they mean the numbers are the machine's or the generator's, not the
 2 cores, 300 calls need about as much CPU for the generator as for the server).
 
 Per configuration it prints: relay latency p50/p99/max each way, frames sent and lost, CPU per
-relayed frame and share of one core (from /proc/<pid>/stat, the server's process tree), RSS
+relayed frame (a frame is 20 ms of audio: GPT-Live's 100 ms deltas count as five) and share of
+one core (from /proc/<pid>/stat, the server's process tree), RSS
 idle/loaded/peak and per call, call set-up time (webhook posted -> the model's first audio
 sent, i.e. session.updated), and marks echoed per second (however the bridge paces them).
 Everything, per run, goes to out/bench.json.
 
 A/B of two bridge configurations in one run: `--compare NAME=A,B` runs the bridge twice per
 round, with NAME=A and with NAME=B (an environment variable, e.g. `--compare
-RECORD_CALLS=off,on`), beside the bare relay, and prints each with its ratio. `--bridge-env
-NAME=VALUE` (repeatable) sets a variable for every bridge run. The bench sets the bridge's
-OPENAI_*, HOST, PORT, PUBLIC_URL, TWILIO_AUTH_TOKEN, LOG_LEVEL=WARNING, MAX_CALLS=0 and
-INSTRUCTIONS; anything else comes from the environment (and .env) as for `make run`.
-Not a test: it prints numbers.
+RECORD_CALLS=off,on`, or `--compare MODEL_API=realtime,live` for the two OpenAI APIs: the
+stand-in processes play both), beside the bare relay, and prints each with its ratio.
+`--bridge-env NAME=VALUE` (repeatable) sets a variable for every bridge run. The bench sets the
+bridge's OPENAI_* (both APIs' URLs), HOST, PORT, PUBLIC_URL, TWILIO_AUTH_TOKEN,
+LOG_LEVEL=WARNING, MAX_CALLS=0 and INSTRUCTIONS; anything else comes from the environment (and
+.env) as for `make run`. Not a test: it prints numbers.
 """
 
 from __future__ import annotations
@@ -348,6 +350,7 @@ def _server_env(config: Config, port: int, standin_port: int) -> dict[str, str]:
            "HOST": "127.0.0.1", "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}",
            "OPENAI_API_KEY": "bench-key",
            "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
+           "OPENAI_LIVE_URL": f"ws://127.0.0.1:{standin_port}/v1/live/sessions",
            "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "LOG_LEVEL": "WARNING", "MAX_CALLS": "0",
            "INSTRUCTIONS": "bench {{call_sid}}"}
     return {**env, **config.env}

@@ -3,8 +3,9 @@
 Runs short scenarios in one process, each with the Realtime stand-in and the bridge on free
 loopback ports, webhook signatures on, records in out/demo-calls.db: a greeting, a tool and the
 assistant ending the call; a transfer; a barge-in; a dropped model connection; a handover between
-two instances. Prints each call's timeline and what Twilio does next, then the first call's
-stored record and transcript (read back by a freshly started bridge) and the metrics.
+two instances; and the first of these again on GPT-Live (MODEL_API=live, its own stand-in).
+Prints each call's timeline and what Twilio does next, then the first call's stored record and
+transcript (read back by a freshly started bridge) and the metrics.
 
     python -m server.testing.demo [--scenario NAME] [--fast] [--verbose]
 """

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
-from server.testing.audio import BYTES_PER_MS, RATE
+from server.testing.audio import BYTES_PER_MS, RATE, level
 from server.testing.inbox import Inbox
 from server.testing.twiml import Twiml, parse_twiml
 from server.wire.twilio import compute_signature
@@ -33,6 +33,12 @@ ALLOWED = {  # exactly what Twilio accepts from a server (anything else is error
     "clear": ({"event", "streamSid"}, None, set()),
 }
 ACCOUNT_SID = "AC" + "0" * 32
+AUDIBLE = 500  # mean |linear sample| above which a piece of audio is sound, not silence
+
+
+def audible(chunk: bytes) -> bool:
+    """Sound, not silence (GPT-Live's output never stops: a reply is what can be heard)."""
+    return level(chunk) > AUDIBLE
 
 
 class TwilioStream:
@@ -61,6 +67,11 @@ class TwilioStream:
         self.counts: Counter[str] = Counter()  # messages received, by event
         self.heard = bytearray()  # playback mode: the audio the caller heard, in order
         self.played_at: float | None = None  # playback mode: when audio last finished playing
+        # playback mode, sound only (not silence): what matters when the audio never stops
+        self.voice_heard = 0  # bytes of sound played
+        self.voice_played_at: float | None = None  # when sound last finished playing
+        self.voice_arrived_at: float | None = None  # when sound last arrived
+        self.voice_queued = 0  # pieces of sound waiting to play
         self._seq = 0
         self._chunk = 0
         self._media_ms = 0
@@ -184,7 +195,11 @@ class TwilioStream:
             await self.send_mark(message["mark"]["name"])
         elif self._marks == "playback":
             if event == "media":
-                self._queue.append(base64.b64decode(message["media"]["payload"]))
+                chunk = base64.b64decode(message["media"]["payload"])
+                if audible(chunk):
+                    self.voice_queued += 1
+                    self.voice_arrived_at = time.monotonic()
+                self._queue.append(chunk)
             elif event == "mark":
                 self._queue.append(str(message["mark"]["name"]))
             elif event == "clear":
@@ -200,6 +215,7 @@ class TwilioStream:
         await asyncio.gather(self._player, return_exceptions=True)
         pending = [item for item in self._queue if isinstance(item, str)]
         self._queue.clear()
+        self.voice_queued = 0
         for name in pending:
             await self.send_mark(name)
         self._player = asyncio.get_running_loop().create_task(self._play())
@@ -216,18 +232,35 @@ class TwilioStream:
                 await self.send_mark(item)
                 continue
             started = loop.time()
+            sound = audible(item)
             try:
                 await asyncio.sleep(len(item) / RATE)
             except asyncio.CancelledError:
-                self.heard += item[: int((loop.time() - started) * RATE)]
+                played = item[: int((loop.time() - started) * RATE)]
+                self.heard += played
+                if sound:
+                    self.voice_heard += len(played)
                 raise
             self._queue.popleft()
             self.heard += item
             self.played_at = time.monotonic()
+            if sound:
+                self.voice_queued -= 1
+                self.voice_heard += len(item)
+                self.voice_played_at = self.played_at
 
     @property
     def playing(self) -> bool:
         return any(isinstance(item, bytes) for item in self._queue)
+
+    def first_media_after(self, index: int, sound: bool = False) -> float | None:
+        """When the first media message after `index` arrived (`sound`: the first that is
+        not silence)."""
+        for message, at in zip(self.received[index:], self.arrivals[index:], strict=True):
+            if message.get("event") == "media" and (not sound or audible(
+                    base64.b64decode(message["media"]["payload"]))):
+                return at
+        return None
 
 
 # --- the webhook, then the stream ---

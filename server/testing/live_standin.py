@@ -10,7 +10,9 @@ voice is an echo assistant in GPT-Live's style:
 - it takes its own turns: an energy VAD on the caller's mu-law finds each caller turn, and once
   the caller has been quiet for `silence_ms` it plays that turn back;
 - it yields on its own when the caller talks over it (`barge_in_ms` of speech): the rest of what
-  it was saying is dropped, and its transcript holds only the words it got to say.
+  it was saying is dropped, and its transcript holds only the words it got to say;
+- told by `session.instructions.append` to greet the caller, or to say goodbye, it speaks (a
+  `greeting_ms` tone), as does commentary.
 
 Everything happens on the session timeline: milliseconds of caller audio received since the
 start (GPT-Live's timeline also advances only while input arrives). A chunk of output goes out
@@ -103,6 +105,7 @@ FUNCTION_KEYS = frozenset({"type", "name", "description", "parameters", "strict"
 INPUT_PARTS = {"developer": ("input_text",), "user": ("input_text",),
                "assistant": ("output_text", "text")}
 GREET = re.compile(r"\bgreet", re.IGNORECASE)
+GOODBYE = re.compile(r"\bsay goodbye\b", re.IGNORECASE)
 
 
 class _Refuse(Exception):
@@ -669,6 +672,9 @@ class LiveStandinSession:
         elif kind == "session.instructions.append" and GREET.search(content):
             ms = self._options.greeting_ms
             self._say(tone(ms), f"greeting ({ms} ms)", "greeting")
+        elif kind == "session.instructions.append" and GOODBYE.search(content):
+            ms = self._options.greeting_ms
+            self._say(tone(ms), f"goodbye ({ms} ms)", "goodbye")
         elif kind == "session.commentary.append":
             ms = self._options.greeting_ms
             self._say(tone(ms), f"commentary ({ms} ms)", "commentary")

@@ -2,6 +2,7 @@
 
     python -m server.testing.loadgen callers          # plays Twilio for the calls it is given
     python -m server.testing.loadgen standin PORT     # plays OpenAI (stand-in, stream mode)
+                                                      # on /v1/realtime and /v1/live/sessions
 
 One Python process playing both sides of hundreds of calls saturates a core before the bridge
 does, so the bench (`server.testing.bench`) starts these as separate processes and drives them
@@ -14,6 +15,13 @@ towards sent/received. Calls send at phases spread over the 20 ms (as independen
 on one 2 ms clock per caller process; each stand-in session streams on its own clock. Every
 process reports how late its clocks ran, so a saturated generator shows in its own numbers.
 
+The stand-in process plays both APIs on one port: Realtime (`/v1/realtime`, the stand-in's
+stream mode: a 20 ms delta every 20 ms) and GPT-Live (`/v1/live/sessions`, lean: after
+`session.started`, a 100 ms `session.output_audio.delta` every 100 ms, as GPT-Live streams, until
+`session.close`). A frame is 20 ms of audio wherever it is counted: a 100 ms delta is five frames,
+sent and received together (so the bench's CPU per relayed frame compares the two APIs per
+20 ms of audio relayed).
+
 Both sides are kept lean, because on a small machine the generator competes with the server
 for CPU: the callers speak WebSocket through `LeanStream` (no reader task or coroutine per
 frame), and the stand-in's stream mode keeps nothing per frame.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import struct
 import sys
 import time
@@ -39,13 +48,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from server.testing.audio import FRAME_BYTES, FRAME_MS, RATE, ULAW_SILENCE
+from server.testing.audio import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, RATE, ULAW_SILENCE
 from server.testing.dial import ACCOUNT_SID, dial_with
 from server.testing.process import run_main
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, create_standin_app
 
 STAMP = struct.Struct("<d")
 FILL = bytes([ULAW_SILENCE]) * (FRAME_BYTES - STAMP.size)
+LIVE_DELTA_MS = 100  # GPT-Live streams its output about 100 ms a delta
+LIVE_FILL = bytes([ULAW_SILENCE]) * (LIVE_DELTA_MS * BYTES_PER_MS - STAMP.size)
+LIVE_FRAMES = LIVE_DELTA_MS // FRAME_MS  # frames in one GPT-Live delta
 PERIOD = FRAME_MS / 1000
 SLOT = 0.002  # the callers' clock tick: calls whose phase falls in one slot send together
 SLOTS = round(PERIOD / SLOT)
@@ -55,6 +67,11 @@ STAMP_CHARS = 12  # base64 characters that hold the stamp's 8 bytes
 def stamped_frame(now: float) -> bytes:
     """20 ms of mu-law whose first 8 bytes are the time it is sent."""
     return STAMP.pack(now) + FILL
+
+
+def stamped_delta(now: float) -> bytes:
+    """100 ms of mu-law (a GPT-Live delta) whose first 8 bytes are the time it is sent."""
+    return STAMP.pack(now) + LIVE_FILL
 
 
 def stamp_of(payload: str) -> float:
@@ -71,9 +88,10 @@ class Histogram:
         self.count = 0
         self.max_ms = 0.0
 
-    def add(self, ms: float) -> None:
-        self.bins[int(ms * 100)] += 1
-        self.count += 1
+    def add(self, ms: float, n: int = 1) -> None:
+        """`n` samples of this value (frames that arrived together)."""
+        self.bins[int(ms * 100)] += n
+        self.count += n
         if ms > self.max_ms:
             self.max_ms = ms
 
@@ -312,9 +330,10 @@ class Callers:
         def heard(payload: str) -> None:
             now = time.monotonic()
             stamp = stamp_of(payload)
-            self.received += 1
+            frames = max(len(payload) * 3 // 4 // FRAME_BYTES, 1)  # 20 ms each
+            self.received += frames
             if stamp in window:
-                self.latency.add((now - stamp) * 1000)
+                self.latency.add((now - stamp) * 1000, frames)
             call = call_box[0] if call_box else None
             if call is not None and call.setup_ms is None:
                 call.setup_ms = (stamp - call.dialled_at) * 1000
@@ -437,14 +456,19 @@ class Callers:
 
 
 class Standin:
-    """The Realtime stand-in in stream mode, keeping nothing per frame but counts and bins."""
+    """The Realtime stand-in in stream mode, and a lean GPT-Live one, keeping nothing per frame
+    but counts and bins."""
 
     def __init__(self) -> None:
         self.window = Window()
+        self.live_sessions = 0
+        self.live_silent = 0  # GPT-Live sessions that never started (so never streamed)
+        self._live_streams: set[asyncio.Task[None]] = set()
         self.reset()
         self.app = create_standin_app(StandinOptions(
             reply="stream", stream_frame=self._frame, on_audio=self._heard,
             stream_late=self._late, stream_keep_audio=False))
+        self.app.router.add_get("/v1/live/sessions", self._live)
 
     def reset(self) -> dict[str, Any]:
         self.sent = self.received = 0
@@ -469,9 +493,73 @@ class Standin:
         if time.monotonic() in self.window:
             self.lateness.add(seconds * 1000)
 
+    # --- GPT-Live, lean ---
+
+    async def _live(self, request: web.Request) -> web.WebSocketResponse:
+        """One GPT-Live session: `session.started` for `session.start`, then a stamped 100 ms
+        delta every 100 ms; caller audio is timed on arrival; `session.close` ends it."""
+        ws = web.WebSocketResponse(compress=False, decode_text=False, max_msg_size=1 << 24)
+        await ws.prepare(request)
+        self.live_sessions += 1
+        streamer: asyncio.Task[None] | None = None
+        started = False
+        try:
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    continue
+                event = orjson.loads(msg.data)
+                kind = event.get("type")
+                if kind == "session.input_audio.append":
+                    self._heard(base64.b64decode(event["audio"][:STAMP_CHARS]))
+                elif kind == "session.start" and not started:
+                    started = True
+                    await ws.send_frame(orjson.dumps({
+                        "type": "session.started", "event_id": f"event_{self.live_sessions}",
+                        "session": {"id": f"live_bench_{self.live_sessions}",
+                                    "model": event["session"]["model"],
+                                    "expires_at": int(time.time()) + 3600,
+                                    "status": "active"}}), aiohttp.WSMsgType.TEXT)
+                    streamer = asyncio.get_running_loop().create_task(self._live_stream(ws))
+                    self._live_streams.add(streamer)
+                    streamer.add_done_callback(self._live_streams.discard)
+                elif kind == "session.close":
+                    if streamer is not None:
+                        streamer.cancel()
+                    await ws.send_frame(orjson.dumps({
+                        "type": "session.closed", "event_id": "event_closed",
+                        "reason": "close_requested", "usage": {"seconds": 0.0}}),
+                        aiohttp.WSMsgType.TEXT)
+                    break
+        finally:
+            if streamer is not None:
+                streamer.cancel()
+            if not started:
+                self.live_silent += 1
+        return ws
+
+    async def _live_stream(self, ws: web.WebSocketResponse) -> None:
+        """A 100 ms delta every 100 ms, drift-free, the first at once, then at a random
+        phase (as the Realtime stand-in's stream mode), each as ready-made JSON."""
+        head = b'{"type":"session.output_audio.delta","delta":"'
+        loop = asyncio.get_running_loop()
+        due, sent = loop.time(), 0
+        while not ws.closed:
+            sent += 1
+            self.sent += LIVE_FRAMES
+            delta = base64.b64encode(stamped_delta(time.monotonic()))
+            with suppress(ConnectionError):
+                await ws.send_frame(head + delta + b'"}', aiohttp.WSMsgType.TEXT)
+            due += LIVE_DELTA_MS / 1000 * (1 + random.random() if sent == 1 else 1)
+            await asyncio.sleep(max(due - loop.time(), 0))
+            self._late(max(loop.time() - due, 0.0))
+
     async def quiet(self) -> dict[str, Any]:
         for session in self.app[STANDIN_SESSIONS]:
             await session.stop_streaming()
+        streams = list(self._live_streams)
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
         return self.counts()
 
     def counts(self) -> dict[str, Any]:
@@ -481,6 +569,7 @@ class Standin:
         cmd = command["cmd"]
         if cmd == "reset":
             self.app[STANDIN_SESSIONS].clear()  # ended sessions of earlier runs
+            self.live_sessions = self.live_silent = 0
             return self.reset()
         if cmd == "window":
             self.window.t0, self.window.t1 = command["t0"], command["t1"]
@@ -494,8 +583,12 @@ class Standin:
             silent = sum(s.updated_at is None for s in sessions)
             if silent:
                 self.errors["sessions never updated (so never streamed)"] += silent
+            if self.live_silent:
+                self.errors["GPT-Live sessions never started (so never streamed)"] += \
+                    self.live_silent
             return {**self.counts(), "latency": self.latency.to_json(),
-                    "lateness": self.lateness.to_json(), "sessions": len(sessions),
+                    "lateness": self.lateness.to_json(),
+                    "sessions": len(sessions) + self.live_sessions,
                     "errors": dict(self.errors)}
         raise ValueError(f"unknown command {cmd!r}")
 

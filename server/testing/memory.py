@@ -108,6 +108,9 @@ class QuietCall:
     def warn(self, message: str) -> None:
         """Nothing to warn about."""
 
+    def hold_playback(self, on: bool) -> None:
+        """No hold audio plays here."""
+
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, name=name)
 

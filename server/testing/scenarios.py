@@ -1,6 +1,7 @@
-"""The demo's scenarios. Each runs on loopback: the Realtime stand-in (scripted for the
-scenario), the bridge (two for the handover) with webhook signatures on and a records database,
-and one simulated call that must do what the scenario says. `server.testing.demo` runs them."""
+"""The demo's scenarios. Each runs on loopback: the Realtime stand-in (or the GPT-Live one)
+scripted for the scenario, the bridge (two for the handover) with webhook signatures on and a
+records database, and one simulated call that must do what the scenario says.
+`server.testing.demo` runs them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from server.app import REGISTRY, create_app
 from server.fleet.state import MemoryState
 from server.settings import Settings
 from server.testing import audio
+from server.testing.live_standin import (
+    LIVE_SESSIONS,
+    LiveStandinOptions,
+    LiveStandinSession,
+    create_live_standin_app,
+)
 from server.testing.simulator import CallResult, place_call, sample_wav
 from server.testing.standin import (
     STANDIN_SESSIONS,
@@ -152,14 +159,25 @@ def _json(value: Any) -> str:
 
 def _call(env: Env, base: str, **options: Any) -> Awaitable[CallResult]:
     pace = env.pace
-    return place_call(base, speech=pace.speech, auth_token=AUTH_TOKEN, settle=pace.settle,
-                      echo=env.echo, **options)
+    options.setdefault("settle", pace.settle)
+    return place_call(base, speech=pace.speech, auth_token=AUTH_TOKEN, echo=env.echo,
+                      **options)
+
+
+LATENCY_AGREES_MS = 20  # the record's per-turn latency and what the caller measured
 
 
 def _common(outcome: Outcome, result: CallResult, record: dict[str, Any] | None) -> None:
     outcome.result, outcome.record = result, record
     outcome.expect(result.ok, f"the call failed: {result.error}")
     outcome.expect(record is not None, "no final record was stored")
+    recorded = (record or {}).get("latencies_ms") or []
+    if record is not None and len(recorded) == len(result.latencies_ms):
+        apart = [abs(a - b) for a, b in zip(recorded, result.latencies_ms, strict=True)]
+        outcome.expect(all(d <= LATENCY_AGREES_MS for d in apart),
+                       f"the record's latencies {recorded} and the caller's "
+                       f"{[round(x) for x in result.latencies_ms]} differ by more than "
+                       f"{LATENCY_AGREES_MS} ms")
 
 
 # --- a. greeting, a tool, and the assistant ends the call ---
@@ -349,6 +367,55 @@ async def handover(env: Env) -> Outcome:
     return outcome
 
 
+# --- f. GPT-Live ---
+
+
+async def gpt_live(env: Env) -> Outcome:
+    """The same line on GPT-Live (MODEL_API=live): the GPT-Live stand-in greets, checks an order
+    through its backend on turn 1 (Responses delegation: the bridge runs the tool) and ends the
+    call on turn 2. Its audio never stops (silence included), so the caller listens for sound."""
+    outcome = Outcome("gpt-live")
+    p = env.pace
+    standin = create_live_standin_app(LiveStandinOptions(
+        silence_ms=p.vad_silence_ms, greeting_ms=p.greeting_ms, tool_reply_ms=p.answer_ms,
+        tool_calls={1: tool_call("lookup_order", {"order_id": "1234"}, say_ms=p.say_ms),
+                    2: tool_call("end_call", say_ms=p.say_ms)}))
+    async with serving(standin) as standin_base:
+        settings = env.settings(
+            standin_base, model_api="live", greeting="Thanks for calling, how can I help?",
+            tools_module=str(EXAMPLE_TOOLS),
+            openai_live_url=f"{standin_base.replace('http://', 'ws://')}/v1/live/sessions")
+        async with serving(create_app(settings)) as bridge:
+            # a caller who waits a moment after each reply (the bridge ends the call once
+            # the model has been quiet for a moment and its goodbye has played)
+            result = await _call(env, bridge, turns=2, listen_first=3.0, continuous=True,
+                                 settle=max(p.settle, 1.0))
+            record = await fetch_record(env, bridge, result.call_sid)
+            await keep_metrics(env, bridge)
+        sessions: list[LiveStandinSession] = standin[LIVE_SESSIONS]
+    _common(outcome, result, record)
+    usage = (record or {}).get("usage") or {}
+    tools_ok = [e for e in (record or {}).get("timeline", ())
+                if e.get("kind") == "tool" and e.get("outcome") == "ok"]
+    env.say(f"GPT-Live session {sessions[0].id if sessions else '?'}: {usage.get('seconds')} s "
+            f"billed, backend tokens in {usage.get('input_tokens')} out "
+            f"{usage.get('output_tokens')}; cost ≈ ${(record or {}).get('cost_usd')}")
+    outcome.expect(result.greeting_ms is not None, "no greeting was heard")
+    outcome.expect(len(result.latencies_ms) == 2, "a turn went unanswered")
+    outcome.expect(any(e.get("name") == "lookup_order" for e in tools_ok),
+                   "no successful lookup_order in the record")
+    outcome.expect(any('"shipped"' in o for s in sessions for o in s.tool_outputs.values()),
+                   "the backend never got the order's status")
+    outcome.expect((result.hung_up_by, result.next_action) == ("bridge", "hangup"),
+                   f"expected the bridge to end the call and Twilio to hang up, got "
+                   f"{result.hung_up_by} / {result.next_action or 'nothing'}")
+    outcome.expect((record or {}).get("model") == "gpt-live-1",
+                   f"model {(record or {}).get('model')!r} in the record, not gpt-live-1")
+    outcome.expect(isinstance(usage.get("seconds"), (int, float)) and usage["seconds"] > 0
+                   and (record or {}).get("cost_usd"), "no session seconds or cost recorded")
+    return outcome
+
+
 Scenario = Callable[[Env], Awaitable[Outcome]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "tools": ("greeting, a tool, and the assistant ends the call", tools),
@@ -356,6 +423,8 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "barge-in": ("barge-in: the caller talks over the reply", barge_in),
     "model-drop": ("the model connection drops", model_drop),
     "handover": ("handover: a deploy moves the call to another instance", handover),
+    "gpt-live": ("GPT-Live: greeting, a tool through its backend, the assistant ends the call",
+                 gpt_live),
 }
 
 

@@ -40,6 +40,7 @@ __all__ = ["ALLOWED", "CallResult", "TwilioStream", "balancer", "place_call", "r
            "sample_wav"]
 
 SILENCE = bytes([audio.ULAW_SILENCE]) * audio.FRAME_BYTES
+SPEECH_LEVEL = 500  # mean |sample| of a 20 ms frame above which it is speech (the stand-in's)
 KEY_GAP_FRAMES = 5  # 100 ms between two key presses
 MAX_STREAMS = 8  # a bridge that hands a call over forever is a failure, not a loop
 HOOK_WAIT = 10.0  # longest wait, after the call, for after-turn work still running
@@ -150,6 +151,7 @@ class _Script:
     reply_wait: float
     settle: float
     after_turn: AfterTurn | None
+    continuous: bool = False  # the bridge's audio never stops (GPT-Live): a reply is sound
 
 
 class _Line:
@@ -192,12 +194,21 @@ class _Line:
             self._note("bridge cleared the caller's playback (barge-in handled)")
 
     async def say(self, label: str) -> float:
+        """Send one turn; the moment its speech really ended (the last frame loud enough to be
+        speech, as a voice detector hears it: a recording's quiet tail is not speech), which
+        is where the bridge measures response latency from too."""
         speech = self._script.speech
         self._note(f"caller speaks ({label}, {len(speech) // audio.BYTES_PER_MS} ms)")
-        for frame in audio.frames(speech):
+        frames = list(audio.frames(speech))
+        last_loud = max((i for i, f in enumerate(frames) if audio.level(f) > SPEECH_LEVEL),
+                        default=len(frames) - 1)
+        ended = time.monotonic()
+        for i, frame in enumerate(frames):
             await self.send(frame)
+            if i == last_loud:
+                ended = time.monotonic()
         self._note("caller stopped speaking")
-        return time.monotonic()
+        return ended
 
     async def press(self, keys: str) -> float:
         self._note(f"caller presses {' '.join(keys)}")
@@ -216,7 +227,24 @@ class _Line:
         return len(self.stream.received)
 
     def replied(self, since: int) -> bool:
-        return _first_media_after(self.stream, since) is not None
+        return self._first_after(since) is not None
+
+    def _first_after(self, since: int) -> float | None:
+        return self.stream.first_media_after(since, sound=self._script.continuous)
+
+    def _heard(self) -> int:
+        return self.stream.voice_heard if self._script.continuous else len(self.stream.heard)
+
+    def _done_playing(self, now: float) -> bool:
+        """The reply has played: nothing of it is queued, the last of it played `settle` ago,
+        and nothing new arrived since (with continuous audio: sound only)."""
+        stream, settle = self.stream, self._script.settle
+        if self._script.continuous:
+            played, arrived = stream.voice_played_at, stream.voice_arrived_at
+            return (stream.voice_queued == 0 and played is not None and now - played > settle
+                    and arrived is not None and now - arrived > settle)
+        quiet = stream.played_at is not None and now - stream.played_at > settle
+        return not stream.playing and quiet and now - stream.arrivals[-1] > settle
 
     async def listen(self, since: int, ended: float, after: str, wait: float,
                      latencies: list[float], barge_in_ms: int | None = None,
@@ -224,14 +252,14 @@ class _Line:
         """Silence until a reply has played, or `wait` passes without one. Appends the latency
         of each reply (ms after `ended`) as it comes: one, or two when the caller talks over the
         first."""
-        stream, settle, note = self.stream, self._script.settle, self._note
+        stream, note = self.stream, self._note
         deadline = self._loop.time() + wait
-        heard_before = len(stream.heard)
+        heard_before = self._heard()
         first: float | None = None
         while self._loop.time() < deadline:
             await self.send(SILENCE)
             if first is None:
-                first = _first_media_after(stream, since)
+                first = self._first_after(since)
                 if first is not None:
                     latencies.append((first - ended) * 1000)
                     note(f"first {what} audio: {latencies[-1]:.0f} ms after {after}")
@@ -239,7 +267,7 @@ class _Line:
                     self._after_handover()
                 continue
             if barge_in_ms is not None and \
-                    len(stream.heard) - heard_before >= barge_in_ms * audio.BYTES_PER_MS:
+                    self._heard() - heard_before >= barge_in_ms * audio.BYTES_PER_MS:
                 note(f"caller talks over the reply after {barge_in_ms} ms of it")
                 barge_in_ms = None
                 since = self.mark()
@@ -247,9 +275,7 @@ class _Line:
                 what = "reply"
                 deadline = self._loop.time() + self._script.reply_wait
                 continue
-            now = time.monotonic()
-            quiet = stream.played_at is not None and now - stream.played_at > settle
-            if not stream.playing and quiet and now - stream.arrivals[-1] > settle:
+            if self._done_playing(time.monotonic()):
                 note(f"reply finished playing ({stream.marks_echoed} marks echoed so far)")
                 break
         else:
@@ -261,7 +287,7 @@ class _Line:
         started, result = self._handed_over_at, self._result
         if started is None or result.handover_reply_ms is not None:
             return
-        first = _first_media_after(self.stream, 0)
+        first = self._first_after(0)
         if first is not None:
             result.handover_reply_ms = (first - started) * 1000
             self._note(f"first reply audio on the new stream: {result.handover_reply_ms:.0f} "
@@ -341,13 +367,6 @@ def _failure(task: asyncio.Future[None]) -> str:
     return "cancelled" if task.cancelled() else repr(task.exception())
 
 
-def _first_media_after(stream: TwilioStream, index: int) -> float | None:
-    for message, at in zip(stream.received[index:], stream.arrivals[index:], strict=True):
-        if message.get("event") == "media":
-            return at
-    return None
-
-
 async def place_call(
     base_url: str,
     *,
@@ -370,6 +389,7 @@ async def place_call(
     public_url: str | None = None,
     after_turn: AfterTurn | None = None,
     call_sid: str | None = None,
+    continuous: bool = False,
 ) -> CallResult:
     """Place one simulated call; never raises for a failed call, the result says why.
 
@@ -383,14 +403,19 @@ async def place_call(
     when the bridge has PUBLIC_URL, is the URL Twilio knows and signs. `action_base` is the load
     balancer for what follows (the `<Connect action>` request and any stream it opens): one base
     URL, a list (round robin) or a callable; by default, the URL written in the TwiML (or
-    `base_url` when `public_url` is given)."""
+    `base_url` when `public_url` is given).
+
+    `continuous`: the bridge's audio never stops (GPT-Live streams silence too), so a reply is
+    the first sound after the caller spoke, and it has played once no sound has come or played
+    for `settle`."""
     result = CallResult()
     note = _Timeline(result, echo)
     script = _Script(
         speech=speech if speech is not None
         else audio.ulaw_encode(audio.read_wav(wav or sample_wav())),
         turns=turns, barge_in_ms=barge_in_ms, keys=keys or "", keys_at_turn=keys_at_turn,
-        listen_first=listen_first, reply_wait=reply_wait, settle=settle, after_turn=after_turn)
+        listen_first=listen_first, reply_wait=reply_wait, settle=settle, after_turn=after_turn,
+        continuous=continuous)
     public = (public_url or base_url).rstrip("/")
     pick = balancer(action_base) if action_base is not None else \
         (lambda: base_url) if public_url else None

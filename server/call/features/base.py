@@ -76,7 +76,9 @@ class CallControl(Protocol):
         """True when everything sent to the caller has been played (or cleared)."""
 
     async def wait_played(self, timeout: float) -> bool:
-        """Wait until everything sent to the caller has played; False on timeout."""
+        """Wait until the assistant's last words have played; False on timeout. (Realtime:
+        everything sent; GPT-Live, whose output never stops: once it has been quiet for a
+        moment, what was sent by then.)"""
 
     async def request_response(self, reason: str, instructions: str | None = None) -> None:
         """Ask the model to respond, through the call's one response gate: sent when no
@@ -93,6 +95,10 @@ class CallControl(Protocol):
     async def cut_assistant(self) -> None:
         """Stop the assistant now: waiting requests withdrawn, audio kept back or playing
         dropped (the model told what was heard); it may be asked to speak again at once."""
+
+    def hold_playback(self, on: bool) -> None:
+        """Hold audio starts (on) or stops (off): the model's own audio is not played
+        meanwhile, so the two never mix (GPT-Live's output flows all the time)."""
 
     def warn(self, message: str) -> None:
         """Log a warning this call's input caused (bad keys, repeated frames): the first few

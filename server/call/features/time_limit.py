@@ -3,7 +3,8 @@ the call ends (Twilio hangs up), whatever the conversation is doing.
 
 One timer task per call (not per frame), measured from the call's start (a handed-over call
 keeps its start). The goodbye is asked for as a response; the call ends once it has played, or
-after GOODBYE_WAIT if the model does not answer.
+after GOODBYE_WAIT if the model does not answer. GPT-Live, which takes its own turns, is told
+to say goodbye: its first word after that is the goodbye beginning.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def factory(settings: Settings) -> FeatureFactory:
 
 class TimeLimit(Feature):
     name = "time_limit"
-    model_events: ClassVar[tuple[type, ...]] = (ev.ResponseCreated, ev.ResponseDone)
+    model_events: ClassVar[tuple[type, ...]] = (ev.ResponseCreated, ev.ResponseDone,
+                                                ev.TranscriptDelta)
 
     def __init__(self, call: CallControl, seconds: float) -> None:
         super().__init__(call)
@@ -53,6 +55,9 @@ class TimeLimit(Feature):
             self._goodbye = event.response_id
         elif isinstance(event, ev.ResponseDone) and event.response_id == self._goodbye:
             self._said.set()
+        elif isinstance(event, ev.TranscriptDelta) and event.role == "assistant" \
+                and self._goodbye == "" and self.call.model.decides_turns:
+            self._said.set()  # GPT-Live began its goodbye: wait_played waits for its end
 
     async def _run(self) -> None:
         elapsed = (utc_now() - self.call.record.started_at).total_seconds()

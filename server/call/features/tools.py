@@ -8,9 +8,13 @@ an output, the call's response gate is asked for one response (it waits while an
 is active or the caller talks; a response the service starts on its own sees the outputs too).
 
 A slow tool (over 1.5 s) gets hold audio once the model's own words have played; it is cleared
-before the model speaks again. Built-ins: `end_call` (the goodbye plays out, then `<Hangup/>`)
-and `transfer_call` (the hand-off sentence plays out, then `<Dial>`), offered only when
-TRANSFER_TARGETS is set.
+before the model speaks again. GPT-Live's calls come from its backend (Responses delegation):
+the session answers them the same way, and the batch is complete when the backend response that
+made them is (its `ResponseDone`); the model's continuous audio is held back while hold audio
+plays, and an assistant word stops the hold as a response would.
+
+Built-ins: `end_call` (the goodbye plays out, then `<Hangup/>`) and `transfer_call` (the
+hand-off sentence plays out, then `<Dial>`), offered only when TRANSFER_TARGETS is set.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ class ToolsFeature(Feature):
     name = "tools"
     model_events: ClassVar[tuple[type, ...]] = (
         ev.FunctionCall, ev.ResponseCreated, ev.ResponseDone, ev.SpeechStarted,
-        ev.SpeechStopped)
+        ev.SpeechStopped, ev.TranscriptDelta)
 
     def __init__(self, call: CallControl, config: ToolsConfig) -> None:
         super().__init__(call)
@@ -171,6 +175,9 @@ class ToolsFeature(Feature):
             await self._stop_hold()
         elif isinstance(event, ev.SpeechStopped):
             self._speaking = False
+        elif isinstance(event, ev.TranscriptDelta) and event.role == "assistant" \
+                and self._holding:  # GPT-Live speaks on its own
+            await self._stop_hold()
 
     async def on_end(self, ending: Ending) -> None:
         self._ending = True  # running tools and hold audio are cancelled by the call
@@ -292,7 +299,9 @@ class ToolsFeature(Feature):
             for payload, ms in itertools.cycle(self._config.hold_chunks):
                 if stop.is_set():
                     return
-                self._holding = True
+                if not self._holding:
+                    self._holding = True
+                    self.call.hold_playback(True)
                 await self.call.send_to_caller(tw.media_frame(self.call.stream_sid, payload))
                 sent_ms += ms
                 if await _stopped(stop, start + (sent_ms - HOLD_AHEAD_MS) / 1000 - loop.time()):
@@ -309,6 +318,7 @@ class ToolsFeature(Feature):
         if self._holding:
             self._holding = False
             await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
+            self.call.hold_playback(False)
 
 
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:

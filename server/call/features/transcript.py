@@ -56,10 +56,17 @@ class TranscriptFeature(Feature):
         self._reply_latency: dict[str, float] = {}
         self._assistant: dict[str, AssistantTurn] = {}  # item -> its turn
         self._cut: dict[str, int] = {}  # item -> heard_ms, for a transcript still to come
+        # A cumulative usage (GPT-Live's session seconds) counts from its session's start: what
+        # earlier sessions of the call used (a reconnect, a handover) is added to it.
+        self._usage_base: dict[str, float] = {}
 
     @classmethod
     def factory(cls, prices: PriceTable | None) -> Callable[[CallControl], Feature]:
         return lambda call: cls(call, prices)
+
+    async def on_session_ready(self, first: bool) -> None:
+        self._usage_base = {k: v for k, v in self.call.record.usage.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     async def on_model(self, event: ev.ModelEvent) -> None:
         call = self.call
@@ -87,8 +94,13 @@ class TranscriptFeature(Feature):
                 if said.item_id not in self._assistant:
                     self._assistant_turn(said)
         elif isinstance(event, ev.Usage):
-            if event.cumulative:
-                record.usage = dict(event.usage)
+            if event.cumulative:  # a snapshot of this session's total: keep the last one
+                base = self._usage_base
+                for key, value in event.usage.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        total = base.get(key, 0) + value
+                        record.usage[key] = round(total, 3) if isinstance(total, float) \
+                            else total
                 record.touch()
             else:
                 record.add_usage(event.usage)
@@ -142,6 +154,7 @@ class TranscriptFeature(Feature):
     async def on_end(self, ending: Ending) -> None:
         record = self.call.record
         if self.prices is not None:
-            record.cost_usd = self.prices.cost(record.model or self.call.settings.openai_model,
-                                               record.usage)
+            settings = self.call.settings
+            record.cost_usd = self.prices.estimate(record.model or settings.openai_model,
+                                                   record.usage, settings.live_backend_model)
             record.touch()
