@@ -127,3 +127,18 @@ def test_only_outbound_calls_get_the_feature() -> None:
     assert make(inbound) is None
     inbound.plan = CallPlan(direction="outbound")
     assert isinstance(make(inbound), Answering)
+
+
+async def test_a_model_that_takes_its_own_turns_leaves_the_message_too() -> None:
+    """GPT-Live has no responses to follow: its first words after the request are the
+    message, and the call ends once they have played."""
+    call, _, hung_up = outbound()
+    call.model.decides_turns = True
+    await call.session_ready()
+    call.publish(MachineDetection("machine_end_beep"))
+    await call.wait(lambda c: len(created(c)) == 1)  # the gate passes it on at once
+    assert "Please call back." in created(call)[0]["response"]["instructions"]
+    assert call.endings == []
+    await call.model_event(ev.TranscriptDelta("assistant", "", "Please "))
+    await call.ended.wait()
+    assert call.endings[0].kind == EndKind.VOICEMAIL and hung_up == ["CAout"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.app import DEPS, METRICS, REGISTRY
+from server.app import METRICS, REGISTRY
 from server.outbound import cli
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, StandinSession
 from server.testing.twilio_rest import Callee, FakeCall, answering_machine, speech
@@ -70,9 +70,7 @@ async def test_a_person_is_greeted_after_the_answer_with_the_calls_variables(
     assert update["type"] == "session.update"
     assert "Call Ann about their appointment on Tuesday" in update["session"]["instructions"]
     (greeting,) = creates(session)
-    assert 'saying exactly: "Hello Ann, this is the clinic."' in \
-        greeting["response"]["instructions"] or "Hello Ann, this is the clinic." in \
-        greeting["response"]["instructions"]
+    assert '"Hello Ann, this is the clinic."' in greeting["response"]["instructions"]
     # Nothing reached the callee before the AMD result: not the greeting, not an answer to
     # their "hello?" (the model only listened).
     first = first_media_at(call)
@@ -91,7 +89,6 @@ async def test_a_person_is_greeted_after_the_answer_with_the_calls_variables(
     assert record["prompt"].startswith("reminders version 1")
     assert line.fake.creates()[0].form["Url"].startswith(
         "https://bridge.example/incoming-call?plan=pl_")
-    assert line.rig.app[REGISTRY].state is not None
     assert await line.rig.app[REGISTRY].state.active() == 0  # the slot went with the call
 
 
@@ -222,8 +219,7 @@ async def test_post_calls_refusals(make_line: MakeLine) -> None:
     got, answer = await line.post("/calls", {"to": TO}, headers={"Authorization": "Bearer no"})
     assert got == 401
     assert [p.form["To"] for p in line.fake.creates()] == ["+15550100003", "+15550100002"]
-    await line.post(f"/calls/{sid}/hangup", {})  # not streaming: nothing to hang up here
-    assert line.rig.app[DEPS].prewarm is not None
+    assert sid in line.fake.calls  # Twilio was asked only for the calls that were allowed
 
 
 async def test_without_twilio_settings_post_calls_says_what_to_set(

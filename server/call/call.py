@@ -247,7 +247,9 @@ class Call:
             await self.gate.hold(False)
             # What was kept back answers no caller turn: it counts toward no reply latency.
             self.latency.reply_started()
-            await self.playback.release()
+            # A model that takes its own turns talks all the time: what it said while held
+            # (to no one) is dropped; a Realtime session's is a greeting made ahead: it plays.
+            await self.playback.release(play=not self.model.decides_turns)
 
     async def listen_only(self, on: bool) -> None:
         """The model listens (transcribes, remembers) but makes no response of its own, nor

@@ -312,10 +312,11 @@ class Playback:
         if self.held is None:
             self.held = []
 
-    async def release(self) -> None:
-        """Play what was kept back, in order, and let the model's audio through again."""
+    async def release(self, play: bool = True) -> None:
+        """Play what was kept back, in order (`play`; else drop it), and let the model's
+        audio through again."""
         held, self.held = self.held, None
-        if held:
+        if held and play:
             for event in held:
                 await self.play(event)
             await self._flush()

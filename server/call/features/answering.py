@@ -65,7 +65,8 @@ def voicemail_instructions(message: str) -> str:
 class Answering(Feature):
     name = "answering"
     call_events: ClassVar[tuple[type[CallEvent], ...]] = (MachineDetection,)
-    model_events: ClassVar[tuple[type, ...]] = (ev.ResponseCreated, ev.ResponseDone)
+    model_events: ClassVar[tuple[type, ...]] = (ev.ResponseCreated, ev.ResponseDone,
+                                                 ev.TranscriptDelta)
 
     def __init__(self, call: CallControl, wait_s: float, hang_up: HangUp | None) -> None:
         super().__init__(call)
@@ -113,6 +114,12 @@ class Answering(Feature):
         if isinstance(event, ev.ResponseCreated) and self._message is None:
             self._message = event.response_id
         elif isinstance(event, ev.ResponseDone) and event.response_id == self._message:
+            self.call.spawn(self._after_message(), "voicemail-played")
+        elif (isinstance(event, ev.TranscriptDelta) and event.role == "assistant"
+              and self.call.model.decides_turns and self._message is None):
+            # A model that takes its own turns has no responses: its first words after the
+            # request are the message, which has played once it has been quiet a moment.
+            self._message = event.item_id or "spoken"
             self.call.spawn(self._after_message(), "voicemail-played")
 
     async def on_end(self, ending: Ending) -> None:
