@@ -5,15 +5,19 @@ handling, the call's record through its statuses, and POST /calls' refusals."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from server.app import METRICS, REGISTRY
 from server.outbound import cli
+from server.testing.inbox import wait_until
 from server.testing.standin import STANDIN_SESSIONS, StandinOptions, StandinSession
 from server.testing.twilio_rest import Callee, FakeCall, answering_machine, speech
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, subprocess_env
 from tests.outbound_rig import ADMIN, AUTH, FROM, Line, MakeLine
 
 TO = "+15550100001"
@@ -214,6 +218,13 @@ async def test_post_calls_refusals(make_line: MakeLine) -> None:
     assert got == 502 and answer["twilio_code"] == 21215 and answer["twilio_status"] == 400
     assert "not authorized" in answer["error"]
     sid = await line.place(to="+15550100002")  # ringing: it holds the one slot
+
+    async def ringing() -> bool:  # its record follows it before any stream: queued, ringing
+        status, record = await line.get(f"/calls/{sid}")
+        return bool(status == 200 and record["status"] == "ringing"
+                    and record["ended_at"] is None)
+
+    await wait_until(ringing, 5.0, "a record saying the call rings")
     got, answer = await line.post("/calls", {"to": TO})
     assert got == 429 and "MAX_CALLS=1" in answer["error"]
     got, answer = await line.post("/calls", {"to": TO}, headers={"Authorization": "Bearer no"})
@@ -269,3 +280,11 @@ async def test_the_cli_places_a_call_and_waits_for_its_end(
     monkeypatch.delenv("ADMIN_TOKEN")
     with pytest.raises(cli.Failed, match="ADMIN_TOKEN is not set"):
         await cli.place(args, printed.append)
+
+
+def test_python_m_server_call_needs_the_admin_token(tmp_path: Path) -> None:
+    """The subcommand is wired: without ADMIN_TOKEN it says so and exits 1."""
+    done = subprocess.run([sys.executable, "-m", "server", "call", TO], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "ADMIN_TOKEN is not set" in done.stderr

@@ -386,7 +386,10 @@ class Outbound:
         if records is None or not records.enabled:
             return
         snapshot = self._record(call_sid, status, stored, fields).to_dict()
-        at = _event_time(fields) if fields else datetime.now(UTC)
+        # Dated to the second (as Twilio's Timestamp is), plus the status's rank: so queued
+        # (placed here) < ringing < in-progress whatever order the writes land in, and the
+        # stream's own record (dated to the microsecond, later) replaces them all.
+        at = (_event_time(fields) if fields else datetime.now(UTC)).replace(microsecond=0)
         snapshot["updated_at"] = stamp(at + timedelta(microseconds=RANK.get(status, 0)))
         snapshot["ended_at"] = None
         try:
