@@ -62,9 +62,10 @@ def metric(line: Line, end: str) -> float:
 async def test_a_person_is_greeted_after_the_answer_with_the_calls_variables(
         make_line: MakeLine, prewarm: bool) -> None:
     line = await make_line(prewarm=prewarm)
-    # The callee says "hello?" (800 ms); AMD says human 1 s after the answer; the callee hangs
-    # up 2.5 s after answering.
-    line.fake.callees[TO] = Callee("human", amd_after_s=1.0, hang_up_after_s=2.5)
+    # The callee says "hello?" (500 ms); AMD says human 0.7 s after the answer; the callee
+    # hangs up 1.6 s after answering.
+    line.fake.callees[TO] = Callee("human", audio=speech(500), amd_after_s=0.7,
+                                   hang_up_after_s=1.6)
     sid = await line.place(to=TO, greeting="Hello {{name}}, this is the clinic.",
                            prompt={"id": "reminders"},
                            variables={"name": "Ann", "day": "Tuesday"},
