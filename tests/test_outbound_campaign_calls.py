@@ -6,6 +6,7 @@ restart mid-campaign."""
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -119,7 +120,11 @@ async def test_fifty_numbers_concurrency_five_across_two_instances(make_line: Ma
     placed = list(fake.calls.values())  # in the order they were created
     by_sid = dict(zip((c.sid for c in placed), (p.at for p in fake.creates()), strict=True))
     assert len(placed) == 51
-    assert most_at_once(placed, by_sid) <= 5  # the campaign's concurrency, fleet-wide
+    most = most_at_once(placed, by_sid)
+    print(f"\n[campaign] outcomes {final['outcomes']}, {final['attempts']} attempts, at most "
+          f"{most} calls at once; placed by the two instances: "
+          f"{[rig.app[OUTBOUND].placed for rig in line.rigs]}", file=sys.stderr)
+    assert most <= 5  # the campaign's concurrency, fleet-wide
     dialled = [c.to for c in placed]
     assert not set(dialled) & set(blocked)
     assert {n: dialled.count(n) for n in set(dialled)} == {
