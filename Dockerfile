@@ -19,7 +19,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=5050 \
     DATABASE_URL=sqlite:////data/calls.db \
     RECORDINGS_DIR=/data/recordings \
-    RECORDS_SPOOL=/data/records-spool.jsonl
+    RECORDS_SPOOL=/data/records-spool.jsonl \
+    DO_NOT_CALL=/data/do-not-call.txt
+# Time zones for campaigns' calling windows (Python's zoneinfo reads the system's database).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tzdata \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /app \
         --shell /usr/sbin/nologin bridge \
     && mkdir -p /data \
@@ -31,7 +36,8 @@ COPY config ./config
 USER bridge
 EXPOSE 5050
 # Writable state (/app is root-owned): SQLite records and recordings of a single container (a
-# fleet uses PostgreSQL), and the records spool (call records kept through a database outage).
+# fleet uses PostgreSQL), the records spool (call records kept through a database outage) and
+# the do-not-call list (POST /do-not-call appends to it; a fleet shares one file).
 VOLUME ["/data"]
 # No curl in slim images: the standard library asks /healthz (any non-2xx raises: unhealthy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \

@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m server.testing.bench $(if $(CALLS),--calls $(CALLS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(BENCH_ARGS)
+	$(BIN)/python -m server.testing.prewarm  # the greeting's first audio, with and without pre-warm
 
 clean:
 	rm -rf $(VENV) *.egg-info out

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,8 @@ from server import NAME, __version__
 from server.call.assembly import assemble
 from server.call.call import Call, CallDeps, CallListener, FeatureFactory
 from server.call.plan import Plans
-from server.console.auth import operators_for
+from server.call.prewarm import Prewarmer, offered_tools
+from server.console.auth import operator_of, operators_for
 from server.console.live import LiveDesk
 from server.console.live import add_routes as add_live_routes
 from server.console.routes import add_routes as add_console_routes
@@ -30,6 +32,11 @@ from server.fleet.tokens import StreamTokens
 from server.logs import mask_number
 from server.metrics import REFUSED_CAPACITY, REFUSED_DRAINING, Metrics, bearer_ok
 from server.metrics import add_routes as add_metric_routes
+from server.outbound import calls_api
+from server.outbound.campaigns import Campaigns
+from server.outbound.numbers import DoNotCall
+from server.outbound.routes import add_routes as add_campaign_routes
+from server.outbound.service import Outbound
 from server.records.service import Records
 from server.settings import ConfigError, Settings
 from server.toolbox import Toolbox, load_toolbox
@@ -52,6 +59,12 @@ LISTENERS: web.AppKey[list[CallListener]] = web.AppKey("listeners")
 RECORDS = web.AppKey("records", Records)
 METRICS = web.AppKey("metrics", Metrics)
 TOOLS_DESCRIPTION = web.AppKey("tools_description", str)
+# Outbound calls (issue 15): placing and following them, campaigns, the do-not-call list
+OUTBOUND = web.AppKey("outbound", Outbound)
+CAMPAIGNS = web.AppKey("campaigns", Campaigns)
+DO_NOT_CALL = web.AppKey("do_not_call", DoNotCall)
+# The campaigns' clock (epoch seconds: dialling windows, retries); tests move their own
+CAMPAIGN_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("campaign_clock")
 
 TWILIO_MAX_MSG = 64 * 1024  # a 20 ms media frame is ~300 bytes; anything near this is not Twilio
 ACTION_PATH = "/connect-action"
@@ -86,12 +99,20 @@ def create_app(settings: Settings, state: SharedState | None = None,
         check_writable(settings.recordings_dir, "RECORDINGS_DIR")
     records = app[RECORDS] = Records(settings)
     metrics = app[METRICS] = Metrics()
-    app[FEATURES] = list(assemble(settings, toolbox, records.prices, records.active_recorder))
+    app[FEATURES] = list(assemble(settings, toolbox, records.prices, records.active_recorder,
+                                  hang_up=lambda call_sid: _hang_up_later(app, call_sid)))
     listeners: list[CallListener] = [metrics, records]  # lossless: records and metrics
     app[LISTENERS] = listeners
     app[TOOLS_DESCRIPTION] = toolbox.describe()
     app.on_cleanup.append(lambda _app: _close_toolbox(toolbox))
     operators = operators_for(app, settings)
+    calls_api.add_routes(app, outbound=lambda: app.get(OUTBOUND), authorize=authorize,
+                         signed_form=_signed_form, operator_routes=operators.enabled)
+    if operators.enabled:  # POST /calls above: before GET /calls' routes
+        add_campaign_routes(app, campaigns=lambda: app.get(CAMPAIGNS),
+                            do_not_call=lambda: app.get(DO_NOT_CALL), authorize=authorize,
+                            check_prompt=lambda pid, version: _check_prompt(app, pid, version),
+                            unavailable=lambda: _campaigns_unavailable(app))
     records.add_routes(app)
     add_console_routes(app, operators, settings)
     if operators.enabled:  # the console's live API: the live calls, their events and audio
@@ -104,6 +125,9 @@ def create_app(settings: Settings, state: SharedState | None = None,
     app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_records)
+    app.cleanup_ctx.append(calls_api.outbound_context(
+        OUTBOUND, CAMPAIGNS, DO_NOT_CALL, CAMPAIGN_CLOCK, state=STATE, registry=REGISTRY,
+        plans=PLANS, records=RECORDS, metrics=METRICS, deps=DEPS, settings=SETTINGS))
     app.on_shutdown.append(_end_calls)
     app.router.add_get("/", status)
     app.router.add_route("GET", "/incoming-call", incoming_call)
@@ -182,14 +206,23 @@ async def _ready(app: web.Application) -> bool:
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     """One ClientSession for every OpenAI socket, with no connection cap (aiohttp's default
-    connector stops at 100 simultaneous sockets, and each call holds one)."""
+    connector stops at 100 simultaneous sockets, and each call holds one). Sessions opened
+    at the webhook (pre-warmed) are closed before it."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as http:
+        settings = app[SETTINGS]
         features: list[FeatureFactory] = app[FEATURES]
         listeners: list[CallListener] = app[LISTENERS]  # the list itself: tests add to it
-        app[DEPS] = CallDeps(app[SETTINGS], http, app[PLANS], app[TOKENS], app[REGISTRY],
-                             tuple(features), listeners=listeners)
-        yield
+        deps = CallDeps(settings, http, app[PLANS], app[TOKENS], app[REGISTRY],
+                        tuple(features), listeners=listeners)
+        prewarm = Prewarmer(settings, http, app[PLANS], deps.sessions,
+                            offered_tools(features, settings) if settings.prewarm else None,
+                            app[METRICS].prewarmed)
+        app[DEPS] = replace(deps, prewarm=prewarm)
+        try:
+            yield
+        finally:
+            await prewarm.close()
 
 
 async def drain(app: web.Application, seconds: float, interrupt: asyncio.Event) -> None:
@@ -287,7 +320,13 @@ async def incoming_call(request: web.Request) -> web.Response:
     if settings.twilio_auth_token and not call_sid:
         raise web.HTTPBadRequest(text="CallSid is required\n")
     registry = request.app[REGISTRY]
-    if not await registry.reserve(call_sid or f"anonymous-{id(request)}"):
+    outbound = request.app.get(OUTBOUND)
+    placement = request.query.get("plan")  # a call placed here: inside the signed URL
+    placed = (await outbound.answered(call_sid, placement)
+              if placement and outbound is not None else None)
+    if placed is not None:
+        pass  # its slot was reserved when it was placed, and moved to this CallSid
+    elif not await registry.reserve(call_sid or f"anonymous-{id(request)}"):
         reason = REFUSED_DRAINING if registry.draining else REFUSED_CAPACITY
         request.app[METRICS].call_refused(reason)
         log.warning("refused call %s: %s", call_sid or "?", "shutting down"
@@ -295,8 +334,14 @@ async def incoming_call(request: web.Request) -> web.Response:
         return _twiml(tw.busy_twiml("All our lines are busy. Please call again shortly."))
     caller, called = str(fields.get("From", "")), str(fields.get("To", ""))
     log.info("incoming call %s from %s", call_sid or "?", mask_number(caller, settings.log_pii))
-    if call_sid:  # this line's plan, for whichever instance takes the stream
-        await registry.decide(call_sid, request.app[PLANS].inbound(called))
+    plan = placed
+    if plan is None:
+        plan = request.app[PLANS].inbound(called)
+        if call_sid:  # this line's plan, for whichever instance takes the stream
+            await registry.decide(call_sid, plan)
+    prewarm = request.app[DEPS].prewarm
+    if prewarm is not None and call_sid and not registry.draining:
+        prewarm.start(call_sid, plan, caller, called)  # in the background: the answer now
     return _twiml(_stream_twiml(request, call_sid, caller, called))
 
 
@@ -324,6 +369,33 @@ async def connect_action(request: web.Request) -> web.Response:
         request.app[REGISTRY].action_fetched(call_sid)
         await state.mark_fetched(call_sid)
     return _twiml(body)
+
+
+async def authorize(request: web.Request) -> str:
+    """The operator behind a request to the outbound routes (POST /calls, campaigns,
+    do-not-call): a bearer token (ADMIN_TOKEN is `admin`, OPERATOR_TOKENS named ones) or the
+    console's session; raises 401/403 (server.console.auth)."""
+    return operator_of(request)
+
+
+def _hang_up_later(app: web.Application, call_sid: str) -> None:
+    """An outbound call's answering-machine feature ends the call through the REST API too."""
+    outbound = app.get(OUTBOUND)
+    if outbound is not None:
+        outbound.hang_up_later(call_sid)
+
+
+def _check_prompt(app: web.Application, prompt_id: str, version: str | None) -> str | None:
+    outbound = app.get(OUTBOUND)
+    return outbound.check_prompt(prompt_id, version) if outbound is not None else None
+
+
+def _campaigns_unavailable(app: web.Application) -> str:
+    if app[SETTINGS].database_url == "off":
+        return "campaigns need a database (DATABASE_URL is off)"
+    outbound = app.get(OUTBOUND)
+    return (outbound.unavailable if outbound is not None else None) or \
+        "campaigns are not available"
 
 
 def _twiml(body: str) -> web.Response:

@@ -56,6 +56,9 @@ def _serve_process(settings: Settings, app: web.Application | None) -> None:
     except (SharedStateError, StoreError) as e:
         log.error("cannot start: %s", e)
         sys.exit(1)
+    except ConfigError as e:  # found while starting (the do-not-call list)
+        print(f"configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
     log.info("stopped")
 
 

@@ -92,8 +92,9 @@ class Metrics:
         # livesum: the sum over running workers (a dead worker's calls are not live)
         self.calls_active = Gauge("bridge_calls_active", "Calls being relayed now",
                                   registry=r, multiprocess_mode="livesum")
-        self.calls_total = Counter("bridge_calls_total", "Calls ended, by kind of ending",
-                                   ["end"], registry=r)
+        self.calls_total = Counter("bridge_calls_total",
+                                   "Calls ended, by kind of ending and direction",
+                                   ["end", "direction"], registry=r)
         self.calls_refused = Counter(
             "bridge_calls_refused_total",
             "Calls turned away before they started, by reason", ["reason"], registry=r)
@@ -114,6 +115,10 @@ class Metrics:
                                      "OpenAI error events, by code", ["code"], registry=r)
         self.tool_calls = Counter("bridge_tool_calls_total", "Function calls run, by outcome",
                                   ["tool", "outcome"], registry=r)
+        # Model sessions opened at the webhook that no stream has taken yet (pre-warm)
+        self.prewarmed = Gauge("bridge_prewarmed_sessions",
+                               "Model sessions opened at the webhook, not yet taken by a stream",
+                               registry=r, multiprocess_mode="livesum")
         self.call_setup = Histogram(
             "bridge_call_setup_seconds",
             "Stream opened to the model session ready (session.updated)",
@@ -149,11 +154,13 @@ class Metrics:
             self.calls_active.inc()
 
     def call_ended(self, record: CallRecord, kind: str) -> None:
+        """A call's end, counted once; also for an outbound call that never connected (it
+        never started here: no frames, no live gauge)."""
         live = self.live.pop(id(record), None)
         if live is not None:
             self._count_frames(live)
             self.calls_active.dec()
-        self.calls_total.labels(end=kind).inc()
+        self.calls_total.labels(end=kind, direction=record.direction).inc()
 
     def call_refused(self, reason: str) -> None:
         """A call turned away before it started (one of REFUSED_REASONS)."""

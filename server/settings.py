@@ -164,6 +164,8 @@ class Settings:
     outbound_cps: float = 1.0  # calls placed per second, fleet-wide (Twilio's default limit)
     amd_wait_s: float = 4.0  # an outbound call waits this long for the machine-detection result
     do_not_call: Path = Path("do-not-call.txt")  # numbers never dialled, one per line
+    # open the model session at the webhook, before the stream (server.call.prewarm)
+    prewarm: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -288,6 +290,7 @@ class Settings:
             outbound_cps=r.number("OUTBOUND_CPS", float, cls.outbound_cps, 0.01, 1000.0),
             amd_wait_s=r.number("AMD_WAIT_S", float, cls.amd_wait_s, 0.0, 60.0),
             do_not_call=Path(r.text("DO_NOT_CALL") or cls.do_not_call),
+            prewarm=r.choice("PREWARM", ON_OFF, "on") == "on",
         )
 
     @property

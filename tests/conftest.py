@@ -139,6 +139,10 @@ class Rig:
         self.streams.append(stream)
         session = await next_session(self.standin.app)
         await session.wait_for("session.update")
+        # The session may have been opened at the webhook (pre-warmed): wait until the
+        # stream's call has it and has started, as it had when it sent session.update itself.
+        await wait_until(lambda: any(c.call_sid == call.call_sid and c.events.seq > 0
+                                     for c in self.live_calls()), 5.0, "the call started")
         return stream, session
 
     async def place_live(self, marks: str = "immediate",
@@ -302,3 +306,6 @@ def heard(stream: TwilioStream) -> bytes:
     return b"".join(base64.b64decode(m["media"]["payload"])
                     for m in stream.received if m.get("event") == "media")
 
+
+
+from tests.outbound_rig import make_line  # noqa: E402, F401  (fixture; it imports this module)

@@ -108,6 +108,7 @@ class FakeCall:
         self.changed = asyncio.Condition()
         self.warnings: list[str] = []
         self.requests: list[tuple[str, str | None]] = []
+        self.holds: list[str] = []  # hold / release / cut of the assistant, in order
         self.holding: list[bool] = []  # hold_playback calls, in order
         self.gate = ResponseGate(self)  # type: ignore[arg-type]  # the call's own: first
 
@@ -153,6 +154,20 @@ class FakeCall:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    async def hold_assistant(self, held: bool) -> None:
+        self.holds.append("hold" if held else "release")
+        await self.gate.hold(held)
+
+    async def listen_only(self, on: bool) -> None:
+        self.holds.append("listen only" if on else "answer")
+        self.gate.auto_responses = not on
+        await self.model.listen_only(on)
+
+    async def cut_assistant(self) -> None:
+        self.holds.append("cut")
+        self.gate.withdraw()
+        await self.gate.hold(False)
 
     def hold_playback(self, on: bool) -> None:
         self.holding.append(on)

@@ -115,8 +115,9 @@ async def test_bad_base64_is_refused_by_openai_and_the_call_goes_on(
     ],
 )
 async def test_bad_stream_opening_never_reaches_openai(
-    rig: Rig, first: dict[str, object], reason: str, caplog: pytest.LogCaptureFixture
+    make_rig: MakeRig, first: dict[str, object], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    rig = await make_rig(prewarm=False)  # the stream's own doing: no session from the webhook
     url, _ = await rig.webhook("CA" + "5" * 32)
     stream = await rig.open_stream(url)
     await stream.send_connected()

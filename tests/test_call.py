@@ -229,7 +229,11 @@ async def test_configured_events_logged_with_call_ids(
     assert {"session.created", "session.updated"} <= kinds
     assert "response.output_audio.delta" not in kinds
     assert all(getattr(r, "call_sid", "").startswith("CA") for r in lines)
-    assert all(getattr(r, "stream_sid", "").startswith("MZ") for r in lines)
+    # The session was opened at the webhook (pre-warmed), before the stream had an id: from
+    # the stream's start on, its lines carry that id too.
+    later = [r for r in lines if r.getMessage().split()[1] not in ("session.created",
+                                                                  "session.updated")]
+    assert later and all(getattr(r, "stream_sid", "").startswith("MZ") for r in later)
 
 
 async def test_odd_shaped_openai_events_do_not_break_the_call(rig: Rig) -> None:

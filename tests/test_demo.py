@@ -45,7 +45,7 @@ async def test_greeting_tool_and_end_call(tmp_path: Path) -> None:
     tool = next(e for e in demo.record["timeline"] if e["kind"] == "tool")
     assert tool["result"]["status"] == "shipped"
     assert "Tool lookup_order" in demo.transcript and "Caller: caller turn 1" in demo.transcript
-    assert 'bridge_calls_total{end="assistant_ended"} 1' in demo.metrics
+    assert 'bridge_calls_total{direction="inbound",end="assistant_ended"} 1' in demo.metrics
     assert 'bridge_tool_calls_total{outcome="ok",tool="lookup_order"} 1' in demo.metrics
     assert (tmp_path / "demo-calls.db").exists()
     assert verdict(demo) == ("demo OK", 0)
@@ -92,8 +92,8 @@ async def test_handover(tmp_path: Path) -> None:
     assert any(line.startswith("  * handover gap: ") for line in lines)
     assert outcome.record is not None and outcome.record["end_kind"] == "caller_hung_up"
     # Both instances' metrics are summed: the call ended once on each.
-    assert 'bridge_calls_total{end="handover"} 1' in demo.metrics
-    assert 'bridge_calls_total{end="caller_hung_up"} 1' in demo.metrics
+    assert 'bridge_calls_total{direction="inbound",end="handover"} 1' in demo.metrics
+    assert 'bridge_calls_total{direction="inbound",end="caller_hung_up"} 1' in demo.metrics
 
 
 async def test_gpt_live(tmp_path: Path) -> None:
@@ -133,17 +133,41 @@ async def test_a_scenario_that_goes_wrong_fails_the_demo(
 
 def test_sum_metrics_adds_up_the_instances() -> None:
     one = ("# HELP bridge_calls_total Calls.\n# TYPE bridge_calls_total counter\n"
-           'bridge_calls_total{end="handover"} 1.0\n'
+           'bridge_calls_total{direction="inbound",end="handover"} 1.0\n'
            'bridge_calls_created{end="handover"} 1.7e9\n'
            "# HELP bridge_calls_active Live.\n# TYPE bridge_calls_active gauge\n"
            "bridge_calls_active 0.0\n"
            "# HELP other_total Not ours.\n# TYPE other_total counter\nother_total 3.0\n")
     two = ("# HELP bridge_calls_total Calls.\n# TYPE bridge_calls_total counter\n"
-           'bridge_calls_total{end="handover"} 2.0\n'
-           'bridge_calls_total{end="caller_hung_up"} 1.0\n')
+           'bridge_calls_total{direction="inbound",end="handover"} 2.0\n'
+           'bridge_calls_total{direction="inbound",end="caller_hung_up"} 1.0\n')
     assert sum_metrics([one, two]) == [
-        'bridge_calls_total{end="handover"} 3', 'bridge_calls_total{end="caller_hung_up"} 1',
+        'bridge_calls_total{direction="inbound",end="handover"} 3',
+        'bridge_calls_total{direction="inbound",end="caller_hung_up"} 1',
         "bridge_calls_active 0"]
+
+
+async def test_outbound_calls_to_a_person_and_an_answering_machine(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["outbound"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    assert any("answering-machine detection: human" in line for line in lines)
+    assert any("answering-machine detection: machine_end_beep" in line for line in lines)
+    assert any("end_kind voicemail" in line for line in lines)
+    assert 'bridge_calls_total{direction="outbound",end="voicemail"} 1' in demo.metrics
+    assert demo.record is not None and demo.record["end_kind"] == "caller_hung_up"
+    assert "Outcome: completed, answered by human" in demo.transcript
+
+
+async def test_a_small_campaign(tmp_path: Path) -> None:
+    lines: list[str] = []
+    demo = await run_demo(tmp_path, ["campaign"], fast=True, echo=lines.append)
+    [outcome] = demo.outcomes
+    assert outcome.ok, (outcome.problems, "\n".join(lines))
+    assert any(line.startswith("  * outcomes {") and "at most 2 calls at once" in line
+               for line in lines)
+    assert 'bridge_calls_total{direction="outbound",end="busy"} 2' in demo.metrics
 
 
 async def test_the_console_demo_serves_the_console_while_its_calls_go_on(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ DEPLOY = ROOT / "deploy"
 # ADMIN_TOKEN in the bridge). Sample paths, as a client would send them.
 EXPOSED = ("/incoming-call", "/connect-action", "/media-stream", "/call-status", "/amd-status",
            "/calls", "/calls/CA0123", "/calls/CA0123/hangup", "/calls/CA0123/recording.wav",
+           "/campaigns", "/campaigns/cmp_1/pause", "/do-not-call",
            "/console", "/console/app.js", "/events", "/stats", "/calls/CA0123/events",
            "/calls/CA0123/listen", "/calls/CA0123/talk", "/console/static/js/main.js",
            "/calls/CA0123/whisper", "/calls/CA0123/takeover", "/calls/CA0123/handback",

@@ -132,7 +132,7 @@ async def test_malformed_tokens_are_refused_as_bad_tokens(rig: Rig, token: str) 
     assert await seen.reasons() == ["bad_token"]
     assert [ending.kind for _, ending in seen.refused] == ["rejected"]
     assert await metric(rig, "bridge_calls_refused_total", reason="bad_token") == 1
-    assert await metric(rig, "bridge_calls_total", end="internal_error") == 0
+    assert await metric(rig, "bridge_calls_total", end="internal_error", direction="inbound") == 0
 
 
 # --- capacity ---

@@ -169,6 +169,9 @@ async def fleet(aiohttp_server: Callable[..., Awaitable[TestServer]], redis_db: 
         "LOG_LEVEL": "INFO",
         "VAD_SILENCE_MS": "100",
         "STREAM_START_TIMEOUT": "2",
+        # Sessions are opened when streams start: each test knows which instance's session
+        # it holds (pre-warming across instances: tests/test_prewarm.py)
+        "PREWARM": "off",
     }
     async with aiohttp.ClientSession() as http:
         rig = Fleet(standin, watch, http, env, tmp_path)

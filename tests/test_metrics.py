@@ -103,12 +103,12 @@ async def test_metrics_move_as_a_call_happens(aiohttp_client: MakeClient) -> Non
     call.record.frames_in += 1000  # after the end: no longer counted
     text = await scrape(client)
     assert value(text, "bridge_calls_active") == 1
-    assert value(text, "bridge_calls_total", end="caller_hung_up") == 1
+    assert value(text, "bridge_calls_total", end="caller_hung_up", direction="inbound") == 1
     assert value(text, "bridge_frames_total", direction="in") == 160
     await second.finish(Ending(EndKind.OPENAI_ERROR, "OpenAI error session_expired"))
     text = await scrape(client)
     assert value(text, "bridge_calls_active") == 0
-    assert value(text, "bridge_calls_total", end="openai_error") == 1
+    assert value(text, "bridge_calls_total", end="openai_error", direction="inbound") == 1
     assert value(text, "bridge_frames_total", direction="in") == 160
 
 
@@ -169,7 +169,8 @@ async def test_refused_calls_are_counted_by_reason(aiohttp_client: MakeClient) -
     assert value(text, "bridge_calls_refused_total", reason="capacity") == 2
     assert value(text, "bridge_calls_refused_total", reason="bad_token") == 1
     assert value(text, "bridge_calls_refused_total", reason="draining") == 0
-    assert value(text, "bridge_calls_total", end="rejected") == 0  # a refusal is not an end
+    # a refusal is not an end
+    assert value(text, "bridge_calls_total", end="rejected", direction="inbound") == 0
 
 
 async def test_live_calls_frames_reach_the_counter_without_a_scrape(

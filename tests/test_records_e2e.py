@@ -100,7 +100,7 @@ async def test_a_call_leaves_a_full_record(make_rig: MakeRig, tmp_path: Path,
     assert "Caller: caller turn 1 (500 ms)" in text and "Assistant: echo of 500 ms" in text
 
     metrics = await (await rig.bridge.get("/metrics")).text()
-    assert value(metrics, "bridge_calls_total", end="caller_hung_up") == 1
+    assert value(metrics, "bridge_calls_total", end="caller_hung_up", direction="inbound") == 1
     assert value(metrics, "bridge_calls_active") == 0
     assert value(metrics, "bridge_frames_total", direction="in") == record["frames_in"]
     assert value(metrics, "bridge_response_latency_seconds_count") == 1

@@ -184,7 +184,7 @@ def worker_metrics(metrics_dir: Path, scratch: Path) -> dict[int, Samples]:
 
 
 ACTIVE = ("bridge_calls_active", ())
-ENDED = ("bridge_calls_total", (("end", "caller_hung_up"),))
+ENDED = ("bridge_calls_total", (("direction", "inbound"), ("end", "caller_hung_up")))
 FRAMES_IN = ("bridge_frames_total", (("direction", "in"),))
 
 
@@ -204,6 +204,9 @@ async def test_one_scrape_shows_every_worker_summed(
         "OPENAI_API_KEY": API_KEY, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": "off",
         "OPENAI_REALTIME_URL": str(standin.make_url("/v1/realtime")).replace("http", "ws", 1),
         "LOG_LEVEL": "INFO",
+        # Each call's one session opened by the worker its stream reached (a webhook on the
+        # other worker would pre-warm one no stream takes: not what this test counts).
+        "PREWARM": "off",
     }
     server = await start_server(env, cwd=ROOT, name="WORKERS=2")
     base = f"http://127.0.0.1:{port}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from server.call.features import greeting, keypad, time_limit
+from server.call.features import answering, greeting, keypad, time_limit
 from server.call.features import tools as tools_feature
 from server.call.features.base import CallControl, Feature
 from server.call.features.operator import OperatorFeature
@@ -19,12 +19,15 @@ FeatureFactory = Callable[[CallControl], Feature | None]
 
 
 def assemble(settings: Settings, toolbox: Toolbox, prices: PriceTable | None,
-             recorder: Recorder | None) -> tuple[FeatureFactory, ...]:
+             recorder: Recorder | None,
+             hang_up: answering.HangUp | None = None) -> tuple[FeatureFactory, ...]:
     """Every call's features, in the order they hear events. Loads HOLD_AUDIO now: ConfigError
-    if it is bad. The conversation (transcript) is always kept, whatever the records say. The
+    if it is bad. The conversation (transcript) is always kept, whatever the records say.
+    `hang_up(call_sid)`: the REST API's hang-up, for outbound calls' answering machines. The
     operator's powers come with the console (an operator token is set), before the transcript:
     it tells the transcript which input turns were the operator's."""
     factories: list[FeatureFactory | None] = [
+        answering.factory(settings, hang_up),  # outbound calls only; before the greeting
         greeting.factory(),
         keypad.factory(settings),
         tools_feature.factory(settings, toolbox),

@@ -53,6 +53,7 @@ from server.wire import twilio as tw
 
 if TYPE_CHECKING:
     from server.call.features.base import CallControl
+    from server.call.prewarm import Prewarmer
 
 log = logging.getLogger("server.call")
 
@@ -105,6 +106,8 @@ class CallDeps:
     features: Sequence[FeatureFactory] = field(default_factory=tuple)
     listeners: Sequence[CallListener] = field(default_factory=tuple)
     sessions: Callable[[Call], SessionFactory] = realtime_factory
+    # Sessions opened at the webhook (server.call.prewarm); None: every stream opens its own
+    prewarm: Prewarmer | None = None
 
 
 class Call:
@@ -174,6 +177,8 @@ class Call:
         self.gate = ResponseGate(self)
         self.latency = TurnLatency()
         self.link = ModelLink(self, deps.sessions(self), self._session_config)
+        if deps.prewarm is not None:
+            self.link.adopt = partial(deps.prewarm.adopt, self)
         self.features: list[Feature] = []
         self._twilio_dispatch: dict[type, list[Feature]] = {}
         self._model_dispatch: dict[type, list[Feature]] = {}
@@ -231,6 +236,35 @@ class Call:
 
     async def request_response(self, reason: str, instructions: str | None = None) -> None:
         await self.gate.request(reason, instructions)
+
+    async def hold_assistant(self, held: bool) -> None:
+        """Keep the assistant from speaking (an outbound call waiting for its answering-machine
+        result), or let it speak again: response requests wait in the gate, and audio the model
+        already made is kept back, then played on release."""
+        if held:
+            self.playback.hold()
+            await self.gate.hold(True)
+        else:
+            await self.gate.hold(False)
+            # What was kept back answers no caller turn: it counts toward no reply latency.
+            self.latency.reply_started()
+            # A model that takes its own turns talks all the time: what it said while held
+            # (to no one) is dropped; a Realtime session's is a greeting made ahead: it plays.
+            await self.playback.release(play=not self.model.decides_turns)
+
+    async def listen_only(self, on: bool) -> None:
+        """The model listens (transcribes, remembers) but makes no response of its own, nor
+        is it interrupted; requests through the gate still make one."""
+        self.gate.auto_responses = not on
+        await self.model.listen_only(on)
+
+    async def cut_assistant(self) -> None:
+        """Stop the assistant now and forget what it was about to say (an answering machine
+        answered): requests still waiting are withdrawn, audio kept back or playing is dropped
+        (the model told what was heard), and it may be asked to speak again at once."""
+        self.gate.withdraw()
+        await self.playback.cut()
+        await self.gate.hold(False)
 
     def hold_playback(self, on: bool) -> None:
         """Hold audio plays (on) or stopped (off): the model's audio is not played meanwhile

@@ -27,6 +27,15 @@ class EndKind(StrEnum):
     SHUTDOWN = "shutdown"  # the server stopped (drain over)
     HANDOVER = "handover"  # moved to another instance
     INTERNAL_ERROR = "internal_error"
+    # Outbound calls (issue 15): an answering machine answered ...
+    VOICEMAIL = "voicemail"  # the voicemail message was left, then the call hung up
+    MACHINE = "machine"  # hung up on an answering machine (no message) or a fax
+    # ... or the call never connected (recorded from Twilio's status callback; no stream)
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    DIAL_FAILED = "dial_failed"  # Twilio could not place it (status `failed`)
+    CANCELED = "canceled"  # hung up (by the API) while it was still ringing
+    NO_STREAM = "no_stream"  # answered, but no media stream ever reached the bridge
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,6 +208,16 @@ class ModelErrored(CallEvent):
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class MachineDetection(CallEvent):
+    """An outbound call's answering-machine result (Twilio's asynchronous AMD): `human`,
+    `machine_start`, `machine_end_beep`, `machine_end_silence`, `machine_end_other`, `fax`,
+    `unknown`; or `timeout` when none came within AMD_WAIT_S (the assistant went on)."""
+
+    type: ClassVar[str] = "amd"
+    answered_by: str
+
+
 Handler = Callable[[CallEvent], None]
 
 

@@ -61,7 +61,13 @@ class ResponseGate:
         self._timer: asyncio.Task[None] | None = None
         self._closed = False
         self.held = False  # an operator has the call: nothing is sent until it is handed back
+        # The model answers a caller's turn on its own (turn detection's create_response);
+        # False while it only listens: no response of its own is awaited after a turn.
+        self.auto_responses = True
         self.sent = 0  # response.create events sent
+        # Requests already answered by a response sent before the call had its gate (a
+        # pre-warmed session's greeting): the first request with that reason is dropped.
+        self._presatisfied: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -71,6 +77,9 @@ class ResponseGate:
     async def request(self, reason: str, instructions: str | None = None) -> None:
         """Ask the model to respond as soon as it may."""
         if self._closed:
+            return
+        if reason in self._presatisfied:
+            self._presatisfied.discard(reason)
             return
         if self.call.model.decides_turns:
             if instructions is not None:
@@ -87,9 +96,26 @@ class ResponseGate:
         self._speaking = False
 
     async def hold(self, held: bool) -> None:
-        """Take-over (True) and hand-back (False)."""
+        """Take-over (True) and hand-back (False); an outbound call waiting for its
+        answering-machine result. While held the model made no response of its own (it only
+        listened), so none is awaited after the caller's last turn."""
         self.held = held
+        if not held:
+            self._auto_until = 0.0
         await self._pump()
+
+    def presend(self, event_id: str, reason: str, instructions: str | None) -> None:
+        """A response was asked for before this gate existed (at the webhook, on a pre-warmed
+        session, as `event_id`): follow it as ours, and drop the call's own request for it."""
+        self._sent, self._sent_as = (event_id, _Request(reason, instructions)), None
+        self._active = ""
+        self._presatisfied.add(reason)
+        self.sent += 1
+
+    def withdraw(self) -> None:
+        """Forget every request still waiting (the assistant was cut off: an answering
+        machine answered); a response already asked for is let finish."""
+        self._queue.clear()
 
     async def on_session_ready(self) -> None:
         await self._pump()
@@ -114,7 +140,8 @@ class ResponseGate:
             self._speaking = True
         elif isinstance(event, ev.SpeechStopped):
             self._speaking = False
-            self._auto_until = asyncio.get_running_loop().time() + self._auto_wait
+            if self.auto_responses:
+                self._auto_until = asyncio.get_running_loop().time() + self._auto_wait
             await self._pump()
         elif isinstance(event, ev.ModelError):
             await self._on_error(event)

@@ -83,6 +83,9 @@ class ModelLink:
         self._gap: GapBuffer | None = None
         self.frames_base = 0  # record.frames_in when the current session's audio began
         self._seen, self._quiet_since, self._pinged = 0, time.monotonic(), False
+        # A session made ready before the stream (server.call.prewarm), taken instead of
+        # opening one when it was made with the same configuration; None if there is none.
+        self.adopt: Callable[[SessionConfig], Awaitable[ModelSession | None]] | None = None
         self._finishing = False  # the call is ending: a session lost now is not replaced
 
     @staticmethod
@@ -103,7 +106,12 @@ class ModelLink:
 
     async def open(self, why: str) -> None:
         """The first session of this stream; ModelUnavailable says why it cannot be had."""
-        session = await self._open_session()
+        session = await self.adopt(self._config()) if self.adopt is not None else None
+        if session is None:
+            session = await self._open_session()
+        else:
+            why += " (session pre-warmed at the webhook)"
+            self.frames_base = self._call.record.frames_in
         self._use(session)
         self._begin(why)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import WSMsgType
 
+from server.call.conversation import AssistantTurn
 from server.call.ending import CallEnds, hung_up
 from server.call.events import BargeIn, ReplyStarted
 from server.models import events as ev
@@ -218,6 +219,9 @@ class Playback:
         self._item: str | None = None  # the item of the last delta played
         self._send: Callable[[bytes, WSMsgType], Awaitable[None]] | None = None
         self.muted = False  # an operator has the call: the model's audio is not played
+        # Held (an outbound call waiting for its answering-machine result): the model's audio
+        # is kept here, in order, and played on `release` (or dropped by `cut`).
+        self.held: list[ev.AudioDelta] | None = None
         self.holding = False  # hold audio plays instead of the model's (continuous) audio
         self.continuous = False  # GPT-Live: output flows all the time; marks only on demand
         self._spoke_at = float("-inf")  # loop time of the model's latest word (continuous)
@@ -271,6 +275,9 @@ class Playback:
         state = self.state
         if state.dropped(event.response_id) or self.muted or self.holding:
             return 0
+        if self.held is not None:
+            self.held.append(event)
+            return 0
         send = self._send
         assert send is not None
         sid = self.call.stream_sid
@@ -299,6 +306,51 @@ class Playback:
         # 20 ms frames of audio (160 bytes), however the model cuts its deltas
         self.call.record.frames_out += (sent + 159) // 160
         return sent
+
+    def hold(self) -> None:
+        """Keep the model's audio back from now on (nothing is cut: what was sent plays)."""
+        if self.held is None:
+            self.held = []
+
+    async def release(self, play: bool = True) -> None:
+        """Play what was kept back, in order (`play`; else drop it), and let the model's
+        audio through again."""
+        held, self.held = self.held, None
+        if held and play:
+            for event in held:
+                await self.play(event)
+            await self._flush()
+
+    async def cut(self) -> None:
+        """The bridge cuts the assistant off (an answering machine answered): audio kept back
+        is dropped and the model told none of it was heard; audio playing is cleared and the
+        playing item truncated at what was heard, as for a barge-in; the rest of the reply in
+        progress is dropped. Nothing is published: the caller did not speak."""
+        held, self.held = self.held, None
+        unheard: dict[str, None] = {}
+        for event in held or ():
+            if event.item_id not in unheard and not self.state.dropped(event.response_id):
+                unheard[event.item_id] = None
+        cut = self.state.on_speech_started()  # the response in progress: its audio dropped
+        self._check_idle()
+        if cut is not None:
+            await self.call.send_to_caller(tw.clear_frame(self.call.stream_sid))
+            for listener in self.listeners:
+                listener.on_clear()
+            await self.call.model.truncate(cut.item_id, cut.audio_end_ms)
+            unheard.pop(cut.item_id, None)
+            self._heard(cut.item_id, cut.audio_end_ms)
+        for item_id in unheard:
+            await self.call.model.truncate(item_id, 0)
+            self._heard(item_id, 0)
+
+    def _heard(self, item_id: str, heard_ms: int) -> None:
+        """The conversation says what the caller heard of an assistant turn the bridge cut."""
+        conversation = self.call.conversation
+        for entry in conversation:
+            if isinstance(entry, AssistantTurn) and entry.item_id == item_id:
+                entry.interrupted, entry.heard_ms = True, heard_ms
+                conversation.changed()
 
     def _new_item(self, response_id: str | None, item_id: str) -> None:
         """Audio of another item from now on: the start of a reply, unless its response has
@@ -375,6 +427,8 @@ class Playback:
             self.call.publish(BargeIn(event.item_id, event.heard_ms))
 
     async def _on_speech_started(self) -> None:
+        if self.held is not None:
+            return  # nothing of the assistant's is playing, and the model only listens
         cut = self.state.on_speech_started()
         self._check_idle()
         if cut is None:

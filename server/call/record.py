@@ -61,6 +61,10 @@ class CallRecord:
     caller: str = ""
     called: str = ""
     direction: str = "inbound"
+    # Outbound calls: Twilio's call status (queued, ringing, in-progress, completed, busy,
+    # no-answer, failed, canceled) and the answering-machine result (human, machine_end_beep…)
+    status: str | None = None
+    answered_by: str | None = None
     model: str = ""
     prompt: str = ""
     started_at: datetime = field(default_factory=utc_now)
@@ -140,6 +144,9 @@ class CallRecord:
                 setattr(self, key, dict(value))
         if saved.get("direction") in ("inbound", "outbound"):
             self.direction = str(saved["direction"])
+        for key in ("status", "answered_by"):
+            if isinstance(saved.get(key), str):
+                setattr(self, key, saved[key])
         for key in ("frames_in", "frames_out", "barge_ins"):
             value = saved.get(key)
             if isinstance(value, int):
@@ -167,6 +174,8 @@ class CallRecord:
             "from": self.caller,
             "to": self.called,
             "direction": self.direction,
+            "status": self.status,
+            "answered_by": self.answered_by,
             "model": self.model,
             "prompt": self.prompt,
             "started_at": iso(self.started_at),

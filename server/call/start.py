@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -18,8 +19,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from server.call.ending import CallEnds, EndKind, Refusal, failed, hung_up
 from server.call.plan import CallPlan, Resolved
 from server.metrics import REFUSED_BAD_TOKEN
-from server.models.session import SessionConfig
-from server.settings import ConfigError
+from server.models.session import SessionConfig, ToolSpec
+from server.settings import ConfigError, Settings
 from server.wire import twilio as tw
 
 if TYPE_CHECKING:
@@ -113,25 +114,44 @@ async def decide_plan(call: Call, deps: CallDeps, resume: bool) -> Resolved:
     record.direction = call.plan.direction
     record.metadata = {**record.metadata, **call.plan.metadata}
     record.prompt = resolved.prompt.describe()
-    record.model = resolved.model  # the plan's API's model (Realtime's or GPT-Live's)
+    record.model = session_model(deps.settings, resolved)
     return resolved
+
+
+def session_model(settings: Settings, resolved: Resolved) -> str:
+    """The model a plan's session uses, its API's (Realtime's or GPT-Live's); also for a
+    session pre-warmed at the webhook."""
+    return resolved.model
 
 
 def values(call: Call) -> dict[str, str]:
     """What a prompt or a greeting may say: the call's numbers and sid, and the plan's
     variables."""
-    return {"caller": call.caller or "unknown", "called": call.called or "unknown",
-            "call_sid": call.call_sid, **call.plan.variables}
+    return plan_values(call.plan, call.caller, call.called, call.call_sid)
+
+
+def plan_values(plan: CallPlan, caller: str, called: str, call_sid: str) -> dict[str, str]:
+    """`values` before the call exists (a session pre-warmed at the webhook)."""
+    return {"caller": caller or "unknown", "called": called or "unknown",
+            "call_sid": call_sid, **plan.variables}
 
 
 def session_config(call: Call, resolved: Resolved) -> SessionConfig:
     """The model session's configuration for this call: its plan's model, prompt (rendered),
     voice, and the tools its features offer that the plan allows."""
-    allowed = call.plan.tools
-    tools = tuple(spec for feature in call.features for spec in feature.tools()
+    offered = [spec for feature in call.features for spec in feature.tools()]
+    return build_config(call.plan, resolved, values(call), call.record.model, offered)
+
+
+def build_config(plan: CallPlan, resolved: Resolved, filled: dict[str, str], model: str,
+                 offered: Iterable[ToolSpec]) -> SessionConfig:
+    """`session_config` from its parts: the one way a configuration is made, so a session
+    pre-warmed at the webhook is configured exactly as the stream's call would be."""
+    allowed = plan.tools
+    tools = tuple(spec for spec in offered
                   if allowed is None or spec.name in allowed or spec.name in BUILTIN_TOOLS)
-    fields = resolved.prompt.session_fields(values(call))
-    return SessionConfig(call.record.model, fields.get("instructions"), resolved.voice, tools,
+    fields = resolved.prompt.session_fields(filled)
+    return SessionConfig(model, fields.get("instructions"), resolved.voice, tools,
                          fields.get("prompt"))
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSCloseCode
 
 from server.call.ending import Ending, EndKind, Refusal
+from server.call.events import MachineDetection
 from server.call.plan import CallPlan
 from server.call.record import iso, utc_now
 from server.fleet.state import SharedState
@@ -69,13 +70,15 @@ class CallRegistry:
 
     # --- the webhook ---
 
-    async def reserve(self, call_sid: str) -> bool:
+    async def reserve(self, call_sid: str, ttl: float | None = None) -> bool:
         """Hold a slot for a call about to stream; False at MAX_CALLS (fleet-wide with Redis).
-        The reservation lapses if no stream claims it within the stream token's lifetime."""
+        The reservation lapses if no stream claims it within `ttl` (default: the stream
+        token's lifetime; an outbound call's covers its ringing)."""
         if self.draining:
             return False
-        return await self.state.reserve(call_sid, self._settings.max_calls,
-                                        self._settings.stream_token_ttl)
+        if ttl is None:
+            ttl = self._settings.stream_token_ttl
+        return await self.state.reserve(call_sid, self._settings.max_calls, ttl)
 
     # --- CallHooks ---
 
@@ -130,9 +133,9 @@ class CallRegistry:
             call.log.warning("ignoring the call's saved plan: %s", e)
             return None
 
-    async def decide(self, call_sid: str, plan: CallPlan) -> None:
+    async def decide(self, call_sid: str, plan: CallPlan, ttl: float = PLAN_TTL) -> None:
         """Keep a call's plan where the instance that takes its stream can read it."""
-        await self.state.put_plan(call_sid, plan.to_dict(), PLAN_TTL)
+        await self.state.put_plan(call_sid, plan.to_dict(), ttl)
 
     async def hand_over(self, call: Call) -> Ending:
         """SHUTDOWN_MODE=handover: save the conversation where any instance can read it and end
@@ -181,6 +184,12 @@ class CallRegistry:
         if action.get("action") == "hangup":
             call.log.info("hanging up on an operator's request")
             call.end(Ending(EndKind.ADMIN_HUNG_UP, "an operator hung up the call", tw.HANGUP))
+        elif action.get("action") == "amd" and isinstance(action.get("answered_by"), str):
+            answered_by = str(action["answered_by"])[:32]  # outbound: answering-machine result
+            if call.record.answered_by is None:
+                call.record.answered_by = answered_by
+                call.record.touch()
+                call.publish(MachineDetection(answered_by))
         else:
             call.log.warning("ignored unknown control action %r", action.get("action"))
 

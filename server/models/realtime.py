@@ -128,6 +128,7 @@ def _audio_sender(ws: OpenAISocket) -> Callable[[str], Awaitable[None]]:
 class RealtimeSession:
     api = "realtime"
     decides_turns = False
+    prewarm = "session"  # billed by tokens: an open, idle session costs nothing
 
     def __init__(self, settings: Settings, http: aiohttp.ClientSession,
                  log: logging.LoggerAdapter[logging.Logger] | logging.Logger) -> None:

@@ -85,6 +85,24 @@ AudioHandler = Callable[["AudioDelta"], Awaitable[object]]
 EventHandler = Callable[["ModelEvent"], Awaitable[None]]
 
 
+PREWARM_LEVELS = ("none", "session")
+
+
+def prewarm_level(session: object) -> str:
+    """How far a session may be made ready at the webhook, before its stream starts (its
+    class's optional `prewarm` attribute; server.call.prewarm):
+
+    - "session": opened, configured, and its greeting made, the audio kept until the stream
+      takes it. For a backend billed by tokens (Realtime): an open, idle session costs
+      nothing, and one no stream takes is closed within STREAM_START_TIMEOUT.
+    - "none" (the default): opened when the stream starts. For a backend billed per second of
+      session that needs the caller's audio flowing to speak (GPT-Live): starting it early
+      would bill the wait and still could not make the greeting.
+    """
+    level = getattr(session, "prewarm", "none")
+    return level if level in PREWARM_LEVELS else "none"
+
+
 class ModelSession(Protocol):
     api: str  # "realtime" | "live"
     decides_turns: bool  # the model takes its own turns: no create_response, no truncate

@@ -50,9 +50,10 @@ class _Refusal(Exception):
 
 def add_routes(app: web.Application, *, campaigns: Callable[[], Campaigns | None],
                do_not_call: Callable[[], DoNotCall | None], authorize: Authorize,
-               check_prompt: PromptCheck | None = None, max_body: int = MAX_BODY) -> None:
+               check_prompt: PromptCheck | None = None, max_body: int = MAX_BODY,
+               unavailable: Callable[[], str] | None = None) -> None:
     """Add the routes. `campaigns()` and `do_not_call()` are read at request time (they are
-    opened after the routes are added); None answers 503."""
+    opened after the routes are added); None answers 503, saying `unavailable()`."""
 
     Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
 
@@ -88,7 +89,8 @@ def add_routes(app: web.Application, *, campaigns: Callable[[], Campaigns | None
     def service() -> Campaigns:
         found = campaigns()
         if found is None:
-            raise _Refusal(503, "campaigns need a database (DATABASE_URL is off)")
+            raise _Refusal(503, unavailable() if unavailable is not None
+                           else "campaigns need a database (DATABASE_URL is off)")
         return found
 
     async def create(request: web.Request, operator: str) -> web.Response:

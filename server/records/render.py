@@ -32,6 +32,9 @@ def transcript_text(doc: Mapping[str, Any]) -> str:
                  f"({doc.get('duration_seconds')} s)")
     if doc.get("end_reason"):
         lines.append(f"Ended: {doc.get('end_reason')} [{doc.get('end_kind')}]")
+    if doc.get("status") or doc.get("answered_by"):  # an outbound call: Twilio's status, AMD
+        answered = f", answered by {doc['answered_by']}" if doc.get("answered_by") else ""
+        lines.append(f"Outcome: {doc.get('status') or '?'}{answered}")
     facts = []
     latencies = [x for x in doc.get("latencies_ms") or () if isinstance(x, (int, float))]
     if latencies:

@@ -96,6 +96,15 @@ class QuietCall:
     async def request_response(self, reason: str, instructions: str | None = None) -> None:
         """No model to ask."""
 
+    async def hold_assistant(self, held: bool) -> None:
+        """Nothing is said, nothing held."""
+
+    async def cut_assistant(self) -> None:
+        """Nothing to cut."""
+
+    async def listen_only(self, on: bool) -> None:
+        """No model."""
+
     def warn(self, message: str) -> None:
         """Nothing to warn about."""
 

@@ -427,3 +427,15 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "gpt-live": ("GPT-Live: greeting, a tool through its backend, the assistant ends the call",
                  gpt_live),
 }
+
+
+def _outbound() -> None:
+    """The outbound scenarios (their module uses this one's helpers)."""
+    from server.testing import outbound_scenarios as out
+
+    SCENARIOS["outbound"] = ("outbound calls: a person, then an answering machine", out.outbound)
+    SCENARIOS["campaign"] = ("a small campaign: two at a time, a retry, do-not-call",
+                             out.campaign)
+
+
+_outbound()

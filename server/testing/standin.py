@@ -39,6 +39,7 @@ class StandinOptions:
     api_key: str | None = None  # when set, the handshake must carry this Bearer key (else 401)
     handshake_status: int | None = None  # refuse every handshake with this HTTP status
     handshake_delay: float = 0.0  # seconds before answering a handshake
+    first_audio_delay: float = 0.0  # seconds from a response's start to its first audio
     answer_pings: bool = True  # False: a half-open connection (pings never get a pong)
     accept_sessions: int | None = None  # refuse (503) every handshake after this many sessions
     session_lifetime: float | None = None  # then `session_expired` and close 1001, as OpenAI
@@ -529,6 +530,8 @@ class StandinSession:
                              "delta": word if n == len(words) - 1 else word + " "})
         chunk = self._options.chunk_ms * BYTES_PER_MS
         loop = asyncio.get_running_loop()
+        if self._options.first_audio_delay:  # the model's time to first audio
+            await asyncio.sleep(self._options.first_audio_delay)
         started = loop.time()
         for offset in range(0, len(audio), chunk):
             piece = audio[offset:offset + chunk]
@@ -823,12 +826,17 @@ def main(argv: list[str] | None = None, announce: Callable[[str], None] = print)
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--reply", choices=("echo", "tone"), default="echo")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--handshake-delay", type=float, default=0.0,
+                        help="seconds before answering each handshake (a real network's TLS)")
+    parser.add_argument("--first-audio-delay", type=float, default=0.0,
+                        help="seconds from a response's start to its first audio")
     parser.add_argument("--scenario", default=None,
                         help="JSON file: function calls to make on given turns / keypad texts")
     args = parser.parse_args(argv)
     scripted = load_scenario(args.scenario) if args.scenario else {}
     options = StandinOptions(api_key=args.api_key, chunk_ms=args.chunk_ms, pace=args.pace,
-                             reply=args.reply, **scripted)
+                             reply=args.reply, handshake_delay=args.handshake_delay,
+                             first_audio_delay=args.first_audio_delay, **scripted)
     announce(f"Realtime stand-in: OPENAI_REALTIME_URL=ws://{args.host}:{args.port}/v1/realtime")
     web.run_app(create_standin_app(options), host=args.host, port=args.port, print=None)
 

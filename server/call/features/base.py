@@ -85,6 +85,17 @@ class CallControl(Protocol):
         response is active and the caller is not speaking, else queued; retried once if the
         service refuses it as colliding. Plain requests are answered by any later response."""
 
+    async def hold_assistant(self, held: bool) -> None:
+        """Keep the assistant from speaking, or let it speak again: while held, response
+        requests wait in the gate and the model's audio is kept back (played on release)."""
+
+    async def listen_only(self, on: bool) -> None:
+        """The model listens but makes no response of its own (requests still do)."""
+
+    async def cut_assistant(self) -> None:
+        """Stop the assistant now: waiting requests withdrawn, audio kept back or playing
+        dropped (the model told what was heard); it may be asked to speak again at once."""
+
     def hold_playback(self, on: bool) -> None:
         """Hold audio starts (on) or stops (off): the model's own audio is not played
         meanwhile, so the two never mix (GPT-Live's output flows all the time)."""
