@@ -190,7 +190,7 @@ async def run_console(out_dir: Path = Path("out"), *, port: int = CONSOLE_PORT,
                 result = await place_call(
                     bridge, speech=env.pace.speech, auth_token=AUTH_TOKEN, turns=turns,
                     caller=f"+1555010{placed % 10000:04d}", settle=env.pace.settle,
-                    listen_first=0.5 if fast else 3.0, keys="1234#",
+                    listen_first=0.0 if fast else 3.0, keys=None if fast else "1234#",
                     keys_at_turn=min(turns, 4), echo=lambda _: None,
                     after_turn=breathe)
                 echo(f"  call {placed}: {result.summary()}")
