@@ -200,3 +200,19 @@ async def test_the_console_demo_serves_the_console_while_its_calls_go_on(tmp_pat
         assert call["end_kind"] == "caller_hung_up" and call["recording"]
     finally:
         await store.close()
+
+
+def test_the_demo_checks_that_the_record_and_the_caller_agree(tmp_path: Path) -> None:
+    """At the normal pace the demo fails a call whose recorded latency is more than 20 ms from
+    what the caller measured (the fast pace, run beside other tests, does not check it)."""
+    from typing import Any, cast
+
+    from server.testing.scenarios import Pace, _common
+
+    for pace, caller_ms, problems in ((Pace.normal(), 470.0, 1), (Pace.normal(), 505.0, 0),
+                                      (Pace.fast(), 470.0, 0)):
+        env = Env(tmp_path, pace, lambda _: None, cast(Any, None))
+        outcome = Outcome("latency")
+        result = CallResult(ok=True, latencies_ms=[caller_ms])
+        _common(env, outcome, result, {"latencies_ms": [500.0]})
+        assert len(outcome.problems) == problems, outcome.problems

@@ -32,8 +32,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType
@@ -57,11 +56,11 @@ from server.models.session import (
     ModelUnavailable,
     SessionConfig,
 )
+from server.models.socket import ModelSocket, audio_sender, open_socket
 from server.settings import Settings
 from server.wire import live
 
-LiveSocket = aiohttp.ClientWebSocketResponse[Literal[False]]  # frames as bytes (orjson)
-LIVE_MAX_MSG = 16 * 1024 * 1024
+LiveSocket = ModelSocket
 TEXT = WSMsgType.TEXT
 BYTES_PER_MS = 8  # mu-law at 8 kHz
 CLOSE_WAIT = 1.0  # after session.close, the longest wait for session.closed (its final usage)
@@ -69,13 +68,7 @@ APPEND_TOKENS = 450  # an append takes at most 500 tokens; our count is an estim
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 FAILED_CLOSES = frozenset({"content"})  # closed for what was said: no new session
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
-_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
-_HANDSHAKE_HINTS = {
-    401: "check OPENAI_API_KEY",
-    403: "the key has no access to GPT-Live",
-    404: "check OPENAI_LIVE_URL",
-    429: "rate limited or out of quota",
-}
+_HANDSHAKE_HINTS = {403: "the key has no access to GPT-Live", 404: "check OPENAI_LIVE_URL"}
 BACKEND_PREAMBLE = (
     "You are the backend of a phone assistant: the voice model talking with the caller hands "
     "you tasks; use the tools to do them and answer briefly, for the voice model to say. The "
@@ -133,16 +126,6 @@ def chunks(text: str, max_tokens: int = APPEND_TOKENS) -> list[str]:
     if rest or not out:
         out.append(rest)
     return out
-
-
-def _audio_sender(ws: LiveSocket) -> Callable[[str], Awaitable[None]]:
-    """The caller's audio to the model, per frame: nothing looked up but the two locals."""
-    send, append = ws.send_frame, live.append_audio
-
-    async def send_audio(payload: str) -> None:
-        await send(append(payload), TEXT)
-
-    return send_audio
 
 
 @dataclass
@@ -211,26 +194,17 @@ class LiveSession:
         except (ConnectionError, aiohttp.ClientError) as e:
             await self._drop()
             raise ModelUnavailable(f"the GPT-Live session closed at once: {e}") from None
-        self.send_audio = _audio_sender(ws)
+        self.send_audio = audio_sender(ws, live.append_audio)
         self._grouper = live.TranscriptGrouper(id_prefix=f"{self.session_id or 'live'}_")
 
     async def _connect(self) -> LiveSocket:
-        """The WebSocket (Authorization only: no model in the URL, no beta header). No aiohttp
-        heartbeat: the call's watchdog pings a quiet socket (GPT-Live is never quiet for long:
-        its output flows all the time)."""
+        """The WebSocket (Authorization only: no model in the URL, no beta header). The
+        call's watchdog pings a quiet socket (GPT-Live is never quiet for long: its output
+        flows all the time)."""
         s = self._settings
-        try:
-            return await self._http.ws_connect(
-                s.openai_live_url, headers=live.auth_headers(s.openai_api_key),
-                timeout=_WS_TIMEOUT, max_msg_size=LIVE_MAX_MSG, decode_text=False,
-                autoclose=True, autoping=False)
-        except aiohttp.WSServerHandshakeError as e:
-            hint = _HANDSHAKE_HINTS.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")
-            why = f"GPT-Live refused the session: HTTP {e.status}" + (f" ({hint})" if hint else "")
-        except (aiohttp.ClientError, OSError) as e:
-            host = urlsplit(s.openai_live_url).netloc
-            why = f"could not reach GPT-Live at {host}: {type(e).__name__}: {e}"
-        raise ModelUnavailable(why)
+        return await open_socket(self._http, s.openai_live_url,
+                                 live.auth_headers(s.openai_api_key), what="GPT-Live",
+                                 hints=_HANDSHAKE_HINTS)
 
     async def _started(self, ws: LiveSocket) -> None:
         """Read until `session.started`; what comes instead says why there is no session."""

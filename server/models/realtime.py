@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType
@@ -38,53 +37,34 @@ from server.models.session import (
     ModelUnavailable,
     SessionConfig,
 )
+from server.models.socket import ModelSocket, audio_sender, open_socket
 from server.settings import Settings
 from server.wire import realtime as rt
 
-OpenAISocket = aiohttp.ClientWebSocketResponse[Literal[False]]  # frames as bytes (orjson)
-OPENAI_MAX_MSG = 16 * 1024 * 1024
+OpenAISocket = ModelSocket
 TEXT = WSMsgType.TEXT
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 MAX_ITEMS = 200  # the most recent conversation entries carried into a new session
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
-_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
 _HANDSHAKE_HINTS = {
-    401: "check OPENAI_API_KEY",
     403: "the key has no access to the Realtime API",
     404: "check OPENAI_REALTIME_URL and OPENAI_REALTIME_MODEL",
-    429: "rate limited or out of quota",
 }
 
 
 async def open_model_socket(settings: Settings, http: aiohttp.ClientSession,
                             model: str | None = None) -> OpenAISocket:
-    """A Realtime WebSocket (GA: Authorization only); ModelUnavailable when it cannot be had.
-
-    No aiohttp heartbeat and no autoping: aiohttp re-arms its heartbeat timer for every chunk
-    received, a per-frame cost; the call's watchdog pings a quiet socket instead, and the relay
-    sees pings and pongs itself."""
+    """A Realtime WebSocket (GA: Authorization only); ModelUnavailable when it cannot be had
+    within OPENAI_CONNECT_TIMEOUT."""
     s = settings
     try:
         async with asyncio.timeout(s.openai_connect_timeout):
-            return await http.ws_connect(
-                rt.realtime_url(s, model),
-                headers=rt.auth_headers(s),
-                timeout=_WS_TIMEOUT,
-                max_msg_size=OPENAI_MAX_MSG,
-                decode_text=False,
-                autoclose=True,
-                autoping=False,
-            )
-    except aiohttp.WSServerHandshakeError as e:
-        hint = _HANDSHAKE_HINTS.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")
-        why = f"OpenAI refused the session: HTTP {e.status}" + (f" ({hint})" if hint else "")
+            return await open_socket(http, rt.realtime_url(s, model), rt.auth_headers(s),
+                                     what="OpenAI", hints=_HANDSHAKE_HINTS)
     except TimeoutError:
-        why = f"OpenAI did not accept the session within {s.openai_connect_timeout:g} s"
-    except (aiohttp.ClientError, OSError) as e:
-        host = urlsplit(s.openai_realtime_url).netloc
-        why = f"could not reach OpenAI at {host}: {type(e).__name__}: {e}"
-    raise ModelUnavailable(why)
+        raise ModelUnavailable(f"OpenAI did not accept the session within "
+                               f"{s.openai_connect_timeout:g} s") from None
 
 
 def conversation_items(entries: Iterable[Entry], limit: int = MAX_ITEMS) -> list[bytes]:
@@ -115,16 +95,6 @@ def conversation_items(entries: Iterable[Entry], limit: int = MAX_ITEMS) -> list
     return items
 
 
-def _audio_sender(ws: OpenAISocket) -> Callable[[str], Awaitable[None]]:
-    """The caller's audio to the model, per frame: nothing looked up but the two locals."""
-    send, append = ws.send_frame, rt.append_audio
-
-    async def send_audio(payload: str) -> None:
-        await send(append(payload), TEXT)
-
-    return send_audio
-
-
 class RealtimeSession:
     api = "realtime"
     decides_turns = False
@@ -146,7 +116,7 @@ class RealtimeSession:
     async def open(self, config: SessionConfig, conversation: Sequence[Entry]) -> None:
         ws = await open_model_socket(self._settings, self._http, config.model)
         self._ws = ws
-        self.send_audio = _audio_sender(ws)
+        self.send_audio = audio_sender(ws, rt.append_audio)
         prompt = {"prompt": config.prompt} if config.prompt else (
             {"instructions": config.instructions} if config.instructions is not None else {})
         try:

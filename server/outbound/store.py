@@ -34,7 +34,6 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +50,7 @@ from server.outbound.spec import (
     after_outcome,
     classify,
 )
+from server.records.sqlite import SQLiteThread
 from server.records.store import StoreError, redact, sqlite_path
 
 log = logging.getLogger("server.outbound")
@@ -241,65 +241,21 @@ class _SQLite:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"SQLite {path}"
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._sqlite = SQLiteThread(path, "campaigns", StoreError)
         self._lock = asyncio.Lock()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        thread = self._thread
-        if thread is None:
-            raise StoreError("the campaign store is not open")
-
-        def call() -> T:
-            if self._db is None:
-                raise StoreError("the campaign store is closed")
-            return fn(self._db)
-
-        return await asyncio.get_running_loop().run_in_executor(thread, call)
+        return await self._sqlite.run(fn)
 
     async def open(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="campaigns-sqlite")
+        def setup(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA foreign_keys=ON")
+            _sqlite_migrate(db)
 
-        def connect() -> None:
-            try:
-                if self.path.parent != Path():
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            except (OSError, sqlite3.Error) as e:
-                raise StoreError(f"cannot open {self.path}: {e}") from None
-            try:
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=10000")
-                db.execute("PRAGMA foreign_keys=ON")
-                _sqlite_migrate(db)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, connect)
-        except BaseException:
-            self._thread.shutdown(wait=False)
-            self._thread = None
-            raise
+        await self._sqlite.open(setup, busy_timeout_ms=10000)
 
     async def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-
-        def disconnect() -> None:
-            db, self._db = self._db, None
-            if db is not None:
-                db.close()
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(thread, disconnect)
-        finally:
-            thread.shutdown(wait=False)
+        await self._sqlite.close()
 
     @contextlib.asynccontextmanager
     async def transaction(self, write: bool = True) -> AsyncIterator[_Tx]:

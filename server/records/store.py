@@ -13,7 +13,6 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from server.call.record import parse_stamp, stamp
+from server.records.sqlite import SQLiteThread
 
 log = logging.getLogger("server.records")
 
@@ -364,8 +364,7 @@ class SQLiteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._sqlite = SQLiteThread(path, "records", StoreError)
 
     @property
     def description(self) -> str:
@@ -376,59 +375,14 @@ class SQLiteStore:
         return False
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        thread = self._thread
-        if thread is None:
-            raise StoreError("the records store is not open")
-
-        def call() -> T:
-            if self._db is None:
-                raise StoreError("the records store is closed")
-            return fn(self._db)
-
-        return await asyncio.get_running_loop().run_in_executor(thread, call)
+        return await self._sqlite.run(fn)
 
     async def open(self, *, migrate_to: int | None = None) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-sqlite")
-
-        def connect() -> None:
-            try:
-                if self.path.parent != Path():
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            except (OSError, sqlite3.Error) as e:
-                raise StoreError(f"cannot open {self.path}: {e}") from None
-            try:
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=5000")
-                _sqlite_migrate(db, migrate_to if migrate_to is not None else SCHEMA_VERSION)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, connect)
-        except BaseException:
-            self._thread.shutdown(wait=False)
-            self._thread = None
-            raise
+        version = migrate_to if migrate_to is not None else SCHEMA_VERSION
+        await self._sqlite.open(lambda db: _sqlite_migrate(db, version))
 
     async def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-
-        def disconnect() -> None:
-            db, self._db = self._db, None
-            if db is not None:
-                db.close()
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(thread, disconnect)
-        finally:
-            thread.shutdown(wait=False)
+        await self._sqlite.close()
 
     async def ping(self) -> bool:
         try:

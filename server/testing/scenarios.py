@@ -55,12 +55,13 @@ class Pace:
     answer_ms: int  # the answer once a tool's result is in
     greeting_ms: int
     barge_in_ms: int  # the caller talks over the reply after this much of it
+    checks_latency: bool = False  # the record's latencies must agree with the caller's
 
     @classmethod
     def normal(cls) -> Pace:
         speech = audio.ulaw_encode(audio.read_wav(sample_wav()))[: 1200 * audio.BYTES_PER_MS]
         return cls(speech, settle=0.4, vad_silence_ms=500, say_ms=700, answer_ms=900,
-                   greeting_ms=900, barge_in_ms=500)
+                   greeting_ms=900, barge_in_ms=500, checks_latency=True)
 
     @classmethod
     def fast(cls) -> Pace:
@@ -168,12 +169,17 @@ def _call(env: Env, base: str, **options: Any) -> Awaitable[CallResult]:
 LATENCY_AGREES_MS = 20  # the record's per-turn latency and what the caller measured
 
 
-def _common(outcome: Outcome, result: CallResult, record: dict[str, Any] | None) -> None:
+def _common(env: Env, outcome: Outcome, result: CallResult,
+            record: dict[str, Any] | None) -> None:
     outcome.result, outcome.record = result, record
     outcome.expect(result.ok, f"the call failed: {result.error}")
     outcome.expect(record is not None, "no final record was stored")
     recorded = (record or {}).get("latencies_ms") or []
-    if record is not None and len(recorded) == len(result.latencies_ms):
+    # At the normal pace (`make demo`, a machine not otherwise busy): the caller, in the same
+    # process, reads the reply as soon as the bridge sends it. The fast pace runs in the test
+    # suite beside other work, where the caller's own reading lags.
+    if env.pace.checks_latency and record is not None \
+            and len(recorded) == len(result.latencies_ms):
         apart = [abs(a - b) for a, b in zip(recorded, result.latencies_ms, strict=True)]
         outcome.expect(all(d <= LATENCY_AGREES_MS for d in apart),
                        f"the record's latencies {recorded} and the caller's "
@@ -201,7 +207,7 @@ async def tools(env: Env) -> Outcome:
             record = await fetch_record(env, bridge, result.call_sid)
             await keep_metrics(env, bridge)
         sessions: list[StandinSession] = standin[STANDIN_SESSIONS]
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     outcome.expect(result.greeting_ms is not None, "no greeting was heard")
     outcome.expect(len(result.latencies_ms) == 2, "a turn went unanswered")
     entries = [e for e in (record or {}).get("timeline", ()) if e.get("kind") == "tool"]
@@ -238,7 +244,7 @@ async def transfer(env: Env) -> Outcome:
             result = await _call(env, bridge, turns=2)
             record = await fetch_record(env, bridge, result.call_sid)
             await keep_metrics(env, bridge)
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     env.say(f"record: end_reason {(record or {}).get('end_reason')!r}")
     outcome.expect((result.next_action, result.dialled) == ("dial", SALES),
                    f"expected Twilio to dial {SALES}, got {result.next_action or 'nothing'} "
@@ -261,7 +267,7 @@ async def barge_in(env: Env) -> Outcome:
         result = await _call(env, bridge, turns=1, barge_in_ms=env.pace.barge_in_ms, out=wav)
         record = await fetch_record(env, bridge, result.call_sid)
         await keep_metrics(env, bridge)
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     env.say(f"barge-ins handled: {result.clears}; marks echoed: {result.marks_echoed}; the "
             f"caller heard {result.heard_ms / 1000:.1f} s of audio (in {wav})")
     outcome.expect(result.clears >= 1, "the bridge never cleared the caller's playback")
@@ -291,7 +297,7 @@ async def model_drop(env: Env) -> Outcome:
         result = await _call(env, bridge, turns=2, after_turn=drop)
         record = await fetch_record(env, bridge, result.call_sid)
         await keep_metrics(env, bridge)
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     kept = (record or {}).get("sessions") or []
     gap = kept[1].get("gap_ms") if len(kept) > 1 else None
     if gap is not None and len(result.latencies_ms) > 1:
@@ -345,7 +351,7 @@ async def handover(env: Env) -> Outcome:
                 await keep_metrics(env, new)
     finally:
         await state.close()
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     gap = result.handover_gap_ms
     if gap is not None:
         met = "met" if gap < HANDOVER_TARGET_MS else "MISSED"
@@ -394,7 +400,7 @@ async def gpt_live(env: Env) -> Outcome:
             record = await fetch_record(env, bridge, result.call_sid)
             await keep_metrics(env, bridge)
         sessions: list[LiveStandinSession] = standin[LIVE_SESSIONS]
-    _common(outcome, result, record)
+    _common(env, outcome, result, record)
     usage = (record or {}).get("usage") or {}
     tools_ok = [e for e in (record or {}).get("timeline", ())
                 if e.get("kind") == "tool" and e.get("outcome") == "ok"]

@@ -204,9 +204,11 @@ class _Line:
                         default=len(frames) - 1)
         ended = time.monotonic()
         for i, frame in enumerate(frames):
+            if i == last_loud:  # when that frame is due on the call's 20 ms clock (a loaded
+                # machine may send it late, then catch up: the audio's time is the clock's)
+                due = self._t0 + self._sent * audio.FRAME_MS / 1000
+                ended = time.monotonic() - (self._loop.time() - due)
             await self.send(frame)
-            if i == last_loud:
-                ended = time.monotonic()
         self._note("caller stopped speaking")
         return ended
 

@@ -1,0 +1,53 @@
+"""Opening a model's WebSocket, for any OpenAI voice API, with one readable reason when it
+cannot be opened (never the key).
+
+No aiohttp heartbeat and no autoping: aiohttp re-arms its heartbeat timer for every chunk
+received, a per-frame cost; the call's watchdog pings a quiet socket instead, and the session's
+reader sees pings and pongs itself. Frames come as bytes (`decode_text=False`) for orjson.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import WSMsgType
+
+from server.models.session import ModelUnavailable
+
+ModelSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
+MAX_MSG = 16 * 1024 * 1024
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
+_HINTS = {401: "check OPENAI_API_KEY", 429: "rate limited or out of quota"}
+
+
+async def open_socket(http: aiohttp.ClientSession, url: str, headers: Mapping[str, str], *,
+                      what: str, hints: Mapping[int, str] = {}) -> ModelSocket:
+    """The socket, or ModelUnavailable saying why: `what` names the service ("OpenAI",
+    "GPT-Live"), `hints` add a word per HTTP status (e.g. which setting to check). The caller
+    bounds the time it may take."""
+    try:
+        return await http.ws_connect(url, headers=dict(headers), timeout=_WS_TIMEOUT,
+                                     max_msg_size=MAX_MSG, decode_text=False, autoclose=True,
+                                     autoping=False)
+    except aiohttp.WSServerHandshakeError as e:
+        hint = {**_HINTS, **hints}.get(e.status, "OpenAI unavailable" if e.status >= 500 else "")
+        why = f"{what} refused the session: HTTP {e.status}" + (f" ({hint})" if hint else "")
+    except (aiohttp.ClientError, OSError) as e:
+        why = f"could not reach {what} at {urlsplit(url).netloc}: {type(e).__name__}: {e}"
+    raise ModelUnavailable(why)
+
+
+def audio_sender(ws: ModelSocket, encode: Callable[[str], bytes]
+                 ) -> Callable[[str], Awaitable[None]]:
+    """The caller's audio to the model, per frame (`encode` wraps a base64 payload in the API's
+    append event): a closure, so nothing is looked up on the fast path but its two locals."""
+    send = ws.send_frame
+    text = WSMsgType.TEXT
+
+    async def send_audio(payload: str) -> None:
+        await send(encode(payload), text)
+
+    return send_audio
