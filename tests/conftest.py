@@ -200,6 +200,28 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory,
         monkeypatch.delenv(name, raising=False)
 
 
+_TOOLING = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__"}
+
+
+def _tree_files() -> set[Path]:
+    """Every file in the checkout but version control's, the venv's and the caches'."""
+    found: set[Path] = set()
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in _TOOLING and not d.endswith(".egg-info")]
+        found.update(Path(top, f).relative_to(ROOT) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _working_tree_untouched() -> Any:
+    """No test, and nothing a test starts (a server, the bench, the demo), writes into the
+    checkout: a run fails if a file appeared there."""
+    before = _tree_files()
+    yield
+    new = sorted(map(str, _tree_files() - before))
+    assert not new, f"the tests wrote into the working tree: {new}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_sdk_checker() -> None:
     """Build the SDK's validators once, before any test's loop is timing a handshake (the

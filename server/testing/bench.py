@@ -46,6 +46,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
@@ -343,8 +344,14 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
     }
 
 
-def _server_env(config: Config, port: int, standin_port: int) -> dict[str, str]:
+def _server_env(config: Config, port: int, standin_port: int,
+                scratch: Path) -> dict[str, str]:
+    """The server's settings; what it writes (records, spool, recordings) goes to `scratch`,
+    never into the checkout it runs from."""
     env = {**os.environ,
+           "DATABASE_URL": f"sqlite:///{scratch / 'calls.db'}",
+           "RECORDS_SPOOL": str(scratch / "records-spool.jsonl"),
+           "RECORDINGS_DIR": str(scratch / "recordings"),
            "PYTHONPATH": os.pathsep.join(
                p for p in (str(config.source), os.environ.get("PYTHONPATH")) if p),
            "HOST": "127.0.0.1", "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}",
@@ -364,41 +371,42 @@ async def measure(config: Config, gen: LoadGenerator, calls: int, seconds: float
                   warmup: float, round_: int = 1) -> Run:
     """Start the server, place `calls` calls, measure for `seconds` after `warmup`, hang up."""
     port = free_port()
-    env = _server_env(config, port, gen.standin_port)
-    async with server_process(env, module=config.module, cwd=config.source) as server:
-        pid = server.pid
-        rss_idle = tree_kib(pid, "VmRSS")
-        await _all(gen.standins, "reset")
-        k = len(gen.callers)
-        await asyncio.gather(*(
-            w.ask("dial", base=server.url, calls=list(range(i, calls, k)),
-                  auth_token=AUTH_TOKEN, ramp=RAMP * k,
-                  delay=RAMP * i) for i, w in enumerate(gen.callers)))
-        now = time.monotonic()
-        start, t0 = now + 0.05, now + 0.05 + warmup
-        t1 = t0 + seconds
-        await _all(gen.standins, "window", t0=t0, t1=t1)
-        # the calls' 20 ms clocks, phases spread evenly over the 20 ms
-        await asyncio.gather(*(
-            w.ask("go", start=start, t0=t0, t1=t1,
-                  phases=[n * PERIOD / calls for n in range(i, calls, k)])
-            for i, w in enumerate(gen.callers)))
-        others = [*(w.pid for w in gen.workers), os.getpid()]  # the generator, then the bench
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        env = _server_env(config, port, gen.standin_port, Path(scratch))
+        async with server_process(env, module=config.module, cwd=config.source) as server:
+            pid = server.pid
+            rss_idle = tree_kib(pid, "VmRSS")
+            await _all(gen.standins, "reset")
+            k = len(gen.callers)
+            await asyncio.gather(*(
+                w.ask("dial", base=server.url, calls=list(range(i, calls, k)),
+                      auth_token=AUTH_TOKEN, ramp=RAMP * k,
+                      delay=RAMP * i) for i, w in enumerate(gen.callers)))
+            now = time.monotonic()
+            start, t0 = now + 0.05, now + 0.05 + warmup
+            t1 = t0 + seconds
+            await _all(gen.standins, "window", t0=t0, t1=t1)
+            # the calls' 20 ms clocks, phases spread evenly over the 20 ms
+            await asyncio.gather(*(
+                w.ask("go", start=start, t0=t0, t1=t1,
+                      phases=[n * PERIOD / calls for n in range(i, calls, k)])
+                for i, w in enumerate(gen.callers)))
+            others = [*(w.pid for w in gen.workers), os.getpid()]  # the generator, then the bench
 
-        def cpu() -> list[float]:  # the server, each generator process, the bench
-            return [tree_cpu_seconds(pid), *map(cpu_seconds, others)]
+            def cpu() -> list[float]:  # the server, each generator process, the bench
+                return [tree_cpu_seconds(pid), *map(cpu_seconds, others)]
 
-        await _sleep_until(t0)
-        cpu0, busy0, wall0 = cpu(), machine_busy_seconds(), time.monotonic()
-        await _sleep_until(t1)
-        cpu1, busy1, wall1 = cpu(), machine_busy_seconds(), time.monotonic()
-        rss_loaded = tree_kib(pid, "VmRSS")
-        await _all(gen.standins, "quiet")
-        await _all(gen.callers, "quiet")
-        await _land(gen)
-        rss_peak = tree_kib(pid, "VmHWM")
-        caller_reports = await _all(gen.callers, "hangup")
-        standin_reports = await _all(gen.standins, "report")
+            await _sleep_until(t0)
+            cpu0, busy0, wall0 = cpu(), machine_busy_seconds(), time.monotonic()
+            await _sleep_until(t1)
+            cpu1, busy1, wall1 = cpu(), machine_busy_seconds(), time.monotonic()
+            rss_loaded = tree_kib(pid, "VmRSS")
+            await _all(gen.standins, "quiet")
+            await _all(gen.callers, "quiet")
+            await _land(gen)
+            rss_peak = tree_kib(pid, "VmHWM")
+            caller_reports = await _all(gen.callers, "hangup")
+            standin_reports = await _all(gen.standins, "report")
     wall = wall1 - wall0
     used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     callers_sum, standins_sum = _sum(caller_reports, standin_reports)
