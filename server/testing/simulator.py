@@ -124,8 +124,9 @@ class _Timeline:
         self._result = result
         self._echo = echo
 
-    def __call__(self, text: str) -> None:
-        elapsed = time.monotonic() - self._t0
+    def __call__(self, text: str, at: float | None = None) -> None:
+        """Note `text` as happening now, or `at` (monotonic) if it happened a moment ago."""
+        elapsed = (time.monotonic() if at is None else at) - self._t0
         self._result.timeline.append((elapsed, text))
         self._echo(f"  {elapsed:7.3f} s  {text}")
 
@@ -209,7 +210,7 @@ class _Line:
                 due = self._t0 + self._sent * audio.FRAME_MS / 1000
                 ended = time.monotonic() - (self._loop.time() - due)
             await self.send(frame)
-        self._note("caller stopped speaking")
+        self._note("caller stopped speaking", at=ended)  # where replies are timed from
         return ended
 
     async def press(self, keys: str) -> float:
@@ -264,7 +265,7 @@ class _Line:
                 first = self._first_after(since)
                 if first is not None:
                     latencies.append((first - ended) * 1000)
-                    note(f"first {what} audio: {latencies[-1]:.0f} ms after {after}")
+                    note(f"first {what} audio: {latencies[-1]:.0f} ms after {after}", at=first)
                     deadline = max(deadline, self._loop.time() + self._script.reply_wait)
                     self._after_handover()
                 continue
@@ -461,7 +462,8 @@ async def place_call(
                         result.error = "no reply audio"
                     break
                 result.hung_up_by = "bridge"
-                note(f"the bridge closed the stream (code {stream.close_code})")
+                note(f"the bridge closed the stream (code {stream.close_code})",
+                     at=stream.closed_at)  # seen between frames: stamped when it happened
                 if not follow_actions:
                     raise ConnectionError(
                         f"the bridge closed the stream (code {stream.close_code})")
