@@ -183,7 +183,7 @@ async def test_the_file_written_in_batches_equals_the_whole_call(tmp_path: Path,
 
 
 async def test_nothing_is_at_the_final_path_until_the_call_ends(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path, flush_bytes=1600)
+    recorder = Recorder(tmp_path, flush_bytes=1600, stagger=False)
     call = FakeCall("CAlive")
     feature = call.add(recorder.feature()(call))
     final = recorder.path_for("CAlive")
