@@ -35,6 +35,9 @@ from server.console import routes as console_routes
 from server.console.auth import OPERATORS, Operators, json_error, operator_of, operator_route
 from server.console.sse import EventStream, last_event_id
 from server.logs import mask_number
+from server.outbound.campaigns import Campaigns
+from server.outbound.routes import add_routes as add_campaign_routes
+from server.outbound.store import CampaignStore, open_campaign_store
 from server.records import api as records_api
 from server.records.store import SQLiteStore
 from server.settings import Settings
@@ -348,6 +351,10 @@ async def _seen(request: web.Request,
     return await handler(request)
 
 
+async def _operator(request: web.Request) -> str:
+    return operator_of(request)
+
+
 @dataclass
 class Backend:
     url: str
@@ -355,6 +362,7 @@ class Backend:
     store: SQLiteStore
     operators: Operators
     app: web.Application
+    campaigns: Campaigns
 
     @property
     def seen(self) -> list[tuple[str, str, str | None]]:
@@ -371,11 +379,17 @@ def console_settings(**overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def start_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    """The real console, operators and records API plus the fake live routes, on 127.0.0.1."""
+    """The real console, operators, records and campaigns API (no dialler: campaigns stay
+    where the test puts them) plus the fake live routes, on 127.0.0.1."""
     settings = console_settings()
     operators = Operators.from_settings(settings)
     store = SQLiteStore(tmp_path / "calls.db")
     await store.open()
+    campaign_store: CampaignStore | None = open_campaign_store(
+        f"sqlite:///{tmp_path / 'campaigns.db'}")
+    assert campaign_store is not None
+    await campaign_store.open()
+    campaigns = Campaigns(campaign_store)
     fleet = Fleet()
     app = web.Application(middlewares=[_seen])
     app[FLEET] = fleet
@@ -384,6 +398,8 @@ async def start_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     app[records_api.LIVE_CALLS] = fleet.live
     records_api.add_routes(app, lambda: store, operators)
     console_routes.add_routes(app, operators, settings)
+    add_campaign_routes(app, campaigns=lambda: campaigns, do_not_call=lambda: None,
+                        authorize=_operator)
     app.router.add_get("/events", fleet_events)
     app.router.add_get("/calls/{sid}/events", call_events)
     app.router.add_get("/calls/{sid}/listen", listen)
@@ -395,11 +411,12 @@ async def start_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield Backend(f"http://127.0.0.1:{port}", fleet, store, operators, app)
+        yield Backend(f"http://127.0.0.1:{port}", fleet, store, operators, app, campaigns)
     finally:
         await fleet.close()
         await runner.cleanup()
         await store.close()
+        await campaign_store.close()
 
 
 # --- history to look at: a day of calls, one with a recording ---

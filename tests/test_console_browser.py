@@ -492,3 +492,83 @@ async def test_the_page_and_the_server_agree_on_mu_law(page: Page, backend: Back
     }""")
     assert decoded == _DECODE
     assert [code for _, code in encoded] == [_encode_sample(s) for s, _ in encoded]
+
+
+# --- campaigns ---
+
+CAMPAIGN_CSV = (b"to,first_name\n+15550103001,Ann\n+15550103002,Bob\n+15550103003,Cy\n"
+                b"not-a-number,Dee\n")
+COUNTS_JS = ("els => Object.fromEntries(els.map(e => [e.dataset[KEY], "
+             "Number(e.textContent.split(SEP)[1])]))")
+
+
+async def shown_states(page: Page) -> dict[str, int]:
+    chips: dict[str, int] = await page.eval_on_selector_all(
+        ".state-counts [data-state]",
+        COUNTS_JS.replace("KEY", "'state'").replace("SEP", "': '"))
+    return chips
+
+
+async def test_campaigns_start_from_a_csv_and_can_be_paused_resumed_and_cancelled(
+        page: Page, backend: Backend, tmp_path: Path) -> None:
+    bad, good = tmp_path / "bad.csv", tmp_path / "numbers.csv"
+    bad.write_bytes(b"name\nAnn\n")
+    good.write_bytes(CAMPAIGN_CSV)
+    await log_in(page, backend)
+    await page.goto(f"{backend.url}/console/campaigns")
+    await page.wait_for_selector(".state-empty:has-text('No campaigns yet')")
+    # A CSV the API refuses: its reason is on the form, and nothing is stored.
+    await page.fill("input[name=name]", "Reminders")
+    await page.set_input_files("input[name=csv]", bad)
+    await page.click("button:text('Start campaign')")
+    await page.wait_for_selector(".form-error:not(:empty)")
+    assert "to" in await page.inner_text(".form-error")
+    assert await backend.campaigns.store.list_campaigns() == []
+    # A good one: stored as the form said, by the operator logged in.
+    await page.fill("input[name=concurrency]", "3")
+    await page.fill("input[name=window]", "09:00-18:00")
+    await page.set_input_files("input[name=csv]", good)
+    await page.click("button:text('Start campaign')")
+    await page.wait_for_url(f"{backend.url}/console/campaigns/cmp_*")
+    campaign_id = page.url.rsplit("/", 1)[1]
+    stored = await backend.campaigns.progress(campaign_id, calls=True)
+    assert (stored["name"], stored["created_by"], stored["total"]) == ("Reminders", "ann", 4)
+    assert stored["settings"]["concurrency"] == 3
+    zone = await page.evaluate("Intl.DateTimeFormat().resolvedOptions().timeZone")
+    assert stored["settings"]["window"] == {"start": "09:00", "end": "18:00", "timezone": zone}
+    # The page shows what the store holds: each number's state, the counts; numbers masked.
+    await page.wait_for_selector("tr[data-seq]")
+    states = await page.eval_on_selector_all("tr[data-seq]",
+                                             "rows => rows.map(r => r.dataset.state)")
+    assert states == [c["state"] for c in stored["calls"]]
+    assert set(states) == {"pending", "skipped"}  # the bad number is never dialled
+    assert await shown_states(page) == stored["states"]
+    assert "+15550103001" not in await page.inner_text("main")
+    # Pause from the page; resume elsewhere (another operator): the page follows by polling.
+    await page.click("button:text('Pause')")
+    await page.wait_for_selector("h1 [data-status=paused]")
+    assert (await backend.campaigns.progress(campaign_id))["status"] == "paused"
+    assert await page.locator("button:text('Pause')").is_disabled()
+    await backend.campaigns.act(campaign_id, "resume", operator="bob")
+    await page.wait_for_selector("h1 [data-status=running]")
+    # Cancel asks first; then every number not dialled is settled as skipped.
+    await page.click("button:text-is('Cancel')")
+    await page.click("dialog button[value=no]")
+    assert (await backend.campaigns.progress(campaign_id))["status"] == "running"
+    await page.click("button:text-is('Cancel')")
+    await page.click("dialog button[value=yes]")
+    await page.wait_for_selector("h1 [data-status=cancelled]")
+    final = await backend.campaigns.progress(campaign_id)
+    assert final["states"]["skipped"] == 4
+    assert await shown_states(page) == final["states"]
+    outcomes = await page.eval_on_selector_all(
+        ".campaign-summary [data-outcome]",
+        COUNTS_JS.replace("KEY", "'outcome'").replace("SEP", "'· '"))
+    assert outcomes == final["outcomes"]
+    assert await page.inner_text(".campaign-summary .progress .figure") == "4 / 4"
+    assert await page.locator("button:text-is('Cancel')").is_disabled()
+    # The list has it, with its status and progress.
+    await page.click("text=← Campaigns")
+    row = f"tr[data-id='{campaign_id}']"
+    await page.wait_for_selector(f"{row} [data-status=cancelled]")
+    assert await page.inner_text(f"{row} .progress .figure") == "4 / 4"

@@ -2,6 +2,7 @@
 // (each view returns a function that closes its streams and sockets when the page changes).
 import {ApiError, api} from './api.js';
 import {h, stateBox} from './dom.js';
+import {campaignsView, campaignView} from './views/campaigns.js';
 import {historyView} from './views/history.js';
 import {liveCallView} from './views/live-call.js';
 import {liveListView} from './views/live-list.js';
@@ -12,6 +13,8 @@ const ROUTES = [
   [/^\/console\/calls\/([^/]+)\/?$/, 'live', liveCallView],
   [/^\/console\/history\/?$/, 'history', historyView],
   [/^\/console\/history\/([^/]+)\/?$/, 'history', pastCallView],
+  [/^\/console\/campaigns\/?$/, 'campaigns', campaignsView],
+  [/^\/console\/campaigns\/([^/]+)\/?$/, 'campaigns', campaignView],
 ];
 
 const view = document.getElementById('view');
