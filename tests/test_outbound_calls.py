@@ -202,6 +202,21 @@ async def test_a_call_that_never_connects_has_a_record_with_its_outcome(
     assert metric(line, end) == 1
 
 
+async def test_an_outbound_call_uses_model_api_unless_it_chooses_its_own(
+        make_line: MakeLine) -> None:
+    """MODEL_API is every plan's default, an outbound call's too: a POST /calls without
+    model_api gets GPT-Live here; one that names realtime gets Realtime."""
+    line = await make_line(model_api="live")
+    state = line.rig.app[REGISTRY].state
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("+15550100021", {}, "live"), ("+15550100022", {"model_api": "realtime"}, "realtime")]
+    for number, body, expected in cases:
+        line.fake.callees[number] = Callee("no-answer", ring_s=30)  # rings on: plan kept
+        sid = await line.place(to=number, **body)
+        plan = await state.get_plan(sid)
+        assert plan is not None and plan["model_api"] == expected, plan
+
+
 async def test_post_calls_refusals(make_line: MakeLine) -> None:
     line = await make_line(max_calls=1)
     line.fake.callees["+15550100002"] = Callee("no-answer", ring_s=30)  # rings on

@@ -54,8 +54,9 @@ def test_call_request_defaults() -> None:
     request = parse_call_request({"to": "+15550001111"})
     assert request.from_ is None and request.prompt_id is None
     assert request.voicemail is None  # hang up on a machine
-    assert (request.timeout_s, request.model_api, dict(request.variables)) == (30, "realtime",
-                                                                               {})
+    assert (request.timeout_s, dict(request.variables)) == (30, {})
+    assert request.model_api is None  # MODEL_API decides
+    assert "model_api" not in request.plan_fields()
     assert parse_call_request({"to": "+15550001111", "voicemail": "hangup"}).voicemail is None
 
 

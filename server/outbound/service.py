@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
@@ -158,7 +159,7 @@ class Outbound:
         from_ = request.from_ or self.settings.twilio_from_number
         if from_ is None:
             raise PlaceRefused(400, "from is required (or set TWILIO_FROM_NUMBER)")
-        plan = CallPlan(**request.plan_fields())
+        plan = dataclasses.replace(self.plans.default, **request.plan_fields())
         try:
             self.plans.resolve(plan)
         except ConfigError as e:

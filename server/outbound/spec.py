@@ -149,9 +149,10 @@ def voicemail(value: Any) -> str | None:
     return _text(value, "voicemail (a message, or \"hangup\")")
 
 
-def model_api(value: Any) -> str:
+def model_api(value: Any) -> str | None:
+    """None when not given: the app's MODEL_API decides, as for an inbound call."""
     if value is None:
-        return "realtime"
+        return None
     if value not in MODEL_APIS:
         raise BadRequest(f"model_api must be one of {', '.join(MODEL_APIS)}")
     return str(value)
@@ -206,14 +207,18 @@ class CallRequest:
     voicemail: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     timeout_s: int = DEFAULT_TIMEOUT_S
-    model_api: str = "realtime"
+    model_api: str | None = None  # None: MODEL_API
 
     def plan_fields(self) -> dict[str, Any]:
-        """The CallPlan's fields this request decides (`CallPlan(**request.plan_fields())`)."""
-        return {"direction": "outbound", "prompt_id": self.prompt_id,
-                "prompt_version": self.prompt_version, "variables": dict(self.variables),
-                "greeting": self.greeting, "model_api": self.model_api,
-                "metadata": dict(self.metadata), "voicemail": self.voicemail}
+        """The CallPlan's fields this request decides, over the app's defaults
+        (`dataclasses.replace(plans.default, **request.plan_fields())`)."""
+        fields = {"direction": "outbound", "prompt_id": self.prompt_id,
+                  "prompt_version": self.prompt_version, "variables": dict(self.variables),
+                  "greeting": self.greeting, "metadata": dict(self.metadata),
+                  "voicemail": self.voicemail}
+        if self.model_api is not None:
+            fields["model_api"] = self.model_api
+        return fields
 
 
 def parse_call_request(data: Any, *, check_prompt: PromptCheck | None = None) -> CallRequest:
@@ -313,7 +318,7 @@ class CampaignSpec:
     retry_after_s: float = DEFAULT_RETRY_AFTER_S
     window: Window | None = None
     voicemail: str | None = None
-    model_api: str = "realtime"
+    model_api: str | None = None  # None: MODEL_API when each call is placed
     from_: str | None = None
     prompt_id: str | None = None
     prompt_version: str | None = None
