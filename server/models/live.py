@@ -56,7 +56,7 @@ from server.models.session import (
     ModelUnavailable,
     SessionConfig,
 )
-from server.models.socket import ModelSocket, audio_sender, open_socket
+from server.models.socket import ModelSocket, audio_sender, open_socket, send_text, why_lost
 from server.settings import Settings
 from server.wire import live
 
@@ -67,7 +67,6 @@ CLOSE_WAIT = 1.0  # after session.close, the longest wait for session.closed (it
 APPEND_TOKENS = 450  # an append takes at most 500 tokens; our count is an estimate: a margin
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 FAILED_CLOSES = frozenset({"content"})  # closed for what was said: no new session
-_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _HANDSHAKE_HINTS = {403: "the key has no access to GPT-Live", 404: "check OPENAI_LIVE_URL"}
 BACKEND_PREAMBLE = (
     "You are the backend of a phone assistant: the voice model talking with the caller hands "
@@ -368,24 +367,13 @@ class LiveSession:
             await self._turn_event(out, on_event)
 
     def _lost(self, msg: Any) -> Exception:
-        """Why `run` stops on a frame that is not text (a close, an error)."""
         because, self._lost_because = self._lost_because, None
-        if because is not None:
-            return ModelLost(because)
-        if msg.type in _CLOSED:
-            code = self._ws.close_code if self._ws is not None else None
-            return ModelLost(f"GPT-Live closed the socket (code {code})")
-        if msg.type is WSMsgType.ERROR:
-            return ModelLost(f"GPT-Live socket error: {type(msg.data).__name__}: {msg.data}")
-        return ModelFailed("GPT-Live sent a non-text frame")
+        return why_lost(msg, self._ws, because, "GPT-Live")
 
     # --- what the call tells the model ---
 
     async def _send(self, frame: bytes) -> None:
-        ws = self._ws
-        if ws is not None and not ws.closed:
-            with contextlib.suppress(ConnectionError):  # lost: the model link replaces it
-                await ws.send_frame(frame, TEXT)
+        await send_text(self._ws, frame)
 
     async def add_tool_result(self, call_id: str, output: str) -> None:
         """The output to the backend; once every call of its response has one, the backend

@@ -37,7 +37,7 @@ from server.models.session import (
     ModelUnavailable,
     SessionConfig,
 )
-from server.models.socket import ModelSocket, audio_sender, open_socket
+from server.models.socket import ModelSocket, audio_sender, open_socket, send_text, why_lost
 from server.settings import Settings
 from server.wire import realtime as rt
 
@@ -45,7 +45,6 @@ OpenAISocket = ModelSocket
 TEXT = WSMsgType.TEXT
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 MAX_ITEMS = 200  # the most recent conversation entries carried into a new session
-_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 _CLOSE_WITHIN = 1.0
 _HANDSHAKE_HINTS = {
     403: "the key has no access to the Realtime API",
@@ -182,22 +181,11 @@ class RealtimeSession:
         await on_event(event)
 
     def _lost(self, msg: Any) -> Exception:
-        """Why `run` stops on a frame that is not text (a close, an error)."""
         because, self._lost_because = self._lost_because, None
-        if because is not None:
-            return ModelLost(because)
-        if msg.type in _CLOSED:
-            code = self._ws.close_code if self._ws is not None else None
-            return ModelLost(f"OpenAI closed the session (code {code})")
-        if msg.type is WSMsgType.ERROR:
-            return ModelLost(f"OpenAI socket error: {type(msg.data).__name__}: {msg.data}")
-        return ModelFailed("OpenAI sent a non-text frame")
+        return why_lost(msg, self._ws, because, "OpenAI")
 
     async def _send(self, frame: bytes) -> None:
-        ws = self._ws
-        if ws is not None and not ws.closed:
-            with contextlib.suppress(ConnectionError):  # lost: the model link replaces it
-                await ws.send_frame(frame, TEXT)
+        await send_text(self._ws, frame)
 
     async def add_tool_result(self, call_id: str, output: str) -> None:
         await self._send(rt.function_call_output(call_id, output))

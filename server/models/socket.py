@@ -8,19 +8,21 @@ reader sees pings and pongs itself. Frames come as bytes (`decode_text=False`) f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSMsgType
 
-from server.models.session import ModelUnavailable
+from server.models.session import ModelFailed, ModelLost, ModelUnavailable
 
 ModelSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 MAX_MSG = 16 * 1024 * 1024
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
 _HINTS = {401: "check OPENAI_API_KEY", 429: "rate limited or out of quota"}
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 
 
 async def open_socket(http: aiohttp.ClientSession, url: str, headers: Mapping[str, str], *,
@@ -51,3 +53,23 @@ def audio_sender(ws: ModelSocket, encode: Callable[[str], bytes]
         await send(encode(payload), text)
 
     return send_audio
+
+
+async def send_text(ws: ModelSocket | None, frame: bytes) -> None:
+    """An event to the model; nothing when the socket is gone (the model link replaces it)."""
+    if ws is not None and not ws.closed:
+        with contextlib.suppress(ConnectionError):
+            await ws.send_frame(frame, WSMsgType.TEXT)
+
+
+def why_lost(msg: Any, ws: ModelSocket | None, because: str | None, what: str) -> Exception:
+    """Why a session's reader stops on a frame that is not text: `because` when the session
+    itself gave up on the socket, else the close, the socket error or the odd frame."""
+    if because is not None:
+        return ModelLost(because)
+    if msg.type in _CLOSED:
+        code = ws.close_code if ws is not None else None
+        return ModelLost(f"{what} closed the session (code {code})")
+    if msg.type is WSMsgType.ERROR:
+        return ModelLost(f"{what} socket error: {type(msg.data).__name__}: {msg.data}")
+    return ModelFailed(f"{what} sent a non-text frame")
