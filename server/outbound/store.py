@@ -50,7 +50,7 @@ from server.outbound.spec import (
     after_outcome,
     classify,
 )
-from server.records.sqlite import SQLiteThread
+from server.records.sqlite import SQLiteThread, migrate
 from server.records.store import StoreError, redact, sqlite_path
 
 log = logging.getLogger("server.outbound")
@@ -277,26 +277,8 @@ class _SQLite:
 
 
 def _sqlite_migrate(db: sqlite3.Connection) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)")
-        row = db.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone()
-        current = int(row[0] or 0)
-        for version, statements in sorted(_migrations("REAL").items()):
-            if version <= current:
-                continue
-            for statement in statements:
-                db.execute(statement)
-            db.execute(f"DELETE FROM {VERSION_TABLE}")
-            db.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (?)", (version,))
-            log.info("campaign tables migrated to schema version %d", version)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    if current > SCHEMA_VERSION:
-        log.warning("campaign tables are at schema version %d, newer than this server's %d",
-                    current, SCHEMA_VERSION)
+    migrate(db, table=VERSION_TABLE, migrations=_migrations("REAL"), target=SCHEMA_VERSION,
+            what="campaign tables", log=log)
 
 
 # --- PostgreSQL ---

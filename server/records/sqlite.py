@@ -8,8 +8,9 @@ file is open.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -84,3 +85,28 @@ class SQLiteThread:
             await asyncio.get_running_loop().run_in_executor(thread, disconnect)
         finally:
             thread.shutdown(wait=False)
+
+
+def migrate(db: sqlite3.Connection, *, table: str, migrations: Mapping[int, Sequence[str]],
+            target: int, what: str, log: logging.Logger) -> None:
+    """Bring `db` to schema `target`: each version's statements above the one kept in `table`,
+    in one transaction (BEGIN IMMEDIATE: one migrating process at a time). A database newer
+    than `target` is left as it is, with a warning naming `what` ("records database")."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER NOT NULL)")
+        row = db.execute(f"SELECT max(version) FROM {table}").fetchone()
+        current = int(row[0] or 0)
+        for version in range(current + 1, target + 1):
+            for statement in migrations[version]:
+                db.execute(statement)
+            db.execute(f"DELETE FROM {table}")
+            db.execute(f"INSERT INTO {table} (version) VALUES (?)", (version,))
+            log.info("%s migrated to schema version %d", what, version)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if current > target:
+        log.warning("%s is at schema version %d, newer than this server's %d", what, current,
+                    target)

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from server.call.record import parse_stamp, stamp
-from server.records.sqlite import SQLiteThread
+from server.records.sqlite import SQLiteThread, migrate
 
 log = logging.getLogger("server.records")
 
@@ -514,23 +514,8 @@ def _sqlite_version(db: sqlite3.Connection) -> int:
 
 
 def _sqlite_migrate(db: sqlite3.Connection, target: int) -> None:
-    db.execute("BEGIN IMMEDIATE")  # one migrating process at a time
-    try:
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        current = _sqlite_version(db)
-        for version in range(current + 1, target + 1):
-            for statement in SQLITE_MIGRATIONS[version]:
-                db.execute(statement)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            log.info("records database migrated to schema version %d", version)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    if current > SCHEMA_VERSION:
-        log.warning("records database schema is version %d, newer than this server's %d",
-                    current, SCHEMA_VERSION)
+    migrate(db, table="schema_version", migrations=SQLITE_MIGRATIONS, target=target,
+            what="records database", log=log)
 
 
 def _page(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], str | None]:
