@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import statistics
 import struct
@@ -47,7 +48,7 @@ pytestmark = [
 ]
 
 if CHROMIUM.exists():
-    from playwright.async_api import BrowserContext, Page, async_playwright
+    from playwright.async_api import BrowserContext, Page
 
 
 def microphone_wav(path: Path, seconds: float = 4.0, rate: int = 48000) -> Path:
@@ -65,17 +66,27 @@ def microphone_wav(path: Path, seconds: float = 4.0, rate: int = 48000) -> Path:
     return path
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrowserContext]:
-    home = tmp_path_factory.mktemp("chromium")
-    wav = microphone_wav(home / "microphone.wav")
+@contextlib.asynccontextmanager
+async def chromium(home: Path, mic_seconds: float = 4.0) -> AsyncIterator[BrowserContext]:
+    """Debian's chromium with a profile in `home` and a fake microphone playing MIC_HZ."""
+    from playwright.async_api import async_playwright
+
+    wav = microphone_wav(home / "microphone.wav", seconds=mic_seconds)
     async with async_playwright() as pw:
         context = await pw.chromium.launch_persistent_context(
             str(home / "profile"), executable_path=str(CHROMIUM), headless=True,
             args=[*ARGS, f"--use-file-for-fake-audio-capture={wav}"],
             viewport={"width": 1440, "height": 900})
+        try:
+            yield context
+        finally:
+            await context.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrowserContext]:
+    async with chromium(tmp_path_factory.mktemp("chromium")) as context:
         yield context
-        await context.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -43,12 +43,11 @@ from server.testing.standin import (
 from tests.conftest import API_KEY, AUTH_TOKEN, PROMPTS, ROOT
 from tests.redis_server import start_or_skip
 from tests.test_console_browser import (
-    ARGS,
     CHROMIUM,
     MIC_HZ,
+    chromium,
     dominant_hz,
     marks,
-    microphone_wav,
     report,
 )
 from tests.test_operator import ADMIN, ANN, BOB, TARGETS
@@ -68,17 +67,8 @@ SPEECH = audio.ulaw_encode(audio.read_wav(sample_wav()))[: 400 * audio.BYTES_PER
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BrowserContext]:
-    from playwright.async_api import async_playwright
-
-    home = tmp_path_factory.mktemp("chromium-e2e")
-    wav = microphone_wav(home / "microphone.wav", seconds=8.0)
-    async with async_playwright() as pw:
-        context = await pw.chromium.launch_persistent_context(
-            str(home / "profile"), executable_path=str(CHROMIUM), headless=True,
-            args=[*ARGS, f"--use-file-for-fake-audio-capture={wav}"],
-            viewport={"width": 1440, "height": 900})
+    async with chromium(tmp_path_factory.mktemp("chromium-e2e"), mic_seconds=8.0) as context:
         yield context
-        await context.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
