@@ -77,7 +77,7 @@ class PrewarmedSession:
         self._listen_only = listen_only
         self.greeting_id: str | None = None  # the greeting's response.create, once sent
         self.greeting_instructions = greeting_instructions(greeting) if greeting else None
-        self._kept: deque[tuple[bool, Any]] = deque()
+        self._kept: deque[tuple[bool, Any]] | None = deque()  # None once the call reads it
         self._audio: AudioHandler = self._keep_audio
         self._event: EventHandler = self._keep_event
         self._reader: asyncio.Task[None] | None = None
@@ -100,7 +100,7 @@ class PrewarmedSession:
 
     @property
     def kept(self) -> int:
-        return len(self._kept)
+        return len(self._kept) if self._kept is not None else 0
 
     async def open(self, config: SessionConfig, conversation: Sequence[Any]) -> None:
         await self.inner.open(config, conversation)
@@ -137,9 +137,11 @@ class PrewarmedSession:
                 await self.inner.create_response(self.greeting_instructions, self.greeting_id)
 
     def _keep(self, audio: bool, event: Any) -> None:
-        if len(self._kept) >= MAX_KEPT:
+        kept = self._kept
+        assert kept is not None, "kept after the call took the session"
+        if len(kept) >= MAX_KEPT:
             raise ModelLost(f"{MAX_KEPT} events kept before any stream took the session")
-        self._kept.append((audio, event))
+        kept.append((audio, event))
 
     # --- ModelSession ---
 
@@ -149,6 +151,7 @@ class PrewarmedSession:
         reader = self._reader
         assert reader is not None, "run before open"
         kept = self._kept
+        assert kept is not None, "run twice"
         while kept:
             audio, event = kept.popleft()
             if audio:
@@ -156,6 +159,7 @@ class PrewarmedSession:
             else:
                 await on_event(event)
         self._audio, self._event = on_audio, on_event  # no await since the queue emptied
+        self._kept = kept = None  # nothing is kept any more: the call's handlers have it all
         await reader  # cancelling the relay cancels the reader too
 
     async def add_tool_result(self, call_id: str, output: str) -> None:
