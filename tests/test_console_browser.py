@@ -448,6 +448,8 @@ async def test_history_filters_charts_and_recording_seek(page: Page, backend: Ba
     # The call's page: the recording plays, a click on a line seeks to it.
     await page.click(f"tr[data-sid='{FEATURED}']")
     await page.wait_for_url(f"**/console/history/{FEATURED}")
+    # The URL changes before the call is fetched: wait for its player, then its metadata.
+    await page.wait_for_selector("audio", state="attached")
     await page.wait_for_function("() => document.querySelector('audio').readyState >= 1")
     line = next(e for e in FEATURED_TIMELINE if e.get("text", "").startswith("Can I get it"))
     await page.click(f".turn[data-item='{line['item_id']}']")

@@ -368,6 +368,8 @@ async def test_take_over_hand_back_hang_up_and_the_recording(
         actions = page.locator(".actions")
         for action in ("takeover", "handback", "hangup"):
             await actions.locator(f"text={action}").first.wait_for()
+        # The URL changes before the call is fetched: wait for its player, then its metadata.
+        await page.wait_for_selector("audio", state="attached")
         await page.wait_for_function("() => document.querySelector('audio').readyState >= 1")
         duration = await page.evaluate("document.querySelector('audio').duration")
         assert duration > 2
