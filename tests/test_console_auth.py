@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from unittest import mock
 from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import WSServerHandshakeError, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from yarl import URL
 
 from server.app import create_app
 from server.console.auth import COOKIE, Operators, operator_of, operator_route
+from server.console.throttle import FAILURES, WINDOW_S, Throttle, client_of
 from server.settings import ConfigError, Settings
 from tests.conftest import MakeRig
 from tests.console_fake import ADMIN, ANN, BOB, console_settings
@@ -88,6 +90,44 @@ def test_the_session_cookie_is_signed_expires_and_ends_with_the_token() -> None:
     # Another instance of the fleet with the same tokens accepts it: nothing is shared.
     assert Operators({"ann": ANN, "bob": BOB}, clock=lambda: now[0]).session_operator(
         value) == "ann"
+
+
+def test_a_client_that_keeps_guessing_is_refused_for_a_while() -> None:
+    now = [5_000.0]
+    throttle = Throttle(failures=3, window_s=60, max_clients=2, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.failed("203.0.113.9")
+        now[0] += 10
+    assert throttle.retry_after("203.0.113.9") == 0  # two wrong tokens: still welcome
+    throttle.failed("203.0.113.9")  # the third, at 5020
+    assert throttle.retry_after("203.0.113.9") == 40  # until the first one (5000) ages out
+    assert throttle.retry_after("198.51.100.7") == 0  # nobody else is refused
+    now[0] += 40
+    assert throttle.retry_after("203.0.113.9") == 0  # a sliding window: one more try now
+    throttle.failed("203.0.113.9")
+    assert throttle.retry_after("203.0.113.9") == 10
+    # Bounded: a third client pushes out the one seen first.
+    throttle.failed("198.51.100.7")
+    throttle.failed("192.0.2.1")
+    assert set(throttle._seen) == {"198.51.100.7", "192.0.2.1"}
+
+
+def test_the_client_is_the_peer_or_what_our_own_proxy_says() -> None:
+    def request(peer: str, forwarded: str | None = None) -> web.Request:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = (
+            lambda key, default=None: (peer, 443) if key == "peername" else default)
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        return make_mocked_request("POST", "/console/login", headers=headers,
+                                   transport=transport)
+
+    assert client_of(request("198.51.100.7")) == "198.51.100.7"
+    # From the internet, a client's own X-Forwarded-For is ignored...
+    assert client_of(request("198.51.100.7", "203.0.113.1")) == "198.51.100.7"
+    # ...behind our proxy, the entry it added (the last) is the client, not the ones before it.
+    assert client_of(request("10.0.0.5", "203.0.113.1, 198.51.100.7")) == "198.51.100.7"
+    assert client_of(request("127.0.0.1", "203.0.113.1")) == "203.0.113.1"
+    assert client_of(request("10.0.0.5")) == "10.0.0.5"
 
 
 # --- over HTTP, the app as it runs ---
@@ -263,3 +303,31 @@ def test_every_static_file_is_package_data() -> None:
     missing = [f for f in files
                if not any(fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
     assert missing == []
+
+
+async def test_wrong_tokens_from_one_address_lock_that_address_out(
+        console: Client, caplog: pytest.LogCaptureFixture) -> None:
+    guesser, neighbour = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.10"}
+    with caplog.at_level(logging.WARNING, "server.console"):
+        for attempt in range(FAILURES - 1):
+            wrong = await console.post("/console/login", data={"token": f"guess-{attempt}"},
+                                       headers=guesser, allow_redirects=False)
+            assert wrong.status == 401
+        # The last guess it is allowed, as a bearer token on the API.
+        wrong = await console.get("/calls", headers={**guesser, **bearer("guess-on-the-api")})
+        assert wrong.status == 401
+        # Now even the right token is refused from there, with when to come back.
+        refused = await console.post("/console/login", data={"token": ANN}, headers=guesser,
+                                     allow_redirects=False)
+        assert refused.status == 429 and COOKIE not in refused.cookies
+        assert 0 < int(refused.headers["Retry-After"]) <= WINDOW_S
+        assert "Too many wrong tokens" in await refused.text()
+        api = await console.get("/calls", headers={**guesser, **bearer(ANN)})
+        assert api.status == 429 and "too many" in (await api.json())["error"]
+        assert api.headers["Retry-After"]
+    assert caplog.text.count("wrong operator tokens from 203.0.113.9") == 1
+    assert ANN not in caplog.text and "guess-" not in caplog.text
+    # Another address, and a session already open, are not affected.
+    assert (await console.get("/calls", headers={**neighbour, **bearer(ANN)})).status == 200
+    cookie = await session_cookie(console, ANN, **neighbour)
+    assert (await console.get("/calls", cookies={COOKIE: cookie}, headers=guesser)).status == 200

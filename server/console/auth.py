@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from server.console.throttle import Throttle, client_of
+
 if TYPE_CHECKING:
     from server.settings import Settings
 
@@ -55,17 +57,27 @@ def unauthorized(message: str = "a valid operator token (Authorization: Bearer) 
     return json_error(web.HTTPUnauthorized, message, {"WWW-Authenticate": 'Bearer realm="calls"'})
 
 
+def too_many(retry_after: int) -> web.HTTPException:
+    """429 for a client that presented too many wrong tokens (see `throttle.py`)."""
+    return json_error(web.HTTPTooManyRequests,
+                      f"too many wrong operator tokens from this address; try again in "
+                      f"{retry_after} s", {"Retry-After": str(retry_after)})
+
+
 class Operators:
-    """The operators this server knows, by name; checks credentials in constant time."""
+    """The operators this server knows, by name; checks credentials in constant time, and
+    refuses a client that keeps presenting wrong ones."""
 
     def __init__(self, tokens: Mapping[str, str], *,
                  session_seconds: float = SESSION_SECONDS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 throttle: Throttle | None = None) -> None:
         self._tokens = {name: token.encode() for name, token in tokens.items() if token}
         self._keys = {name: hmac.new(token, _KEY_LABEL, hashlib.sha256).digest()
                       for name, token in self._tokens.items()}
         self.session_seconds = session_seconds
         self._clock = clock
+        self.throttle = throttle or Throttle()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Operators:
@@ -133,9 +145,13 @@ class Operators:
         header = request.headers.get("Authorization")
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         if header is not None:
+            client = client_of(request)
+            if wait := self.throttle.retry_after(client):
+                raise too_many(wait)
             scheme, _, given = header.partition(" ")
             name = self.by_token(given.strip()) if scheme.lower() == "bearer" else None
             if name is None:
+                self.throttle.failed(client)
                 raise unauthorized()
             # A browser always sends Origin on an upgrade; tools send none.
             if upgrade and "Origin" in request.headers and not same_origin(request):

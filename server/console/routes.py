@@ -24,6 +24,7 @@ from server.console.auth import (
     operator_route,
     same_origin,
 )
+from server.console.throttle import client_of
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -105,14 +106,27 @@ async def login(request: web.Request) -> web.Response:
     form = await request.post()
     token, next_path = form.get("token"), _next_path(form.get("next"))
     operators = request.app[OPERATORS]
+    client = client_of(request)
+    if wait := operators.throttle.retry_after(client):
+        response = _page_response(_login_html(
+            f"Too many wrong tokens from your address. Try again in {_minutes(wait)}.",
+            next_path), status=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     name = operators.by_token(token.strip()) if isinstance(token, str) and token else None
     if name is None:
-        log.warning("console login refused from %s: wrong token", request.remote)
+        log.warning("console login refused from %s: wrong token", client)
+        operators.throttle.failed(client)
         return _page_response(_login_html("That token is not valid.", next_path), status=401)
-    log.info("operator %s logged in to the console from %s", name, request.remote)
+    log.info("operator %s logged in to the console from %s", name, client)
     response = web.Response(status=303, headers={"Location": next_path, **SECURITY_HEADERS})
     operators.set_session(response, request, name)
     return response
+
+
+def _minutes(seconds: int) -> str:
+    minutes = -(-seconds // 60)
+    return "1 minute" if minutes == 1 else f"{minutes} minutes"
 
 
 async def logout(request: web.Request) -> web.Response:
