@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from unittest import mock
 from collections.abc import Awaitable, Callable
+from unittest import mock
 
 import pytest
 from aiohttp import WSServerHandshakeError, web

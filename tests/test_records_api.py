@@ -75,10 +75,13 @@ async def served(tmp_path: Path, aiohttp_client: MakeClient) -> tuple[Client, Re
 
 async def test_every_route_needs_the_admin_token(served: tuple[Client, Records]) -> None:
     client, _ = served
-    for path in ("/calls", "/calls/CA1", "/calls/CA1/recording.wav", "/calls/CAnope"):
+    for n, path in enumerate(("/calls", "/calls/CA1", "/calls/CA1/recording.wav", "/calls/CAnope")):
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": ADMIN},
                         {"Authorization": f"Basic {ADMIN}"},
                         {"Authorization": f"Bearer {ADMIN[:-1]}"}):
+            # (each path from its own address: ten wrong tokens from one get 429, see
+            # test_console_auth.py)
+            headers = {**headers, "X-Forwarded-For": f"203.0.113.{n}"}
             resp = await client.get(path, headers=headers)
             assert resp.status == 401, (path, headers)
             assert "question" not in await resp.text()
