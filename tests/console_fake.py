@@ -173,6 +173,27 @@ class Fleet:
         for queue in call.queues:
             queue.put_nowait(None)
 
+    async def hand_over(self, sid: str) -> FakeCall:
+        """A deploy moves the call to another instance: its `call.ended` of kind `handover`,
+        its streams and sockets closed, and live nowhere (404) until `resume`."""
+        call = self.calls.pop(sid)
+        self._fleet(call.publish("call.ended", kind="handover",
+                                 reason="handed over to another instance",
+                                 duration_seconds=round(time.time() - call.started, 3)))
+        call.drop_streams()
+        for ws in list(call.listeners):
+            await ws.close()
+        return call
+
+    def resume(self, call: FakeCall) -> None:
+        """The new instance took the call up: live again, its events numbered on."""
+        self.calls[call.sid] = call
+        self._fleet(call.publish("call.started", direction=call.direction,
+                                 caller=mask_number(call.caller), called=call.called,
+                                 stream_sid="MZ" + call.sid[2:], model_api="realtime",
+                                 model="gpt-realtime", prompt="support-v3",
+                                 started_at=call.started_iso))
+
     async def live(self) -> list[dict[str, Any]]:
         return [call.summary() for call in self.calls.values()]
 

@@ -25,6 +25,7 @@ import pytest_asyncio
 from aiohttp import ClientSession
 
 from server.testing.audio import _DECODE, _encode_sample, tone
+from server.testing.inbox import wait_until
 from tests.console_fake import (
     ANN,
     FEATURED,
@@ -259,6 +260,46 @@ async def test_transcript_streams_into_the_call_page(page: Page, backend: Backen
     delays = [rendered[seq] - call.sent_at[seq] * 1000 for seq in rendered]
     report("event to page", delays)
     assert statistics.median(delays) < 500
+
+
+async def test_a_call_page_follows_a_handover_to_the_new_instance(page: Page,
+                                                                  backend: Backend) -> None:
+    fleet = backend.fleet
+    call = fleet.start_call("CAmoving00000000000000000000001")
+    events_path = f"/calls/{call.sid}/events"
+    await log_in(page, backend)
+    await page.goto(f"{backend.url}/console/calls/{call.sid}")
+    await page.get_by_role("button", name="Listen", exact=True).click()
+    await asyncio.wait_for(call.listener_joined.wait(), 5)
+    call.publish("transcript", role="caller", item_id="c1", final=True, interrupted=False,
+                 heard_ms=None, text="Before the deploy.")
+    await page.locator(".turn-caller[data-item='c1']").wait_for()
+    # The deploy: the call ends here, of kind handover, and is live nowhere for a moment.
+    call.listener_joined.clear()
+    handed = await fleet.hand_over(call.sid)
+    left = handed.events[-1]
+    assert (left["type"], left["kind"]) == ("call.ended", "handover")
+    await page.wait_for_selector(".banner-moving")
+    await page.locator(".event-system:has-text('Handed over')").wait_for()
+    asked = sum(1 for _, path, _ in backend.seen if path == events_path)
+
+    async def asked_again() -> bool:  # the page keeps asking through the 404s
+        return sum(1 for _, path, _ in backend.seen if path == events_path) >= asked + 2
+    await wait_until(asked_again, 10, "the page asking for the call again")
+    assert await page.locator(".pill-live").count() == 1  # not shown as ended
+    # The new instance has it: the page goes on from the handover's end, and listens again.
+    fleet.resume(handed)
+    await asyncio.wait_for(call.resumed.wait(), 10)
+    call.publish("transcript", role="caller", item_id="c2", final=True, interrupted=False,
+                 heard_ms=None, text="After the deploy.")
+    await page.locator(".turn-caller[data-item='c2']").wait_for()
+    await page.wait_for_selector(".banner-moving", state="hidden")
+    assert call.resumed_from[-1] == left["seq"]  # from the handover's end on
+    assert await page.locator(".turn").count() == 2  # nothing shown twice
+    await asyncio.wait_for(call.listener_joined.wait(), 10)
+    # A real end is the end.
+    fleet.end_call(call.sid)
+    await page.wait_for_selector(".banner-ended")
 
 
 async def test_listen_in_plays_both_tracks_and_clear_drops_assistant_audio(

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from server.app import REGISTRY
 from server.call.conversation import OperatorTurn
 from server.call.features.operator import OperatorFeature
 from server.console.live import REQUEST_TIMEOUT, LiveDesk
@@ -26,9 +27,12 @@ from server.fleet.registry import CallRegistry
 from server.fleet.state import MemoryState
 from server.settings import Settings
 from server.testing.audio import tone
+from server.testing.dial import TwilioStream, call_form
 from server.testing.inbox import wait_until
+from server.testing.standin import next_session
 from tests.conftest import SILENCE, MakeRig, Rig, speak
 from tests.redis_server import RedisServer
+from tests.test_handover import signed_post
 from tests.test_operator import (
     ADMIN,
     ANN,
@@ -293,6 +297,90 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
         ("ann", "handback"), ("bob", "hangup")]
     assert (await post(a, f"/calls/{sid}/whisper", body={"text": "late"}))[0] == 404
     await events.response.release()
+
+
+async def test_a_handed_over_call_is_one_event_stream_on_every_instance(
+        make_rig: MakeRig, redis_server: RedisServer, redis_prefix: str) -> None:
+    """SHUTDOWN_MODE=handover moves a call from A to B. An operator following it (on B,
+    through Redis) sees one call: the numbering and the clock go on, and the handover's
+    `call.ended` is not the end; a page opened on B after the handover replays both parts."""
+    public = "http://fleet.example"
+    opened: list[Any] = []
+    rigs = []
+    for mode in ("handover", "drain"):
+        state = RedisState(redis_server.url, prefix=redis_prefix)
+        bus = RedisBus(redis_server.url, prefix=redis_prefix)
+        await state.start()
+        await bus.start()
+        opened += [bus, state]
+        rigs.append(await console_rig(make_rig, state=state, bus=bus, shutdown_mode=mode,
+                                      public_url=public))
+    a, b = rigs
+    try:
+        sid = "CA" + "b" * 32
+        form = call_form(sid, "+15550001111", "+15550002222")
+        twiml = await signed_post(a, public, "/incoming-call", form)
+        stream = await TwilioStream.connect(a.bridge.session,
+                                            str(a.bridge.make_url("/media-stream")))
+        a.streams.append(stream)
+        await stream.send_connected()
+        await stream.send_start(sid, "MZ" + "1" * 32, twiml.parameters)
+        await (await next_session(a.standin.app)).wait_for("session.update")
+
+        async def listed_on_b() -> bool:
+            async with b.bridge.get("/calls?status=live", headers=bearer(ANN)) as response:
+                return [c["call_sid"] for c in (await response.json())["calls"]] == [sid]
+        await wait_until(listed_on_b, WAIT, "the call in B's live list")
+        follow = await open_sse(b.bridge, f"/calls/{sid}/events")
+        await speak(stream, frames=10, variant=1)
+        seen: list[dict[str, Any]] = []
+        while not any(e["type"] == "transcript" and e["role"] == "caller" and e["final"]
+                      for e in seen):
+            seen.append((await follow.next())[1])
+        # Deploy: A hands the call over; the follower on B hears of it, and stays.
+        await a.app[REGISTRY].close_all(grace=WAIT)
+        await asyncio.wait_for(stream.closed.wait(), WAIT)
+        seen += await follow.until("call.ended")
+        left = seen[-1]
+        assert left["kind"] == "handover"
+        # Twilio asks what next (through the load balancer, at B) and streams to B.
+        again = await signed_post(b, public, "/connect-action",
+                                  {**form, "CallStatus": "in-progress"})
+        resumed = await TwilioStream.connect(b.bridge.session,
+                                             str(b.bridge.make_url("/media-stream/resume")))
+        b.streams.append(resumed)
+        await resumed.send_connected()
+        await resumed.send_start(sid, "MZ" + "2" * 32, again.parameters)
+        await (await next_session(b.standin.app)).wait_for("session.update")
+        back = (await follow.next())[1]
+        assert back["type"] == "call.started" and back["seq"] == left["seq"] + 1
+        assert back["at"] >= left["at"]  # the call's clock, not the new stream's
+        await speak(resumed, frames=6, variant=4)
+        # A page opened now, on B (which holds the call): both parts, from the start...
+        fresh = await open_sse(b.bridge, f"/calls/{sid}/events")
+        replay = [(await fresh.next())[1] for _ in range(back["seq"])]
+        assert [e["seq"] for e in replay] == list(range(1, back["seq"] + 1))
+        assert [e["type"] for e in replay if e["type"] in ("call.started", "call.ended")] == [
+            "call.started", "call.ended", "call.started"]
+        # ...and a browser reconnecting after the handover's end gets what came after it.
+        later = await open_sse(b.bridge, f"/calls/{sid}/events", last=str(left["seq"]))
+        assert (await later.next())[1] == back
+        # The caller hangs up: now the follower's stream ends, with every event numbered once.
+        await resumed.send_stop()
+        seen += [back, *await follow.until("call.ended")]
+        assert seen[-1]["kind"] == "caller_hung_up"
+        assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+        assert sum(e["type"] == "transcript" and e["final"] for e in seen) >= 3
+        with pytest.raises(EOFError):
+            await follow.next()
+        for sse in (follow, fresh, later):
+            sse.response.release()
+    finally:
+        for rig in rigs:
+            for twilio in rig.streams:
+                await twilio.close()
+        for thing in opened:
+            await thing.close()
 
 
 async def test_an_action_for_a_call_live_nowhere_is_404_without_waiting() -> None:

@@ -291,6 +291,13 @@ class EventStream:
         self.public = False  # outside subscribers see events once the call is admitted
         self.sinks: list[Callable[[dict[str, Any]], None]] = []  # e.g. the Redis writer
 
+    def carry_on(self, seq: int, elapsed: float) -> None:
+        """A call handed over from another instance: number its events after that instance's
+        last (`seq`), and time them from the call's start (`elapsed` seconds ago), so that a
+        follower sees one call, not two."""
+        self.seq = max(self.seq, seq)
+        self._t0 = min(self._t0, time.monotonic() - max(0.0, elapsed))
+
     def on(self, kind: type[CallEvent], handler: Handler) -> None:
         """Call `handler` for every event of this type, at once, in publish order."""
         self._handlers.setdefault(kind, []).append(handler)

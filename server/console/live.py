@@ -7,7 +7,9 @@ GET  /calls?status=live       the fleet's live calls (the records API asks `Live
 GET  /events                  SSE: every call's `call.started` and `call.ended`, and a
                               `call.status` when a live call's summary changes
 GET  /calls/{sid}/events      SSE: the call's events from its start, then live (`id: <seq>`,
-                              Last-Event-ID resumes)
+                              Last-Event-ID resumes); with Redis, through a handover too (the
+                              numbering goes on, and a `call.ended` of kind `handover` is not
+                              the end)
 GET  /calls/{sid}/listen      WebSocket: the call's audio as Twilio media messages (inbound:
                               the caller; outbound: what the caller hears) and `clear`
 GET  /calls/{sid}/talk        WebSocket, for the operator who took the call over: their audio
@@ -568,8 +570,8 @@ async def _stream(stream: EventStream, events: AsyncIterator[dict[str, Any]],
             if isinstance(seq, int) and seq <= after:
                 continue
             await stream.send(event)
-            if event.get("type") == "call.ended":
-                return
+            if event.get("type") == "call.ended" and event.get("kind") != "handover":
+                return  # (a handover's: the call goes on elsewhere, and a shared bus follows)
     except (ConnectionError, OSError):
         return  # the browser went away
     finally:
@@ -587,11 +589,13 @@ async def call_events(request: web.Request) -> web.StreamResponse:
     desk, sid = request.app[DESK], _sid(request)
     after = last_event_id(request)
     call = desk.local(sid)
+    bus = desk.bus
     events: AsyncIterator[dict[str, Any]]
-    if call is not None:
+    # A call handed over to this instance: the fleet's bus has its events from before too.
+    if call is not None and not (call.resumed and bus is not None and bus.shared):
         events = aiter(call.subscribe(replay=True))
-    elif desk.bus is not None and await desk.live_elsewhere(sid):
-        events = desk.bus.call_events(sid)
+    elif bus is not None and (call is not None or await desk.live_elsewhere(sid)):
+        events = bus.call_events(sid)
     else:
         raise json_error(web.HTTPNotFound, f"no live call {sid}")
     stream = await EventStream.open(request)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -33,10 +34,15 @@ KEEP_WHILE_LIVE = 6 * 3600  # a stream whose end never came (a crashed instance)
 QUEUE_MAX = 10000  # events waiting for the writer before new ones are dropped
 BATCH = 200  # events written in one round trip
 BLOCK_MS = 1000  # a follower's blocking read, before it looks again
+HANDOVER_FOLLOW_S = 10.0  # a handed-over call is followed this long for its new stream
 _ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class EventBus(Protocol):
+    # True when every instance reads the same events (Redis): a handed-over call's events
+    # from before and after the handover are all there.
+    shared: bool
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -45,7 +51,8 @@ class EventBus(Protocol):
         """A call's event (JSON-ready, with its `call_sid`): queued, never awaited."""
 
     def call_events(self, call_sid: str) -> AsyncIterator[dict[str, Any]]:
-        """That call's events from its start, then live, until it ends (a `call.ended`)."""
+        """That call's events from its start, then live, until it ends (a `call.ended`; with
+        a shared bus, one that is not a handover's: the call goes on from another instance)."""
 
     def fleet_events(self) -> AsyncIterator[dict[str, Any]]:
         """Every call's `call.started` and `call.ended` from now on."""
@@ -79,6 +86,8 @@ class _Follower:
 
 class MemoryBus:
     """One process: events of calls live here are kept while they last (for late readers)."""
+
+    shared = False
 
     def __init__(self, per_call: int = PER_CALL_MAX) -> None:
         self._calls: dict[str, deque[dict[str, Any]]] = {}
@@ -144,6 +153,8 @@ class MemoryBus:
 class RedisBus:
     """Redis Streams. A writer task owns every write; each follower reads with its own
     blocking XREAD (a connection of the pool while it waits)."""
+
+    shared = True
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX,
                  per_call: int = PER_CALL_MAX, queue_max: int = QUEUE_MAX) -> None:
@@ -230,6 +241,7 @@ class RedisBus:
     async def call_events(self, call_sid: str) -> AsyncIterator[dict[str, Any]]:
         key = self._key(call_sid)
         last = "0-0"
+        handed_over: float | None = None  # when the call left an instance (monotonic)
         while not self._closing:
             try:
                 found: Any = await self._redis.xread({key: last}, count=500, block=BLOCK_MS)
@@ -237,15 +249,21 @@ class RedisBus:
                 log.warning("reading call %s's events from Redis failed (%s)", call_sid,
                             type(e).__name__)
                 return
+            if not found and handed_over is not None \
+                    and time.monotonic() - handed_over > HANDOVER_FOLLOW_S:
+                return  # no instance took the call up: the caller must have gone
             for _key, entries in found or ():
                 for entry_id, fields in entries:
                     last = _text(entry_id)
                     event = _decode(fields)
                     if event is None:
                         continue
+                    handed_over = None
                     yield event
                     if event.get("type") == "call.ended":
-                        return
+                        if event.get("kind") != "handover":
+                            return
+                        handed_over = time.monotonic()
 
     async def fleet_events(self) -> AsyncIterator[dict[str, Any]]:
         last = "$"  # from now on

@@ -58,6 +58,8 @@ class CallRegistry:
         self._awaiting: dict[str, float] = {}
         # Control actions by name that others handle (the console's operator actions).
         self.controls: dict[str, ControlAction] = {}
+        # Handed-over calls' context, from the handover to the end of their stream.
+        self._handing_over: dict[Call, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -118,6 +120,9 @@ class CallRegistry:
         saved = context.get("record")
         if isinstance(saved, dict):
             call.record.restore(saved)
+        seq = context.get("events_seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+            call.events.carry_on(seq, (utc_now() - call.record.started_at).total_seconds())
         call.log.info("resuming a handed-over call (%d timeline entries)",
                       len(call.record.timeline))
         return context
@@ -146,20 +151,24 @@ class CallRegistry:
         if record["sessions"]:
             record["sessions"] = [*record["sessions"][:-1], {
                 **record["sessions"][-1], "ended_at": iso(utc_now()), "ended_because": reason}]
-        await self.state.put_context(call.call_sid, {"record": record,
-                                                     "plan": call.plan.to_dict()}, CONTEXT_TTL)
+        # Written when the stream has closed (`ended`), with the last event's number.
+        self._handing_over[call] = {"record": record, "plan": call.plan.to_dict()}
         # The new stream's slot, held from now: the old stream's release must not let another
         # caller take it in between (no limit check: the call holds a slot already).
         await self.state.reserve(call.call_sid, 0, CONTEXT_TTL)
         return Ending(EndKind.HANDOVER, reason, tw.Decision("reconnect"))
 
     async def ended(self, call: Call, ending: Ending) -> None:
+        context = self._handing_over.pop(call, None)
         admitted = call in self._admitted
         self._admitted.discard(call)
         if not admitted:
             # A refused stream (forged, replayed or expired token) may carry a live call's sid:
             # it must not free that call's slot, write its decision or touch its record.
             return
+        if context is not None and ending.kind == EndKind.HANDOVER:
+            context["events_seq"] = call.events.seq
+            await self.state.put_context(call.call_sid, context, CONTEXT_TTL)
         decision = ending.decision
         if decision is None:
             decision = tw.say(self._settings.fallback_message)

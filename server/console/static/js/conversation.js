@@ -195,7 +195,11 @@ export class Conversation {
         this.note('system', 'warn', `${event.count} events were skipped (the page fell behind)`, at);
         break;
       case 'call.ended':
-        this.note('ended', 'end', `Call ended${event.reason ? `: ${event.reason}` : ''}`, at);
+        if (event.kind === 'handover') {
+          this.note('system', 'handoff', 'Handed over to another instance of the bridge (a deploy); the call goes on there', at);
+        } else {
+          this.note('ended', 'end', `Call ended${event.reason ? `: ${event.reason}` : ''}`, at);
+        }
         break;
       default:
         return false;

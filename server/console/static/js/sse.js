@@ -17,6 +17,13 @@ export class EventStream {
     this.controller = null;
     this.closed = false;
     this.state = 'connecting';
+    this.gapUntil = 0;
+  }
+
+  // A handed-over call is live nowhere for a moment, between its old stream's end and its new
+  // one's start: until then a 404 means "not yet", and the stream keeps trying.
+  expectGap(ms) {
+    this.gapUntil = Date.now() + ms;
   }
 
   start() {
@@ -50,7 +57,7 @@ export class EventStream {
           toLogin();
           return;
         }
-        if (response.status === 404 || response.status === 410) {
+        if ((response.status === 404 || response.status === 410) && Date.now() >= this.gapUntil) {
           this.closed = true;
           this.setState('closed');
           this.onGone(response.status);

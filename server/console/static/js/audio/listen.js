@@ -54,6 +54,12 @@ export class Listener {
     ws.onmessage = ({data}) => this.receive(data);
     ws.onclose = (event) => {
       if (this.closed) return;
+      if (this.again) { // the call moved to another instance: listen there
+        this.again = false;
+        this.onState('reconnecting');
+        this.retry = setTimeout(() => this.connect(), 100);
+        return;
+      }
       // 1000/1001: the call ended or the server closed on purpose; anything else: try again.
       if (event.code === 1000 || event.code === 1001 || event.code === 4404) {
         this.onState('ended');
@@ -64,6 +70,19 @@ export class Listener {
         this.retry = setTimeout(() => this.connect(), 500 * this.failures);
       }
     };
+  }
+
+  // The call is live again elsewhere (a handover): open a new socket once this one is closed.
+  reconnect() {
+    if (this.closed || !this.ws) return;
+    clearTimeout(this.retry);
+    if (this.ws.readyState === WebSocket.CLOSED) {
+      this.failures = 0;
+      this.onState('reconnecting');
+      this.connect();
+    } else {
+      this.again = true;
+    }
   }
 
   receive(text) {

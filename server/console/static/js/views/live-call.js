@@ -13,6 +13,7 @@ import {EventStream} from '../sse.js';
 import {speakerPill} from './live-list.js';
 
 const SPEAKING_MS = 1500; // a speaker counts as speaking this long after their last words
+const HANDOVER_GAP_MS = 15000; // a handed-over call's new stream comes within this
 
 function meter(label, cls) {
   const fill = h('span', {class: 'meter-fill'});
@@ -25,7 +26,8 @@ export async function liveCallView(root, {params, config}) {
   const path = `/calls/${encodeURIComponent(sid)}`;
   const me = config.operator;
   const state = {info: null, ended: null, takenOverBy: null, speaker: null, spokeAt: 0,
-    toolsRunning: new Set(), latencies: [], bargeIns: 0, turns: new Set(), lastSeq: 0, events: 0};
+    toolsRunning: new Set(), latencies: [], bargeIns: 0, turns: new Set(), lastSeq: 0, events: 0,
+    handingOver: false};
   let listener = null;
   let talker = null;
 
@@ -177,11 +179,24 @@ export async function liveCallView(root, {params, config}) {
     switch (event.type) {
       case 'call.started':
         state.info = event;
+        if (state.handingOver) { // the call goes on, on another instance
+          state.handingOver = false;
+          banner.hidden = true;
+          if (listener) listener.reconnect();
+        }
         renderHead();
         mark('event', {seq: event.seq, type: event.type});
         break;
       case 'call.ended':
         convo.apply(event);
+        if (event.kind === 'handover') {
+          state.handingOver = true;
+          stream.expectGap(HANDOVER_GAP_MS);
+          banner.hidden = false;
+          banner.className = 'banner banner-moving';
+          banner.replaceChildren(icon('handoff'), 'The call is moving to another instance of the bridge…');
+          break;
+        }
         end(event);
         setTimeout(() => stream.close(), 0); // nothing follows the end
         break;
@@ -233,7 +248,7 @@ export async function liveCallView(root, {params, config}) {
       if (done) toast(done, 'ok');
       return true;
     } catch (error) {
-      if (error instanceof ApiError && error.status === 404) end();
+      if (error instanceof ApiError && error.status === 404 && !state.handingOver) end();
       toast(error.message, 'error');
       return false;
     }
