@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -178,28 +179,36 @@ async def test_live_list_and_a_calls_events_from_its_start_then_live(make_rig: M
 # --- two instances, one Redis ---
 
 
-@pytest.fixture
-async def fleet_of_two(make_rig: MakeRig, redis_server: RedisServer,
-                       redis_prefix: str) -> AsyncIterator[tuple[Rig, Rig]]:
-    """Instances A and B on one Redis (state, events, the console's board), each with its
-    own stand-in."""
+@contextlib.asynccontextmanager
+async def redis_fleet(make_rig: MakeRig, redis_server: RedisServer, prefix: str,
+                      *each: dict[str, Any]) -> AsyncIterator[list[Rig]]:
+    """Instances on one Redis (state, events, the console's board), each with its own
+    stand-in and the settings given for it."""
     opened: list[Any] = []
     rigs = []
-    for _ in range(2):
-        state = RedisState(redis_server.url, prefix=redis_prefix)
-        bus = RedisBus(redis_server.url, prefix=redis_prefix)
-        await state.start()
-        await bus.start()
-        opened += [bus, state]
-        rigs.append(await console_rig(make_rig, state=state, bus=bus))
     try:
-        yield rigs[0], rigs[1]
+        for overrides in each:
+            state = RedisState(redis_server.url, prefix=prefix)
+            bus = RedisBus(redis_server.url, prefix=prefix)
+            await state.start()
+            await bus.start()
+            opened += [bus, state]
+            rigs.append(await console_rig(make_rig, state=state, bus=bus, **overrides))
+        yield rigs
     finally:
         for rig in rigs:
             for stream in rig.streams:
                 await stream.close()
         for thing in opened:
             await thing.close()
+
+
+@pytest.fixture
+async def fleet_of_two(make_rig: MakeRig, redis_server: RedisServer,
+                       redis_prefix: str) -> AsyncIterator[tuple[Rig, Rig]]:
+    """Instances A and B on one Redis."""
+    async with redis_fleet(make_rig, redis_server, redis_prefix, {}, {}) as (a, b):
+        yield a, b
 
 
 async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig, Rig]) -> None:
@@ -299,33 +308,30 @@ async def test_instance_a_controls_a_call_on_instance_b(fleet_of_two: tuple[Rig,
     await events.response.release()
 
 
+async def stream_to(rig: Rig, path: str, sid: str, stream_sid: str,
+                    parameters: Mapping[str, str]) -> TwilioStream:
+    """What Twilio does with a <Connect><Stream>: the stream, up to the model session's set-up."""
+    stream = await TwilioStream.connect(rig.bridge.session, str(rig.bridge.make_url(path)))
+    rig.streams.append(stream)
+    await stream.send_connected()
+    await stream.send_start(sid, stream_sid, parameters)
+    await (await next_session(rig.standin.app)).wait_for("session.update")
+    return stream
+
+
 async def test_a_handed_over_call_is_one_event_stream_on_every_instance(
         make_rig: MakeRig, redis_server: RedisServer, redis_prefix: str) -> None:
     """SHUTDOWN_MODE=handover moves a call from A to B. An operator following it (on B,
     through Redis) sees one call: the numbering and the clock go on, and the handover's
     `call.ended` is not the end; a page opened on B after the handover replays both parts."""
     public = "http://fleet.example"
-    opened: list[Any] = []
-    rigs = []
-    for mode in ("handover", "drain"):
-        state = RedisState(redis_server.url, prefix=redis_prefix)
-        bus = RedisBus(redis_server.url, prefix=redis_prefix)
-        await state.start()
-        await bus.start()
-        opened += [bus, state]
-        rigs.append(await console_rig(make_rig, state=state, bus=bus, shutdown_mode=mode,
-                                      public_url=public))
-    a, b = rigs
-    try:
+    async with redis_fleet(make_rig, redis_server, redis_prefix,
+                           {"shutdown_mode": "handover", "public_url": public},
+                           {"shutdown_mode": "drain", "public_url": public}) as (a, b):
         sid = "CA" + "b" * 32
         form = call_form(sid, "+15550001111", "+15550002222")
         twiml = await signed_post(a, public, "/incoming-call", form)
-        stream = await TwilioStream.connect(a.bridge.session,
-                                            str(a.bridge.make_url("/media-stream")))
-        a.streams.append(stream)
-        await stream.send_connected()
-        await stream.send_start(sid, "MZ" + "1" * 32, twiml.parameters)
-        await (await next_session(a.standin.app)).wait_for("session.update")
+        stream = await stream_to(a, "/media-stream", sid, "MZ" + "1" * 32, twiml.parameters)
 
         async def listed_on_b() -> bool:
             async with b.bridge.get("/calls?status=live", headers=bearer(ANN)) as response:
@@ -346,12 +352,8 @@ async def test_a_handed_over_call_is_one_event_stream_on_every_instance(
         # Twilio asks what next (through the load balancer, at B) and streams to B.
         again = await signed_post(b, public, "/connect-action",
                                   {**form, "CallStatus": "in-progress"})
-        resumed = await TwilioStream.connect(b.bridge.session,
-                                             str(b.bridge.make_url("/media-stream/resume")))
-        b.streams.append(resumed)
-        await resumed.send_connected()
-        await resumed.send_start(sid, "MZ" + "2" * 32, again.parameters)
-        await (await next_session(b.standin.app)).wait_for("session.update")
+        resumed = await stream_to(b, "/media-stream/resume", sid, "MZ" + "2" * 32,
+                                  again.parameters)
         back = (await follow.next())[1]
         assert back["type"] == "call.started" and back["seq"] == left["seq"] + 1
         assert back["at"] >= left["at"]  # the call's clock, not the new stream's
@@ -375,12 +377,6 @@ async def test_a_handed_over_call_is_one_event_stream_on_every_instance(
             await follow.next()
         for sse in (follow, fresh, later):
             sse.response.release()
-    finally:
-        for rig in rigs:
-            for twilio in rig.streams:
-                await twilio.close()
-        for thing in opened:
-            await thing.close()
 
 
 async def test_an_action_for_a_call_live_nowhere_is_404_without_waiting() -> None:
