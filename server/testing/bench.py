@@ -45,6 +45,7 @@ import asyncio
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -468,6 +469,15 @@ def _sum(callers: list[dict[str, Any]], standins: list[dict[str, Any]],
 # --- the whole bench ---
 
 
+def compile_sources(source: Path) -> None:
+    """Bytecode for a checkout's `server` package, as a normal run leaves it. A/B fairness: a
+    checkout without it (a fresh worktree, with PYTHONDONTWRITEBYTECODE set) compiles every
+    module at each start, which adds about 1.5 MiB to the idle RSS and so skews RSS per call."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(source / "server")],
+                   env=env, check=True)
+
+
 async def run(calls: int = 100, seconds: float = 20.0, rounds: int = 2, warmup: float = 2.0,
               callers: int = 0, standins: int = 0, bridge_env: dict[str, str] | None = None,
               compare: tuple[str, list[str]] | None = None,
@@ -479,6 +489,9 @@ async def run(calls: int = 100, seconds: float = 20.0, rounds: int = 2, warmup: 
     callers = callers or -(-calls // CALLS_PER_PROCESS)
     standins = standins or -(-calls // CALLS_PER_PROCESS)
     order = configs(bridge_env, compare)
+    sources = set(c.source for c in order)
+    for source in sources if len(sources) > 1 else ():
+        compile_sources(source)
     runs: dict[str, list[Run]] = {c.label: [] for c in order}
     total = rounds * len(order)
     async with load_generator(callers, standins) as gen:
