@@ -117,11 +117,13 @@ class PrewarmedSession:
 
     # --- before the call's relay runs: keep everything ---
 
-    async def _on_audio(self, event: ev.AudioDelta) -> object:
-        return await self._audio(event)
+    # Plain functions returning the current handler's own awaitable: once the call has the
+    # session, a delta costs no coroutine of ours on the way to playback.
+    def _on_audio(self, event: ev.AudioDelta) -> Awaitable[object]:
+        return self._audio(event)
 
-    async def _on_event(self, event: ev.ModelEvent) -> None:
-        await self._event(event)
+    def _on_event(self, event: ev.ModelEvent) -> Awaitable[None]:
+        return self._event(event)
 
     async def _keep_audio(self, event: ev.AudioDelta) -> None:
         if self.first_audio_at is None:

@@ -45,12 +45,13 @@ async def open_socket(http: aiohttp.ClientSession, url: str, headers: Mapping[st
 def audio_sender(ws: ModelSocket, encode: Callable[[str], bytes]
                  ) -> Callable[[str], Awaitable[None]]:
     """The caller's audio to the model, per frame (`encode` wraps a base64 payload in the API's
-    append event): a closure, so nothing is looked up on the fast path but its two locals."""
+    append event): a closure, so nothing is looked up on the fast path but its two locals, and
+    a plain function returning the socket's own send, so no coroutine of ours per frame."""
     send = ws.send_frame
     text = WSMsgType.TEXT
 
-    async def send_audio(payload: str) -> None:
-        await send(encode(payload), text)
+    def send_audio(payload: str) -> Awaitable[None]:
+        return send(encode(payload), text)
 
     return send_audio
 
