@@ -195,7 +195,8 @@ class ListenRelay:
                 if tap.closed:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(tap.ready.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await tap.ready.wait()
         finally:
             self.feature.remove_listener(tap)
             if self.desk.relays.get(self.call.call_sid) is self:
@@ -619,10 +620,10 @@ async def fleet_events(request: web.Request) -> web.StreamResponse:
     try:
         while not reader.done():
             wait = max(0.0, looked + STATUS_EVERY - loop.time())
-            try:
-                event: dict[str, Any] | None = await asyncio.wait_for(queue.get(), wait)
-            except TimeoutError:
-                event = None
+            event: dict[str, Any] | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    event = await queue.get()
             if event is not None:
                 await stream.send(event, with_id=False)
                 wrote = loop.time()

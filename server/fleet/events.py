@@ -22,7 +22,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.fleet.redis import DEFAULT_PREFIX, mask_url
+from server.fleet.redis import DEFAULT_PREFIX, mask_url, stop_tasks
 
 log = logging.getLogger("server.fleet")
 
@@ -188,8 +188,7 @@ class RedisBus:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self._queue.join()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await stop_tasks([writer])
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(2.0):
                 await self._redis.aclose()

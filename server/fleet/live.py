@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from server.fleet.redis import RedisState, mask_url
+from server.fleet.redis import RedisState, mask_url, stop_tasks
 from server.fleet.state import SharedState
 
 log = logging.getLogger("server.fleet")
@@ -93,7 +93,8 @@ class _QueueSubscription:
 
     async def get(self, timeout: float) -> list[str] | None:
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.queue.get()
         except TimeoutError:
             return None
 
@@ -141,7 +142,8 @@ class MemoryBoard:
         if future is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
         except TimeoutError:
             return None
         finally:
@@ -229,8 +231,7 @@ class RedisBoard:
     async def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await stop_tasks([writer])
         with contextlib.suppress(*_ERRORS):  # this instance's calls are over
             async with asyncio.timeout(_TIMEOUT):
                 await self._redis.delete(self._key)
@@ -256,7 +257,8 @@ class RedisBoard:
     async def _write(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), KEEPALIVE)
+                async with asyncio.timeout(KEEPALIVE):
+                    await self._wake.wait()
             self._wake.clear()
             dirty, removed = self._dirty, self._removed
             self._dirty, self._removed = set(), set()

@@ -245,7 +245,8 @@ class CallRegistry:
             if not self._awaiting or remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(interrupt.wait(), min(0.05, remaining))
+                async with asyncio.timeout(min(0.05, remaining)):
+                    await interrupt.wait()
         if self._awaiting:
             log.warning("exiting with %d call decision(s) not fetched by Twilio",
                         len(self._awaiting))
@@ -279,6 +280,7 @@ class CallRegistry:
             call.shutdown(ending or Ending(EndKind.SHUTDOWN, "server shutting down", None,
                                            WSCloseCode.GOING_AWAY))
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
         except TimeoutError:
             log.warning("%d call(s) did not end within %g s", len(self.calls), grace)

@@ -323,9 +323,8 @@ class MemoryState:
             cond = self._condition()
             async with cond:
                 try:
-                    await asyncio.wait_for(
-                        cond.wait_for(lambda: call_sid in self._decisions), wait
-                    )
+                    async with asyncio.timeout(wait):
+                        await cond.wait_for(lambda: call_sid in self._decisions)
                 except TimeoutError:
                     return None
             raw = self._decisions.get(call_sid)

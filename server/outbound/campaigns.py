@@ -239,7 +239,8 @@ class CampaignScheduler:
                         log.exception("campaign scheduler failed")
             delay = self._poll_s * min(2 ** max(self._failures - 1, 0), 30)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def tick(self) -> int:
         """One round: claim due numbers of every running campaign, within their concurrency

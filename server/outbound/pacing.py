@@ -80,9 +80,9 @@ class RedisPaceStore:
     async def reserve(self, key: str, interval: float) -> float:
         interval_ms = max(1, math.ceil(interval * 1000))
         try:
-            waited = await asyncio.wait_for(
-                self._script(keys=[f"{self._prefix}pace:{key}"], args=[interval_ms]),
-                self._timeout)
+            async with asyncio.timeout(self._timeout):
+                waited = await self._script(keys=[f"{self._prefix}pace:{key}"],
+                                            args=[interval_ms])
         except (RedisError, OSError, TimeoutError) as e:
             if not self._degraded:
                 self._degraded = True

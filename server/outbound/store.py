@@ -366,7 +366,8 @@ class _Postgres:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await pool.close()
             except TimeoutError:
                 pool.terminate()
 

@@ -168,7 +168,8 @@ class RecordWriter:
         task, self._task = self._task, None
         if task is not None:
             try:
-                await asyncio.wait_for(task, timeout)
+                async with asyncio.timeout(timeout):
+                    await task
             except TimeoutError:
                 log.warning("records writer did not stop within %g s", timeout)
         for record in list(self._live.values()):
@@ -179,7 +180,8 @@ class RecordWriter:
             self.finish(record)
         self._retry_at = 0.0
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.flush()
         await self._spool_unsaved()
 
     async def _spool_unsaved(self) -> None:
@@ -222,7 +224,8 @@ class RecordWriter:
         while True:
             timeout = max(0.0, min(next_live, self._retry_at or next_live) - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             if self._closing:
                 return

@@ -339,7 +339,8 @@ class OperatorFeature(Feature):
             if wait <= 0:
                 break
             try:
-                await asyncio.wait_for(control.released.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await control.released.wait()
                 return  # handed back meanwhile
             except TimeoutError:
                 continue
