@@ -161,7 +161,7 @@ class PrewarmedSession:
             else:
                 await on_event(event)
         self._audio, self._event = on_audio, on_event  # no await since the queue emptied
-        self._kept = kept = None  # nothing is kept any more: the call's handlers have it all
+        self._kept = None  # nothing is kept any more: the call's handlers have it all
         await reader  # cancelling the relay cancels the reader too
 
     async def add_tool_result(self, call_id: str, output: str) -> None:

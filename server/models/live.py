@@ -60,7 +60,6 @@ from server.models.socket import ModelSocket, audio_sender, open_socket, send_te
 from server.settings import Settings
 from server.wire import live
 
-LiveSocket = ModelSocket
 TEXT = WSMsgType.TEXT
 BYTES_PER_MS = 8  # mu-law at 8 kHz
 CLOSE_WAIT = 1.0  # after session.close, the longest wait for session.closed (its final usage)
@@ -147,7 +146,7 @@ class LiveSession:
         self._http = http
         self._log = log
         self._logged = settings.log_event_types
-        self._ws: LiveSocket | None = None
+        self._ws: ModelSocket | None = None
         self._lost_because: str | None = None
         self.received = 0
         # The caller's audio to the model: a closure over the socket once it is open.
@@ -196,7 +195,7 @@ class LiveSession:
         self.send_audio = audio_sender(ws, live.append_audio)
         self._grouper = live.TranscriptGrouper(id_prefix=f"{self.session_id or 'live'}_")
 
-    async def _connect(self) -> LiveSocket:
+    async def _connect(self) -> ModelSocket:
         """The WebSocket (Authorization only: no model in the URL, no beta header). The
         call's watchdog pings a quiet socket (GPT-Live is never quiet for long: its output
         flows all the time)."""
@@ -205,7 +204,7 @@ class LiveSession:
                                  live.auth_headers(s.openai_api_key), what="GPT-Live",
                                  hints=_HANDSHAKE_HINTS)
 
-    async def _started(self, ws: LiveSocket) -> None:
+    async def _started(self, ws: ModelSocket) -> None:
         """Read until `session.started`; what comes instead says why there is no session."""
         while True:
             msg = await ws.receive()

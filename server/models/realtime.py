@@ -41,7 +41,6 @@ from server.models.socket import ModelSocket, audio_sender, open_socket, send_te
 from server.settings import Settings
 from server.wire import realtime as rt
 
-OpenAISocket = ModelSocket
 TEXT = WSMsgType.TEXT
 RENEWABLE_ERRORS = frozenset({"session_expired"})  # a new session continues the call
 MAX_ITEMS = 200  # the most recent conversation entries carried into a new session
@@ -53,7 +52,7 @@ _HANDSHAKE_HINTS = {
 
 
 async def open_model_socket(settings: Settings, http: aiohttp.ClientSession,
-                            model: str | None = None) -> OpenAISocket:
+                            model: str | None = None) -> ModelSocket:
     """A Realtime WebSocket (GA: Authorization only); ModelUnavailable when it cannot be had
     within OPENAI_CONNECT_TIMEOUT."""
     s = settings
@@ -105,7 +104,7 @@ class RealtimeSession:
         self._http = http
         self._log = log
         self._logged = settings.log_event_types
-        self._ws: OpenAISocket | None = None
+        self._ws: ModelSocket | None = None
         self._ready = False
         self._lost_because: str | None = None
         self.received = 0
@@ -222,7 +221,7 @@ class RealtimeSession:
             await self._close_quietly(ws)
 
     @staticmethod
-    async def _close_quietly(ws: OpenAISocket) -> None:
+    async def _close_quietly(ws: ModelSocket) -> None:
         try:
             async with asyncio.timeout(_CLOSE_WITHIN):
                 await ws.close()

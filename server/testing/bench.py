@@ -489,9 +489,10 @@ async def run(calls: int = 100, seconds: float = 20.0, rounds: int = 2, warmup: 
     callers = callers or -(-calls // CALLS_PER_PROCESS)
     standins = standins or -(-calls // CALLS_PER_PROCESS)
     order = configs(bridge_env, compare)
-    sources = set(c.source for c in order)
-    for source in sources if len(sources) > 1 else ():
-        compile_sources(source)
+    sources = {c.source for c in order}
+    if len(sources) > 1:  # two checkouts compared: both with bytecode
+        for source in sources:
+            compile_sources(source)
     runs: dict[str, list[Run]] = {c.label: [] for c in order}
     total = rounds * len(order)
     async with load_generator(callers, standins) as gen:

@@ -371,17 +371,16 @@ class Recording(Feature):
         track = self._start_track()
         assert self._began is not None
         offset = (self._began - record.started_at).total_seconds()
-        task = self.recorder.run(self._finish(self.recorder, self.writing, track, caller,
-                                              assistant, upto, offset), track.final)
+        task = self.recorder.run(self._finish(self.writing, track, caller, assistant, upto,
+                                              offset), track.final)
         self.writing = task
         if ending.kind == EndKind.HANDOVER:
             # The next instance joins its audio after ours: it must find ours in place.
             await asyncio.shield(task)
 
-    @staticmethod
-    async def _finish(recorder: Recorder, previous: asyncio.Task[None] | None, track: Track,
+    async def _finish(self, previous: asyncio.Task[None] | None, track: Track,
                       caller: list[str], assistant: list[Piece], upto: int,
                       offset: float) -> None:
         if previous is not None:
             await previous  # never raises: Recorder.run logs failures
-        await recorder.in_thread(track.finish, caller, assistant, upto, offset)
+        await self.recorder.in_thread(track.finish, caller, assistant, upto, offset)
